@@ -1,0 +1,149 @@
+"""CPU backend: runs the very same ``@triton.jit`` kernels through Triton's interpreter.
+
+Each launch becomes a ``jax.pure_callback`` that hands numpy buffers to
+``triton.runtime.interpreter.InterpretedFunction``, so the backend works under ``jax.jit`` and needs
+neither a GPU nor torch. It exists so that CI exercises the kernel code itself.
+
+Two deliberate differences from the GPU:
+
+* Outputs start out poisoned (NaN, or the most negative integer), unless the launch asks for them
+  zeroed, so an element a kernel forgets to write shows up in the result instead of hiding behind
+  whatever memory held before.
+* bfloat16 buffers are handed to the interpreter as float32 and outputs are rounded back to bfloat16
+  afterwards: the interpreter's bf16 ``tl.dot`` is wrong in triton 3.6. bf16 kernels proper are
+  tested on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from triton.runtime import interpreter
+from triton.runtime.jit import JITFunction
+
+# The interpreter keeps the current program id in module state: one launch at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+class _HostTensor:
+    """The part of the torch.Tensor interface that Triton's interpreter reads, over a numpy array.
+
+    The interpreter copies each argument's storage to the host and back around a launch; the data
+    already lives on the host, so those copies are the identity here.
+    """
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+        self.dtype = str(array.dtype)  # "float32", "bfloat16", "int32", ... as Triton spells them
+
+    def data_ptr(self) -> int:
+        return self._array.ctypes.data
+
+    def untyped_storage(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def new_empty(self, *args, **kwargs):
+        return self
+
+    def set_(self, *args):
+        return self
+
+    def copy_(self, other):
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self):
+        return self._array.shape
+
+    def stride(self):
+        return tuple(s // self._array.itemsize for s in self._array.strides)
+
+
+@functools.cache
+def _interpreted_fn(python_function) -> interpreter.InterpretedFunction:
+    return interpreter.InterpretedFunction(python_function)
+
+
+def _interpreted(kernel: JITFunction) -> interpreter.InterpretedFunction:
+    # Keyed on the Python function: hashing a JITFunction analyses its source, which fails while
+    # triton.language is patched for the interpreter.
+    return _interpreted_fn(kernel.fn)
+
+
+def _call_interpreted(jit_function: JITFunction, *args, **kwargs):
+    """Stands in for ``JITFunction.__call__`` while a kernel is interpreted.
+
+    With ``TRITON_INTERPRET=1`` set before Triton is imported, every ``@triton.jit`` function,
+    ``tl.max`` and ``tl.sum`` included, is built for the interpreter. Here the same process also
+    compiles for the GPU, so the kernels stay compiled functions and the functions they call are
+    interpreted on demand, with the language patched for the callee and restored afterwards.
+    """
+    scope = interpreter._patch_lang(jit_function.fn)
+    try:
+        return _interpreted(jit_function).rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
+
+
+@contextlib.contextmanager
+def _interpreting():
+    with _INTERPRETER_LOCK:
+        compiled_call = JITFunction.__call__
+        JITFunction.__call__ = _call_interpreted
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = compiled_call
+
+
+def _interpreter_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float32) if dtype == jnp.bfloat16 else np.dtype(dtype)
+
+
+def _poisoned(shape, dtype) -> np.ndarray:
+    dtype = _interpreter_dtype(dtype)
+    fill = np.nan if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
+    return np.full(shape, fill, dtype=dtype)
+
+
+def launch(
+    kernel,
+    *inputs: jax.Array,
+    out_shapes: Sequence[jax.ShapeDtypeStruct],
+    grid: tuple[int, ...],
+    zeroed_outputs: Sequence[int] = (),
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    **constexprs,
+) -> tuple[jax.Array, ...]:
+    """Runs ``kernel[grid](*inputs, *outputs, **constexprs)`` in the interpreter; returns the outputs.
+
+    Same signature as ``backend_triton.launch``; ``num_warps`` and ``num_stages`` mean nothing to
+    the interpreter and are ignored.
+    """
+    del num_warps, num_stages
+    out_shapes = tuple(out_shapes)
+
+    def run(*arrays):
+        host_inputs = [np.ascontiguousarray(a, dtype=_interpreter_dtype(a.dtype)) for a in arrays]
+        outputs = [
+            np.zeros(s.shape, _interpreter_dtype(s.dtype)) if i in zeroed_outputs else _poisoned(s.shape, s.dtype)
+            for i, s in enumerate(out_shapes)
+        ]
+        # NaN and inf are plain values on a GPU (masked-off lanes make them routinely): no warnings.
+        with _interpreting(), np.errstate(all="ignore"):
+            _interpreted(kernel)[grid](*map(_HostTensor, host_inputs + outputs), **constexprs)
+        return tuple(o.astype(s.dtype) for o, s in zip(outputs, out_shapes))
+
+    return jax.pure_callback(run, out_shapes, *inputs)

@@ -1,0 +1,84 @@
+"""GPU backend: launches the kernels through ``jax_triton.triton_call``.
+
+jax-triton is imported lazily: 0.3.x raises ImportError on a CPU-only jaxlib, and importing it
+changes ``TRITON_CACHE_DIR`` for the whole process (0.3.x sets it to ``""``, 0.4.x deletes it),
+which breaks every other Triton user; the variable is put back as it was.
+
+Both call conventions are supported: 0.3.x takes ``out_shape=``, 0.4.x ``out_type=``. Kernels
+list their output pointers after their inputs, which both versions bind the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import warnings
+from collections.abc import Sequence
+
+import jax
+
+INSTALL_HINT = (
+    "install it with `pip install 'jax-moe[cuda13]'` (or `pip install jax-triton`: 0.3.1 for "
+    "triton 3.6, 0.4.x for triton >= 3.7 and jax < 0.12)"
+)
+
+
+@functools.cache
+def _jax_triton():
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    try:
+        import jax_triton
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+    return jax_triton
+
+
+def unavailable_reason() -> str | None:
+    """Why the triton backend can't run here, or None when it can."""
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        return f"no GPU is visible to JAX (jax.devices() = {jax.devices()})"
+    if "rocm" in jax.devices()[0].client.platform_version.lower():
+        return "the GPU is not an NVIDIA GPU"
+    try:
+        _jax_triton()
+    except ImportError as e:
+        return f"jax-triton can't be imported ({e}); {INSTALL_HINT}"
+    return None
+
+
+@functools.cache
+def _output_keyword() -> str:
+    parameters = inspect.signature(_jax_triton().triton_call).parameters
+    return "out_type" if "out_type" in parameters else "out_shape"
+
+
+def launch(
+    kernel,
+    *inputs: jax.Array,
+    out_shapes: Sequence[jax.ShapeDtypeStruct],
+    grid: tuple[int, ...],
+    zeroed_outputs: Sequence[int] = (),
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    **constexprs,
+) -> tuple[jax.Array, ...]:
+    """Runs ``kernel[grid](*inputs, *outputs, **constexprs)`` on the GPU; returns the outputs."""
+    jt = _jax_triton()
+    with warnings.catch_warnings():
+        # 0.4.x deprecates zeroed_outputs in favour of Refs, which 0.3.x lacks.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        outputs = jt.triton_call(
+            *inputs,
+            kernel=kernel,
+            grid=grid,
+            zeroed_outputs=tuple(zeroed_outputs),
+            num_warps=num_warps,
+            num_stages=num_stages,
+            **{_output_keyword(): tuple(out_shapes)},
+            **constexprs,
+        )
+    return tuple(outputs)

@@ -1,0 +1,52 @@
+"""Tile configurations, kept as data in ``jax_moe/configs/*.json`` and chosen at trace time."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from importlib import resources
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTiles:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tiles of one layer call. ``block_m`` is shared by dispatch and both GEMMs: it is the row
+    padding of every expert's segment."""
+
+    block_m: int
+    group_m: int
+    gate_up: GemmTiles
+    down: GemmTiles
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TileConfig:
+        return cls(
+            block_m=d["block_m"],
+            group_m=d["group_m"],
+            gate_up=GemmTiles(**d["gate_up"]),
+            down=GemmTiles(**d["down"]),
+        )
+
+
+@functools.cache
+def _buckets(table: str) -> tuple[tuple[int | None, TileConfig], ...]:
+    text = resources.files("jax_moe").joinpath("configs", f"{table}.json").read_text()
+    return tuple(
+        (b["max_pairs"], TileConfig.from_dict(b)) for b in json.loads(text)["buckets"]
+    )
+
+
+def select(num_pairs: int, table: str = "default") -> TileConfig:
+    """The config of the first bucket of ``configs/<table>.json`` that admits ``num_pairs``."""
+    for max_pairs, config in _buckets(table):
+        if max_pairs is None or num_pairs <= max_pairs:
+            return config
+    raise ValueError(f"configs/{table}.json has no bucket for {num_pairs} pairs (add a null max_pairs)")

@@ -1,0 +1,35 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jax_moe import backend_triton
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = backend_triton.unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"GPU test: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed() -> int:
+    """Fresh every run, printed so that a failure can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"seed = {value}")
+    return value
+
+
+@pytest.fixture
+def key(seed) -> jax.Array:
+    return jax.random.key(seed)
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)

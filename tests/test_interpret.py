@@ -1,0 +1,97 @@
+"""The Triton kernels, run by Triton's interpreter, against the float64 numpy re-derivation.
+
+The interpret backend poisons every kernel output before the kernel runs (NaN for floats), so an
+element that no program writes reaches the result as NaN, and ``rel_error`` fails on it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe import arg_specs
+
+import numpy_moe
+
+# H and F are odd and straddle the interpreter's 32-wide tiles.
+HIDDEN, INTERMEDIATE = 37, 45
+EXPERTS_AND_TOP_K = [(1, 1), (3, 1), (3, 2), (8, 1), (8, 2), (8, 6), (60, 1), (60, 2), (60, 6)]
+
+
+def _shape(num_experts, top_k):
+    return arg_specs.MoeShape("odd", num_experts, top_k, HIDDEN, INTERMEDIATE)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 5, 64, 257])
+@pytest.mark.parametrize("num_experts,top_k", EXPERTS_AND_TOP_K)
+def test_fused_moe_matches_numpy(key, num_experts, top_k, num_tokens):
+    inputs = arg_specs.random_inputs(_shape(num_experts, top_k), num_tokens, "float32", key)
+    out = jax_moe.fused_moe(*inputs.as_args(), top_k=top_k, backend="interpret")
+    ref = numpy_moe.fused_moe(*inputs.as_args(), top_k=top_k)
+    assert out.shape == (num_tokens, HIDDEN) and out.dtype == jnp.float32
+    assert numpy_moe.rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_dtypes(key, dtype):
+    shape = _shape(8, 2)
+    inputs = arg_specs.random_inputs(shape, 50, dtype, key)
+    out = jax_moe.fused_moe(*inputs.as_args(), top_k=2, backend="interpret")
+    assert out.dtype == jnp.dtype(dtype)
+    ref = numpy_moe.fused_moe(*inputs.as_args(), top_k=2)
+    assert numpy_moe.rel_error(out, ref) <= numpy_moe.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_kernel_matches_numpy(key, renormalize):
+    logits = jax.random.normal(key, (70, 60), jnp.float32)
+    weights, ids = jax_moe.route(logits, top_k=6, renormalize=renormalize, backend="interpret")
+    ref_weights, ref_ids = numpy_moe.route(logits, 6, renormalize)
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert numpy_moe.rel_error(weights, ref_weights) <= 1e-6
+
+
+def test_route_kernel_breaks_ties_like_lax_top_k():
+    # bf16 logits collide often; -inf logits must still yield distinct experts.
+    logits = jnp.array(
+        [[1.0, 3.0, 3.0, 0.5, 3.0], [-jnp.inf, 2.0, -jnp.inf, -jnp.inf, -jnp.inf]], jnp.bfloat16
+    )
+    _, ids = jax_moe.route(logits, top_k=3, backend="interpret")
+    _, ref_ids = jax.lax.top_k(logits.astype(jnp.float32), 3)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(ids, [[1, 2, 4], [1, 0, 2]])
+
+
+def test_leading_dims_and_jit(key):
+    shape = _shape(8, 2)
+    inputs = arg_specs.random_inputs(shape, 12, "float32", key)
+    x = inputs.hidden_states.reshape(2, 2, 3, HIDDEN)
+    logits = inputs.router_logits.reshape(2, 2, 3, 8)
+    layer = jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=2, renormalize=False, backend="interpret"))
+    out = layer(x, logits, inputs.w_gate, inputs.w_up, inputs.w_down)
+    ref = numpy_moe.fused_moe(x, logits, inputs.w_gate, inputs.w_up, inputs.w_down, 2, renormalize=False)
+    assert out.shape == (2, 2, 3, HIDDEN)
+    assert numpy_moe.rel_error(out, ref) <= 1e-5
+
+
+def test_moe_experts_with_custom_routing(key, rng):
+    """Every token on one expert: the most padding-free and most crowded block layout at once."""
+    shape = _shape(60, 2)
+    inputs = arg_specs.random_inputs(shape, 40, "float32", key)
+    ids = np.stack([np.full(40, 7), rng.integers(0, 60, 40)], axis=1).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, (40, 2)).astype(np.float32)
+    args = (inputs.hidden_states, weights, ids, inputs.w_gate, inputs.w_up, inputs.w_down)
+    out = jax_moe.moe_experts(*args, backend="interpret")
+    assert numpy_moe.rel_error(out, numpy_moe.experts(*args)) <= 1e-5
+
+
+def test_out_of_range_ids_under_jit_poison_their_token(key):
+    shape = _shape(3, 2)
+    inputs = arg_specs.random_inputs(shape, 3, "float32", key)
+    ids = jnp.array([[0, 1], [2, 3], [1, 2]], jnp.int32)  # token 1 names expert 3 of 3
+    weights = jnp.full((3, 2), 0.5, jnp.float32)
+    layer = jax.jit(lambda i: jax_moe.moe_experts(inputs.hidden_states, weights, i, inputs.w_gate, inputs.w_up, inputs.w_down, backend="interpret"))
+    out = np.asarray(layer(ids))
+    assert np.isnan(out[1]).all()
+    assert np.isfinite(out[[0, 2]]).all()
