@@ -44,9 +44,20 @@ def _buckets(table: str) -> tuple[tuple[int | None, TileConfig], ...]:
     )
 
 
-def select(num_pairs: int, table: str = "default") -> TileConfig:
-    """The config of the first bucket of ``configs/<table>.json`` that admits ``num_pairs``."""
+def _narrow_k(tiles: GemmTiles, factor: int) -> GemmTiles:
+    return dataclasses.replace(tiles, block_k=max(16, tiles.block_k // factor))
+
+
+def select(num_pairs: int, operand_bytes: int = 2, table: str = "default") -> TileConfig:
+    """The config of the first bucket of ``configs/<table>.json`` that admits ``num_pairs``.
+
+    Configs are written for 2-byte operands; wider operands get proportionally narrower K tiles,
+    which keeps every pipeline stage's shared memory (and so the fit on the chip) unchanged.
+    """
     for max_pairs, config in _buckets(table):
         if max_pairs is None or num_pairs <= max_pairs:
-            return config
+            factor = max(1, operand_bytes // 2)
+            return dataclasses.replace(
+                config, gate_up=_narrow_k(config.gate_up, factor), down=_narrow_k(config.down, factor)
+            )
     raise ValueError(f"configs/{table}.json has no bucket for {num_pairs} pairs (add a null max_pairs)")

@@ -1,0 +1,71 @@
+"""The jax-triton adapter, against stand-ins for the 0.3.x and 0.4.x APIs (no GPU needed)."""
+
+import os
+import sys
+import textwrap
+import warnings
+
+import jax
+import pytest
+
+from jax_moe import backend_triton
+
+FAKE_0_3 = """
+import os
+os.environ["TRITON_CACHE_DIR"] = ""      # what 0.3.x does on import
+calls = []
+def triton_call(*args, kernel, out_shape, grid, name="", num_warps=None, num_stages=None,
+                zeroed_outputs=(), input_output_aliases=None, **metaparams):
+    calls.append(dict(args=args, out_shape=out_shape, grid=grid, zeroed_outputs=zeroed_outputs,
+                      num_warps=num_warps, metaparams=metaparams))
+    return ["out"] * len(out_shape)
+"""
+
+FAKE_0_4 = """
+import os, warnings
+os.environ.pop("TRITON_CACHE_DIR", None)  # what 0.4.x does on import
+calls = []
+def triton_call(*args, kernel, out_type=None, grid, name="", num_warps=None, num_stages=None,
+                zeroed_outputs=(), **kwargs):
+    if zeroed_outputs:
+        warnings.warn("zeroed_outputs is deprecated", DeprecationWarning)
+    calls.append(dict(args=args, out_type=out_type, grid=grid, zeroed_outputs=zeroed_outputs,
+                      num_warps=num_warps, metaparams=kwargs))
+    return ["out"] * len(out_type)
+"""
+
+
+@pytest.fixture(params=[("0.3", FAKE_0_3, "out_shape"), ("0.4", FAKE_0_4, "out_type")], ids=lambda p: p[0])
+def fake_jax_triton(request, tmp_path, monkeypatch):
+    _, source, keyword = request.param
+    (tmp_path / "jax_triton.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/my/cache")
+    backend_triton._jax_triton.cache_clear()
+    backend_triton._output_keyword.cache_clear()
+    yield keyword
+    backend_triton._jax_triton.cache_clear()
+    backend_triton._output_keyword.cache_clear()
+    sys.modules.pop("jax_triton", None)
+
+
+def test_launch_speaks_both_apis_and_keeps_the_cache_dir(fake_jax_triton):
+    shapes = (jax.ShapeDtypeStruct((3, 4), "float32"), jax.ShapeDtypeStruct((5,), "int32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 0.4 deprecation must not leak out
+        outs = backend_triton.launch(
+            "kernel", "x", "w", out_shapes=shapes, grid=(7,), zeroed_outputs=(1,), num_warps=8, BLOCK=16
+        )
+    assert outs == ("out", "out")
+    assert os.environ["TRITON_CACHE_DIR"] == "/my/cache"
+    (call,) = sys.modules["jax_triton"].calls
+    assert call[fake_jax_triton] == shapes
+    assert call["args"] == ("x", "w") and call["grid"] == (7,) and call["zeroed_outputs"] == (1,)
+    assert call["num_warps"] == 8 and call["metaparams"] == {"BLOCK": 16}
+
+
+def test_cache_dir_stays_unset_when_it_was(fake_jax_triton, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    backend_triton._jax_triton()
+    assert "TRITON_CACHE_DIR" not in os.environ

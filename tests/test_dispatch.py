@@ -1,0 +1,113 @@
+"""Properties of the dispatch metadata (sorted pairs, block -> expert map), for any routing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jax_moe import backend_interpret, kernels, pipeline
+
+import numpy_moe
+
+
+@st.composite
+def routings(draw):
+    num_experts = draw(st.integers(1, 70))
+    top_k = draw(st.integers(1, min(num_experts, 9)))
+    num_tokens = draw(st.integers(1, 150))
+    # Skewed as often as uniform: a few popular experts stress the padding and block bookkeeping.
+    popular = draw(st.integers(1, num_experts))
+    ids = draw(
+        st.lists(
+            st.lists(st.integers(0, popular - 1), min_size=top_k, max_size=top_k, unique=True)
+            if popular >= top_k
+            else st.permutations(range(num_experts)).map(lambda p: p[:top_k]),
+            min_size=num_tokens,
+            max_size=num_tokens,
+        )
+    )
+    block_m = draw(st.sampled_from([16, 32, 64]))
+    return np.array(ids, np.int32).reshape(num_tokens, top_k), num_experts, block_m
+
+
+@settings(max_examples=40, deadline=None)
+@given(routings())
+def test_dispatch_metadata(routing):
+    ids, num_experts, block_m = routing
+    num_pairs = ids.size
+    sorted_pairs, block_expert = pipeline.dispatch(
+        jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch
+    )
+    sorted_pairs, block_expert = np.asarray(sorted_pairs), np.asarray(block_expert)
+    max_blocks = min(num_experts, num_pairs) + -(-num_pairs // block_m)
+    assert sorted_pairs.shape == (max_blocks * block_m,) and block_expert.shape == (max_blocks,)
+    # Every output element written (the interpreter poisons them to INT32_MIN beforehand).
+    assert sorted_pairs.min() >= 0 and block_expert.min() >= -1
+
+    # Each (token, slot) pair appears exactly once; every other row is padding, marked NUM_PAIRS.
+    real = sorted_pairs < num_pairs
+    np.testing.assert_array_equal(np.sort(sorted_pairs[real]), np.arange(num_pairs))
+    assert np.all(sorted_pairs[~real] == num_pairs)
+
+    # Blocks in use come first, one expert each, in expert order; the rest are marked -1.
+    used = block_expert >= 0
+    num_used = used.sum()
+    assert used[:num_used].all() and not used[num_used:].any()
+    assert np.all(np.diff(block_expert[:num_used]) >= 0)
+    flat_ids = ids.reshape(-1)
+    rows = sorted_pairs.reshape(max_blocks, block_m)
+    for block in range(max_blocks):
+        pairs = rows[block][rows[block] < num_pairs]
+        if block_expert[block] < 0:
+            assert pairs.size == 0
+        else:
+            assert np.all(flat_ids[pairs] == block_expert[block])
+            assert np.all(np.diff(pairs) > 0)  # stable: pair order kept within an expert
+
+    # Exactly the blocks each expert needs: ceil(count / block_m).
+    counts = np.bincount(flat_ids, minlength=num_experts)
+    np.testing.assert_array_equal(
+        np.bincount(block_expert[used], minlength=num_experts), -(-counts // block_m)
+    )
+
+
+@settings(max_examples=8, deadline=None)
+@given(routings(), st.integers(0, 2**31 - 1))
+def test_padding_rows_never_reach_the_output(routing, seed):
+    """Padding rows carry the sentinel pair NUM_PAIRS, i.e. token T: give the output a guard row T
+    and check the kernels leave it poisoned while writing every real row."""
+    ids, num_experts, block_m = routing
+    num_tokens, top_k = ids.shape
+    hidden, intermediate = 24, 20
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_tokens, hidden), np.float32)
+    w_gate, w_up = rng.standard_normal((2, num_experts, hidden, intermediate), np.float32)
+    w_down = rng.standard_normal((num_experts, intermediate, hidden), np.float32)
+    weights = rng.uniform(0.1, 1, ids.shape).astype(np.float32)
+    sorted_pairs, block_expert = pipeline.dispatch(
+        jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch
+    )
+    blocks = block_expert.shape[0]
+    constants = dict(
+        NUM_PAIRS=ids.size, TOP_K=top_k, HIDDEN=hidden, INTERMEDIATE=intermediate,
+        MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, DOT_PRECISION="ieee",
+    )
+    (act,) = backend_interpret.launch(
+        kernels.gate_up_kernel, x, w_gate, w_up, sorted_pairs, block_expert,
+        out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),),
+        grid=(blocks * 2,), **constants,
+    )
+    out, _, _ = backend_interpret.launch(
+        kernels.down_combine_kernel, act, w_down, weights.reshape(-1), sorted_pairs, block_expert,
+        out_shapes=(
+            jax.ShapeDtypeStruct((num_tokens + 1, hidden), jnp.float32),  # + guard row
+            jax.ShapeDtypeStruct((ids.size, hidden), jnp.float32),
+            jax.ShapeDtypeStruct(((num_tokens + 1) * 2,), jnp.int32),
+        ),
+        grid=(blocks * 2,), zeroed_outputs=(2,), **constants,
+    )
+    out = np.asarray(out)
+    assert np.isnan(out[num_tokens]).all()
+    ref = numpy_moe.experts(x, weights, ids, w_gate, w_up, w_down)
+    assert numpy_moe.rel_error(out[:num_tokens], ref) <= 1e-5

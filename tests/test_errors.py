@@ -1,0 +1,142 @@
+"""Every documented bad input raises a clear error naming the argument, before any kernel runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe import api, arg_specs, backend_triton
+
+E, H, F, T = 4, 16, 24, 5
+
+
+@pytest.fixture
+def args():
+    inputs = arg_specs.random_inputs(arg_specs.MoeShape("t", E, 2, H, F), T, "float32", jax.random.key(0))
+    return dict(zip(["hidden_states", "router_logits", "w_gate", "w_up", "w_down"], inputs.as_args()))
+
+
+def call(args, top_k=2, backend="interpret", **overrides):
+    merged = {**args, **overrides}
+    return jax_moe.fused_moe(*merged.values(), top_k=top_k, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("w_gate", jnp.zeros((E, H + 1, F)), r"w_gate must have shape \[E, H, F\] = \[4, 16, 24\].*got \[4, 17, 24\]"),
+        ("w_up", jnp.zeros((E, H, F + 1)), r"w_up must have shape \[E, H, F\] = \[4, 16, 24\].*got \[4, 16, 25\]"),
+        ("w_up", jnp.zeros((E + 1, H, F)), r"w_up must have shape .* got \[5, 16, 24\]"),
+        ("w_down", jnp.zeros((E, H, F)), r"w_down must have shape \[E, F, H\] = \[4, 24, 16\] .*got \[4, 16, 24\]"),
+        ("w_down", jnp.zeros((E, F)), r"w_down must have shape \[E, F, H\]; got shape \[4, 24\]"),
+        ("w_gate", jnp.zeros((H, F)), r"w_gate must have shape \[E, H, F\]; got shape \[16, 24\]"),
+        ("router_logits", jnp.zeros((T, E + 1)), r"router_logits must have shape \[..., E\] = \[5, 4\].*got \[5, 5\]"),
+        ("router_logits", jnp.zeros((T + 1, E)), r"router_logits must have shape .* got \[6, 4\]"),
+        ("hidden_states", jnp.zeros(()), r"hidden_states must have shape \[..., H\]; got a scalar"),
+    ],
+)
+def test_shape_errors(args, name, value, message):
+    with pytest.raises(ValueError, match=message):
+        call(args, **{name: value})
+
+
+@pytest.mark.parametrize(
+    "name,dtype,message",
+    [
+        ("hidden_states", jnp.int32, r"hidden_states must be bfloat16, float16 or float32; got int32"),
+        ("w_gate", jnp.bfloat16, r"w_gate must have the dtype of hidden_states \(float32\); got bfloat16"),
+        ("w_down", jnp.float16, r"w_down must have the dtype of hidden_states \(float32\); got float16"),
+        ("router_logits", jnp.int32, r"router_logits must have a floating-point dtype; got int32"),
+    ],
+)
+def test_dtype_errors(args, name, dtype, message):
+    with pytest.raises(TypeError, match=message):
+        call(args, **{name: args[name].astype(dtype)})
+
+
+def test_float64_activations_are_refused(args):
+    with pytest.raises(TypeError, match="hidden_states must be bfloat16, float16 or float32; got float64"):
+        call(args, hidden_states=np.asarray(args["hidden_states"], np.float64))
+
+
+@pytest.mark.parametrize("top_k", [0, -1, E + 1])
+def test_top_k_out_of_range(args, top_k):
+    with pytest.raises(ValueError, match=rf"top_k must lie in \[1, {E}\].*got {top_k}"):
+        call(args, top_k=top_k)
+
+
+@pytest.mark.parametrize("top_k", [2.0, "2", True])
+def test_top_k_must_be_an_int(args, top_k):
+    with pytest.raises(TypeError, match="top_k must be a Python int"):
+        call(args, top_k=top_k)
+
+
+def test_unknown_backend(args):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'interpret', 'reference'\); got 'cuda'"):
+        call(args, backend="cuda")
+
+
+@pytest.mark.skipif(backend_triton.unavailable_reason() is None, reason="a GPU with jax-triton is here")
+def test_triton_backend_without_gpu_says_why(args):
+    with pytest.raises(ValueError, match='backend="triton" can\'t run here: no GPU is visible'):
+        call(args, backend="triton")
+
+
+def test_triton_backend_without_jax_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda: [type("FakeGpu", (), {"platform": "gpu", "client": type("C", (), {"platform_version": "cuda 13"})()})()])
+
+    def missing():
+        raise ImportError("No module named 'jax_triton'")
+
+    monkeypatch.setattr(backend_triton, "_jax_triton", missing)
+    with pytest.raises(ValueError, match=r"jax-triton can't be imported .*pip install"):
+        api._resolve_backend("triton")
+
+
+def test_moe_experts_checks_routing(args):
+    weights = jnp.full((T, 2), 0.5)
+    ids = jnp.zeros((T, 2), jnp.int32)
+    experts = (args["w_gate"], args["w_up"], args["w_down"])
+    x = args["hidden_states"]
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 3\]; got values from 0 to 4"):
+        jax_moe.moe_experts(x, weights, ids.at[0, 1].set(4), *experts, backend="interpret")
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 3\]; got values from -1 to 0"):
+        jax_moe.moe_experts(x, weights, ids.at[2, 0].set(-1), *experts, backend="interpret")
+    with pytest.raises(TypeError, match="ids must have an integer dtype; got float32"):
+        jax_moe.moe_experts(x, weights, ids.astype(jnp.float32), *experts, backend="interpret")
+    with pytest.raises(TypeError, match="weights must have a floating-point dtype; got int32"):
+        jax_moe.moe_experts(x, ids, ids, *experts, backend="interpret")
+    with pytest.raises(ValueError, match=r"weights and ids must have the same shape; got \[5, 2\] and \[5, 3\]"):
+        jax_moe.moe_experts(x, weights, jnp.zeros((T, 3), jnp.int32), *experts, backend="interpret")
+    with pytest.raises(ValueError, match=r"ids must have shape \[..., top_k\] with the leading dims of hidden_states \[5\]; got \[4, 2\]"):
+        jax_moe.moe_experts(x, weights, ids[:4], *experts, backend="interpret")
+    with pytest.raises(ValueError, match=r"top_k must lie in \[1, 4\].*got 5"):
+        jax_moe.moe_experts(x, jnp.ones((T, 5)), jnp.zeros((T, 5), jnp.int32), *experts, backend="interpret")
+
+
+def test_route_checks_its_arguments():
+    with pytest.raises(TypeError, match="router_logits must have a floating-point dtype; got int32"):
+        jax_moe.route(jnp.zeros((3, 4), jnp.int32), top_k=1)
+    with pytest.raises(ValueError, match=r"top_k must lie in \[1, 4\]"):
+        jax_moe.route(jnp.zeros((3, 4)), top_k=5)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_empty_input_gives_an_empty_result(args, backend):
+    x = jnp.zeros((0, 3, H), jnp.bfloat16)
+    logits = jnp.zeros((0, 3, E), jnp.float32)
+    experts = [args[n].astype(jnp.bfloat16) for n in ("w_gate", "w_up", "w_down")]
+    out = jax_moe.fused_moe(x, logits, *experts, top_k=2, backend=backend)
+    assert out.shape == (0, 3, H) and out.dtype == jnp.bfloat16
+    weights, ids = jax_moe.route(logits, top_k=2, backend=backend)
+    assert weights.shape == ids.shape == (0, 3, 2)
+
+
+def test_dot_precision_follows_jax():
+    assert api._dot_precision(jnp.float32) == "tf32x3"
+    assert api._dot_precision(jnp.bfloat16) == "tf32"
+    with jax.default_matmul_precision("highest"):
+        assert api._dot_precision(jnp.float32) == "ieee"
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert api._dot_precision(jnp.float32) == "tf32"
