@@ -207,12 +207,23 @@ def route(router_logits, *, top_k: int, renormalize: bool = True, backend: str =
     return weights.reshape(*lead, top_k), ids.reshape(*lead, top_k)
 
 
-def moe_experts(hidden_states, weights, ids, w_gate, w_up, w_down, *, backend: str = "auto"):
+def moe_experts(
+    hidden_states,
+    weights,
+    ids,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    backend: str = "auto",
+    save_activations: bool = False,
+):
     """The expert FFNs and combine for tokens routed by the caller.
 
     ``weights`` and ``ids`` are [..., top_k] (float and integer). Concrete ids outside [0, E) raise
     ``ValueError``; under ``jax.jit`` they can't be checked, and the tokens holding them come out
     NaN rather than silently wrong. Returns [..., H] in the dtype of ``hidden_states``.
+    Differentiable with respect to everything but ``ids``; ``save_activations`` as in ``fused_moe``.
     """
     _check_experts(hidden_states, w_gate, w_up, w_down)
     num_experts = w_gate.shape[0]
@@ -221,7 +232,7 @@ def moe_experts(hidden_states, weights, ids, w_gate, w_up, w_down, *, backend: s
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
     ids = jnp.where(valid, ids, 0).astype(jnp.int32)
-    return _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend)
+    return _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend, save_activations)
 
 
 def fused_moe(
@@ -234,6 +245,7 @@ def fused_moe(
     top_k: int,
     renormalize: bool = True,
     backend: str = "auto",
+    save_activations: bool = False,
 ):
     """A whole Mixture-of-Experts layer: routing, dispatch, SwiGLU expert FFNs, weighted combine.
 
@@ -246,6 +258,12 @@ def fused_moe(
       renormalize: divide the k routing weights by their sum (Mixtral, Qwen3) or keep the raw
         softmax probabilities (Qwen2-MoE).
       backend: "triton", "interpret", "reference" or "auto".
+      save_activations: for the backward pass of the kernel backends, keep the gate and up
+        pre-activations (``2 * rows * F`` elements, rows ~ T*top_k) instead of recomputing them;
+        see ``pipeline.Plan``. The default saves only the dispatch metadata.
+
+    Differentiable once with respect to hidden_states, router_logits (through the routing
+    weights) and the three expert weights; the reference backend to any order.
 
     Returns:
       [..., H] in the dtype of hidden_states:
@@ -256,10 +274,11 @@ def fused_moe(
     _check_router_logits(router_logits, hidden_states, num_experts)
     _check_top_k(top_k, num_experts)
     weights, ids = route(router_logits, top_k=top_k, renormalize=renormalize, backend=backend)
-    return _experts(hidden_states, weights, ids, w_gate, w_up, w_down, _resolve_backend(backend))
+    backend = _resolve_backend(backend)
+    return _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend, save_activations)
 
 
-def _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend: str):
+def _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend: str, save_activations: bool):
     if backend == "reference":
         return reference.moe_experts(hidden_states, weights, ids, w_gate, w_up, w_down)
     hidden = hidden_states.shape[-1]
@@ -275,8 +294,11 @@ def _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend: str):
         w_gate,
         w_up,
         w_down,
-        config=_tile_config(backend, num_tokens * top_k, hidden_states.dtype),
-        dot_precision=_dot_precision(hidden_states.dtype),
-        launch=_launcher(backend),
+        plan=pipeline.Plan(
+            config=_tile_config(backend, num_tokens * top_k, hidden_states.dtype),
+            dot_precision=_dot_precision(hidden_states.dtype),
+            launch=_launcher(backend),
+            save_activations=bool(save_activations),
+        ),
     )
     return out.reshape(hidden_states.shape)

@@ -96,15 +96,28 @@ def _call_interpreted(jit_function: JITFunction, *args, **kwargs):
         scope.restore()
 
 
+_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor_for_numpy2(tensor, scope):
+    """The interpreter turns a scalar tensor into a Python int with ``int(data)``, but its scalars
+    are 1-element arrays, which numpy >= 2.4 no longer converts that way; without this, loops with
+    run-time bounds (``range(start, end)``) fail in the interpreter."""
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+
 @contextlib.contextmanager
 def _interpreting():
     with _INTERPRETER_LOCK:
         compiled_call = JITFunction.__call__
         JITFunction.__call__ = _call_interpreted
+        interpreter._patch_lang_tensor = _patch_lang_tensor_for_numpy2
         try:
             yield
         finally:
             JITFunction.__call__ = compiled_call
+            interpreter._patch_lang_tensor = _patch_lang_tensor
 
 
 def _interpreter_dtype(dtype) -> np.dtype:

@@ -82,6 +82,7 @@ def dispatch_kernel(
     expert_ids_ptr,  # [NUM_PAIRS] int32, pair p = token * TOP_K + slot
     sorted_pairs_ptr,  # out [MAX_BLOCKS * BLOCK_M] int32: the pair of each row, NUM_PAIRS = padding
     block_expert_ptr,  # out [MAX_BLOCKS] int32: expert of each row block, -1 = unused block
+    expert_row_end_ptr,  # out [EXPERTS_PAD] int32: end of each expert's (padded) rows
     NUM_PAIRS: tl.constexpr,
     EXPERTS_PAD: tl.constexpr,  # next power of two >= E
     BLOCK_M: tl.constexpr,
@@ -100,7 +101,8 @@ def dispatch_kernel(
       earlier in this chunk. The order is therefore stable (by pair index within an expert);
     * marks its grid-stride share of the rows that hold no pair (each segment's padding and every row
       past the last segment) with the sentinel ``NUM_PAIRS``;
-    * writes its grid-stride share of the block -> expert map.
+    * writes its grid-stride share of the block -> expert map;
+    * program 0 also writes where each expert's rows end (the start is the previous expert's end).
 
     Every row and every block is written by exactly one program.
     """
@@ -122,6 +124,7 @@ def dispatch_kernel(
     segment_end = tl.cumsum(padded, axis=0)
     segment_start = segment_end - padded
     rows_in_use = tl.sum(padded, axis=0)
+    tl.store(expert_row_end_ptr + experts, segment_end, mask=pid == 0)
 
     pairs = my_start + lanes
     in_range = pairs < NUM_PAIRS
@@ -131,9 +134,8 @@ def dispatch_kernel(
     row = tl.gather(segment_start + before_me, ids, 0) + rank_in_chunk
     tl.store(sorted_pairs_ptr + row, pairs, mask=in_range)
 
-    # Loop bounds stay compile-time constants (the interpreter can't take tensor bounds).
-    for stride_start in range(0, MAX_BLOCKS * BLOCK_M, NUM_PROGRAMS * CHUNK):
-        rows = stride_start + my_start + lanes
+    for row_start in range(my_start, MAX_BLOCKS * BLOCK_M, NUM_PROGRAMS * CHUNK):
+        rows = row_start + lanes
         # The segment holding a row is the first whose end lies beyond it.
         owner = tl.sum((rows[:, None] >= segment_end[None, :]).to(tl.int32), axis=1)
         owner_clamped = tl.minimum(owner, EXPERTS_PAD - 1)
@@ -145,8 +147,8 @@ def dispatch_kernel(
             mask=(rows < MAX_BLOCKS * BLOCK_M) & is_filler,
         )
 
-    for stride_start in range(0, MAX_BLOCKS, NUM_PROGRAMS * CHUNK):
-        blocks = stride_start + my_start + lanes
+    for block_start in range(my_start, MAX_BLOCKS, NUM_PROGRAMS * CHUNK):
+        blocks = block_start + lanes
         first_rows = blocks * BLOCK_M
         owner = tl.sum((first_rows[:, None] >= segment_end[None, :]).to(tl.int32), axis=1)
         expert = tl.where(first_rows < rows_in_use, owner, -1)
@@ -170,6 +172,59 @@ def _row_block_and_column_tile(
 
 
 @triton.jit
+def _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of one row block, their pairs, which rows are real (not padding), and their tokens."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    return rows.to(tl.int64), pairs, pairs < NUM_PAIRS, (pairs // TOP_K).to(tl.int64)
+
+
+@triton.jit
+def _gathered_dual_gemm(
+    x_ptr, tokens, is_real, w1_ptr, w2_ptr, cols, col_ok,
+    K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``x[tokens] @ w1`` and ``x[tokens] @ w2`` for row-major [K, N] weights (already offset to
+    the expert), loading each [BLOCK_M, BLOCK_K] activation tile once for both."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * K + ks[None, :]
+    w_offsets = ks[:, None] * N + cols[None, :]
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_ok = ks < K - k_start
+        x = tl.load(x_ptrs, mask=is_real[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc1 = tl.dot(x, tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0), acc1, input_precision=DOT_PRECISION)
+        acc2 = tl.dot(x, tl.load(w2_ptr + w_offsets, mask=w_mask, other=0.0), acc2, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_offsets += BLOCK_K * N
+    return acc1, acc2
+
+
+@triton.jit
+def _gathered_gemm(
+    acc, a_ptr, a_rows, a_row_ok, b_ptr, cols, col_ok,
+    K: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``acc + a[a_rows] @ b`` for row-major ``a`` with K columns and a [K, N] ``b`` (already
+    offset to the expert) laid out by its strides: a transposed weight is just other strides."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * K + ks[None, :]
+    b_ptrs = b_ptr + ks[:, None] * STRIDE_BK + cols[None, :] * STRIDE_BN
+    for k_start in range(0, K, BLOCK_K):
+        k_ok = ks < K - k_start
+        a = tl.load(a_ptrs, mask=a_row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * STRIDE_BK
+    return acc
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr,  # [T, H] activations, row-major
     w_gate_ptr,  # [E, H, F] row-major
@@ -177,6 +232,8 @@ def gate_up_kernel(
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32, from dispatch_kernel
     block_expert_ptr,  # [MAX_BLOCKS] int32, from dispatch_kernel
     act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] in the activation dtype: silu(x @ gate) * (x @ up)
+    gate_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ gate, written only if SAVE_PREACTIVATIONS
+    up_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ up, written only if SAVE_PREACTIVATIONS
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
     HIDDEN: tl.constexpr,
@@ -187,6 +244,7 @@ def gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SAVE_PREACTIVATIONS: tl.constexpr,
 ):
     """Grouped gate and up projections with the SwiGLU product in the epilogue.
 
@@ -194,56 +252,50 @@ def gate_up_kernel(
     tile of ``BLOCK_N`` intermediate columns. It gathers its token rows of ``x`` through
     ``sorted_pairs`` (no permuted copy of the activations), loads each ``[BLOCK_M, BLOCK_K]``
     activation tile once for both projections, accumulates both in fp32, and writes
-    ``silu(gate) * up`` for its rows (padding rows get zeros). Unused blocks exit at once.
+    ``silu(gate) * up`` for its rows (padding rows get zeros), plus ``gate`` and ``up`` themselves
+    when the backward pass is to reuse them. Unused blocks exit at once.
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
-
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + rows)
-    is_real = pairs < NUM_PAIRS
-    tokens = (pairs // TOP_K).to(tl.int64)
+    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
-    ks = tl.arange(0, BLOCK_K)
-
-    x_ptrs = x_ptr + tokens[:, None] * HIDDEN + ks[None, :]
-    w_offsets = expert.to(tl.int64) * HIDDEN * INTERMEDIATE + ks[:, None] * INTERMEDIATE + cols[None, :]
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, HIDDEN, BLOCK_K):
-        k_ok = ks < HIDDEN - k_start
-        x = tl.load(x_ptrs, mask=is_real[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        w_gate = tl.load(w_gate_ptr + w_offsets, mask=w_mask, other=0.0)
-        w_up = tl.load(w_up_ptr + w_offsets, mask=w_mask, other=0.0)
-        acc_gate = tl.dot(x, w_gate, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_offsets += BLOCK_K * INTERMEDIATE
-
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * INTERMEDIATE + cols[None, :]
-    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
+    expert_offset = expert.to(tl.int64) * HIDDEN * INTERMEDIATE
+    gate, up = _gathered_dual_gemm(
+        x_ptr, tokens, is_real, w_gate_ptr + expert_offset, w_up_ptr + expert_offset, cols, col_ok,
+        HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )
+    offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
+    if SAVE_PREACTIVATIONS:
+        tl.store(gate_preact_ptr + offsets, gate.to(gate_preact_ptr.dtype.element_ty), mask=col_ok[None, :])
+        tl.store(up_preact_ptr + offsets, up.to(up_preact_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit
-def down_combine_kernel(
-    act_ptr,  # [MAX_BLOCKS * BLOCK_M, F] from gate_up_kernel
-    w_down_ptr,  # [E, F, H] row-major
-    routing_weights_ptr,  # [NUM_PAIRS] float32
+def expert_gemm_combine_kernel(
+    a_ptr,  # [MAX_BLOCKS * BLOCK_M, K] per-row left operand (sorted-row order)
+    b_ptr,  # [E, ...] right operand: element (k, n) of expert e at e * K * N + k * STRIDE_BK + n * STRIDE_BN
+    a2_ptr,  # like a_ptr, second term (read only if SECOND_TERM)
+    b2_ptr,  # like b_ptr, second term (read only if SECOND_TERM)
+    routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if SCALE_BY_ROUTING_WEIGHT)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
-    out_ptr,  # out [T, H] in the activation dtype
-    partial_ptr,  # out (scratch) [NUM_PAIRS, H] float32, one weighted expert output per pair
-    arrivals_ptr,  # out (scratch, zeroed before launch) [T, cdiv(H, BLOCK_N)] int32
+    out_ptr,  # out [T, N]
+    partial_ptr,  # out (scratch) [NUM_PAIRS, N] float32, one row per pair (TOP_K > 1)
+    arrivals_ptr,  # out (scratch, zeroed before launch) [T, cdiv(N, BLOCK_N)] int32 (TOP_K > 1)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
-    HIDDEN: tl.constexpr,
-    INTERMEDIATE: tl.constexpr,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    STRIDE_BK: tl.constexpr,
+    STRIDE_BN: tl.constexpr,
+    SECOND_TERM: tl.constexpr,
+    SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -251,53 +303,50 @@ def down_combine_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grouped down projection, routing weight in the epilogue, deterministic top-k combine.
+    """Grouped GEMM over the sorted rows with a deterministic per-token top-k combine.
 
-    Grid: ``(MAX_BLOCKS * cdiv(H, BLOCK_N),)``. A program owns one row block (one expert) and one
-    tile of ``BLOCK_N`` hidden columns; it computes ``act[rows] @ w_down[expert][:, cols]`` in fp32
-    and scales each row by its pair's routing weight.
+    Forward down projection: ``out[t] = sum_k weight_k * act_k @ w_down[e_k]`` (one term, scaled).
+    Backward input gradient: ``dx[t] = sum_k d_gate_k @ w_gate[e_k]^T + d_up_k @ w_up[e_k]^T``
+    (two terms, transposed weights through the strides, unscaled).
 
-    With ``TOP_K == 1`` that row is the token's output. Otherwise each pair's row goes to
-    ``partial`` and the program counts one arrival per (token, column tile); the program that brings
-    a token's count to ``TOP_K`` sums the token's ``TOP_K`` partial rows in slot order and writes the
-    output. The sum's order never depends on scheduling, so every run gives the same bits, with no
-    extra launch. A token's ``TOP_K`` pairs all sit in different experts, so the rows of one block
-    never share a counter.
+    Grid: ``(MAX_BLOCKS * cdiv(N, BLOCK_N),)``. A program owns one row block (one expert) and one
+    tile of ``BLOCK_N`` output columns and computes its rows' products in fp32.
+
+    With ``TOP_K == 1`` a row is its token's result. Otherwise each pair's row goes to ``partial``
+    and the program counts one arrival per (token, column tile); the program that brings a token's
+    count to ``TOP_K`` sums the token's ``TOP_K`` partial rows in slot order and writes the result.
+    The sum's order never depends on scheduling, so every run gives the same bits, with no extra
+    launch. The rows of one block hold distinct pairs, so their counters are updated once each.
     """
-    num_col_tiles: tl.constexpr = (HIDDEN + BLOCK_N - 1) // BLOCK_N
+    num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
-
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + rows)
-    is_real = pairs < NUM_PAIRS
+    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < HIDDEN
-    ks = tl.arange(0, BLOCK_K)
+    col_ok = cols < N
+    expert_offset = expert.to(tl.int64) * K * N
 
-    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * INTERMEDIATE + ks[None, :]
-    w_offsets = expert.to(tl.int64) * INTERMEDIATE * HIDDEN + ks[:, None] * HIDDEN + cols[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, INTERMEDIATE, BLOCK_K):
-        k_ok = ks < INTERMEDIATE - k_start
-        act = tl.load(act_ptrs, mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_down_ptr + w_offsets, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(act, w, acc, input_precision=DOT_PRECISION)
-        act_ptrs += BLOCK_K
-        w_offsets += BLOCK_K * HIDDEN
-
-    routing_weight = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)
-    acc = acc * routing_weight[:, None]
-    tokens = (pairs // TOP_K).to(tl.int64)
+    acc = _gathered_gemm(
+        acc, a_ptr, rows, is_real, b_ptr + expert_offset, cols, col_ok,
+        K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
+    )
+    if SECOND_TERM:
+        acc = _gathered_gemm(
+            acc, a2_ptr, rows, is_real, b2_ptr + expert_offset, cols, col_ok,
+            K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
+        )
+    if SCALE_BY_ROUTING_WEIGHT:
+        acc = acc * tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
     out_dtype = out_ptr.dtype.element_ty
 
     if TOP_K == 1:
-        out_ptrs = out_ptr + tokens[:, None] * HIDDEN + cols[None, :]
+        out_ptrs = out_ptr + tokens[:, None] * N + cols[None, :]
         tl.store(out_ptrs, acc.to(out_dtype), mask=is_real[:, None] & col_ok[None, :])
     else:
-        partial_rows = partial_ptr + pairs.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
+        partial_rows = partial_ptr + pairs.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(partial_rows, acc, mask=is_real[:, None] & col_ok[None, :])
         # Every thread's partial stores must be done before any thread announces the arrival;
         # the acq_rel atomic then publishes them to the program that finishes the token.
@@ -312,10 +361,166 @@ def down_combine_kernel(
         for slot in tl.static_range(TOP_K):
             # .cg: read from L2, where other programs' partial rows landed, not from a stale L1.
             total += tl.load(
-                partial_ptr + (first_pair + slot)[:, None] * HIDDEN + cols[None, :],
+                partial_ptr + (first_pair + slot)[:, None] * N + cols[None, :],
                 mask=finishes[:, None] & col_ok[None, :],
                 other=0.0,
                 cache_modifier=".cg",
             )
-        out_ptrs = out_ptr + tokens[:, None] * HIDDEN + cols[None, :]
+        out_ptrs = out_ptr + tokens[:, None] * N + cols[None, :]
         tl.store(out_ptrs, total.to(out_dtype), mask=finishes[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def gate_up_backward_kernel(
+    x_ptr,  # [T, H] activations
+    w_gate_ptr,  # [E, H, F]
+    w_up_ptr,  # [E, H, F]
+    w_down_ptr,  # [E, F, H]
+    grad_out_ptr,  # [T, H] gradient of the layer output
+    routing_weights_ptr,  # [NUM_PAIRS] float32
+    gate_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved x @ gate (read only if not RECOMPUTE)
+    up_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved x @ up (read only if not RECOMPUTE)
+    sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
+    block_expert_ptr,  # [MAX_BLOCKS] int32
+    act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] silu(gate) * up, for the down-projection weight gradient
+    grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of x @ gate
+    grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of x @ up
+    grad_weight_part_ptr,  # out [NUM_PAIRS, cdiv(F, BLOCK_N)] float32, see below
+    NUM_PAIRS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    INTERMEDIATE: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+):
+    """Backward through the down projection and SwiGLU, per row block and intermediate tile.
+
+    Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``, the forward gate/up grid. For its rows and columns a
+    program gets ``gate`` and ``up`` (recomputed as in the forward, or loaded), and
+    ``g = grad_out[token] @ w_down[e]^T``. Then, with ``w`` the row's routing weight:
+
+    * ``act = silu(gate) * up`` (stored: the down-projection weight gradient needs it);
+    * ``d_act = w * g``; ``d_up = d_act * silu(gate)``; ``d_gate = d_act * up * silu'(gate)``;
+    * ``sum(act * g)`` over its columns: the tile's share of the routing weight's gradient
+      ``<act @ w_down[e], grad_out[token]>``; the caller adds the shares of all tiles.
+    """
+    num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
+    block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < INTERMEDIATE
+    expert_offset = expert.to(tl.int64) * HIDDEN * INTERMEDIATE
+    offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
+
+    if RECOMPUTE:
+        gate, up = _gathered_dual_gemm(
+            x_ptr, tokens, is_real, w_gate_ptr + expert_offset, w_up_ptr + expert_offset, cols,
+            col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        )
+    else:
+        gate = tl.load(gate_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        up = tl.load(up_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
+    # w_down[e] is [F, H]: its transpose, [H, F], has strides (1, H).
+    g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    g = _gathered_gemm(
+        g, grad_out_ptr, tokens, is_real, w_down_ptr + expert_offset, cols, col_ok,
+        HIDDEN, 1, HIDDEN, BLOCK_K, DOT_PRECISION,
+    )
+
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    act = silu * up
+    tl.store(
+        grad_weight_part_ptr + pairs.to(tl.int64) * num_col_tiles + col_tile,
+        tl.sum(act * g, axis=1),
+        mask=is_real,
+    )
+    d_act = g * tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
+    d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
+    d_up = d_act * silu
+    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(grad_gate_ptr + offsets, d_gate.to(grad_gate_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(grad_up_ptr + offsets, d_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def expert_weight_grad_kernel(
+    a_ptr,  # [T, M] if A_BY_TOKEN else [MAX_BLOCKS * BLOCK_M_ROWS, M]: rows of the left operand
+    b_ptr,  # [T, N] if B_BY_TOKEN else [MAX_BLOCKS * BLOCK_M_ROWS, N]: rows of the right operand
+    b2_ptr,  # like b_ptr, second right operand (read only if DUAL)
+    routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if SCALE_B)
+    sorted_pairs_ptr,  # [rows] int32, from dispatch_kernel
+    expert_row_end_ptr,  # [>= E] int32, from dispatch_kernel
+    out_ptr,  # out [E, M, N]: sum over the expert's rows of a_row^T b_row
+    out2_ptr,  # out [E, M, N]: the same with b2 (written only if DUAL)
+    NUM_PAIRS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    M: tl.constexpr,
+    N: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr,
+    B_BY_TOKEN: tl.constexpr,
+    SCALE_B: tl.constexpr,
+    DUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Per-expert weight gradients: ``out[e] = A_e^T @ B_e`` over expert e's rows only.
+
+    ``dw_down[e] = act_e^T @ (w * grad_out[tokens])_e`` (A by row, B by token, scaled) and
+    ``dw_gate[e], dw_up[e] = x[tokens]_e^T @ (d_gate_e, d_up_e)`` (A by token, dual B by row).
+
+    Grid: ``(E * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. A program owns one expert and one
+    ``[BLOCK_M, BLOCK_N]`` tile of its gradient, and walks that expert's rows ``BLOCK_K`` at a time
+    (the reduction dimension), fp32 accumulation; padding rows contribute zero and an expert
+    without rows gets zeros. No dense [E, T, ...] temporary and no atomics: each element is one
+    program's fixed-order sum.
+    """
+    m_tiles: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
+    n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    expert = pid // (m_tiles * n_tiles)
+    m_tile = (pid % (m_tiles * n_tiles)) // n_tiles
+    n_tile = pid % n_tiles
+    row_start = tl.load(expert_row_end_ptr + expert - 1, mask=expert > 0, other=0)
+    row_end = tl.load(expert_row_end_ptr + expert)
+
+    ms = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = ms < M
+    n_ok = ns < N
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(row_start, row_end, BLOCK_K):
+        rows = k_start + ks
+        pairs = tl.load(sorted_pairs_ptr + rows, mask=rows < row_end, other=NUM_PAIRS)
+        is_real = pairs < NUM_PAIRS
+        tokens = (pairs // TOP_K).to(tl.int64)
+        a_rows = tokens if A_BY_TOKEN else rows.to(tl.int64)
+        b_rows = tokens if B_BY_TOKEN else rows.to(tl.int64)
+        a_t = tl.load(a_ptr + a_rows[None, :] * M + ms[:, None], mask=is_real[None, :] & m_ok[:, None], other=0.0)
+        b_mask = is_real[:, None] & n_ok[None, :]
+        b = tl.load(b_ptr + b_rows[:, None] * N + ns[None, :], mask=b_mask, other=0.0)
+        if SCALE_B:
+            scale = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)
+            b = (b.to(tl.float32) * scale[:, None]).to(a_t.dtype)
+        acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
+        if DUAL:
+            b2 = tl.load(b2_ptr + b_rows[:, None] * N + ns[None, :], mask=b_mask, other=0.0)
+            acc2 = tl.dot(a_t, b2, acc2, input_precision=DOT_PRECISION)
+
+    out_offsets = expert.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if DUAL:
+        tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)

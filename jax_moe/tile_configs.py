@@ -17,14 +17,27 @@ class GemmTiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightGradTiles:
+    """Tiles of the per-expert weight gradients: [block_m, block_n] of a gradient, block_k rows
+    of the expert's tokens per step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Tiles of one layer call. ``block_m`` is shared by dispatch and both GEMMs: it is the row
-    padding of every expert's segment."""
+    """Tiles of one layer call. ``block_m`` is shared by dispatch and the row-block GEMMs (gate/up,
+    down, and their backward): it is the row padding of every expert's segment."""
 
     block_m: int
     group_m: int
     gate_up: GemmTiles
     down: GemmTiles
+    weight_grad: WeightGradTiles
 
     @classmethod
     def from_dict(cls, d: dict) -> TileConfig:
@@ -33,6 +46,7 @@ class TileConfig:
             group_m=d["group_m"],
             gate_up=GemmTiles(**d["gate_up"]),
             down=GemmTiles(**d["down"]),
+            weight_grad=WeightGradTiles(**d["weight_grad"]),
         )
 
 
@@ -44,7 +58,7 @@ def _buckets(table: str) -> tuple[tuple[int | None, TileConfig], ...]:
     )
 
 
-def _narrow_k(tiles: GemmTiles, factor: int) -> GemmTiles:
+def _narrow_k(tiles, factor: int):
     return dataclasses.replace(tiles, block_k=max(16, tiles.block_k // factor))
 
 
@@ -58,6 +72,9 @@ def select(num_pairs: int, operand_bytes: int = 2, table: str = "default") -> Ti
         if max_pairs is None or num_pairs <= max_pairs:
             factor = max(1, operand_bytes // 2)
             return dataclasses.replace(
-                config, gate_up=_narrow_k(config.gate_up, factor), down=_narrow_k(config.down, factor)
+                config,
+                gate_up=_narrow_k(config.gate_up, factor),
+                down=_narrow_k(config.down, factor),
+                weight_grad=_narrow_k(config.weight_grad, factor),
             )
     raise ValueError(f"configs/{table}.json has no bucket for {num_pairs} pairs (add a null max_pairs)")
