@@ -71,14 +71,16 @@ def _differentiable_route(top_k: int, renormalize: bool, launch: Launch):
         )
 
     def forward(logits):
+        (logits,) = _first_order_only(logits)
         weights, ids = route_op(logits)
         return (weights, ids), (logits, ids)
 
     def backward(residuals, cotangents):
         logits, ids = residuals
         grad_weights, _ = cotangents  # ids are integers: no gradient
+        logits, grad_weights = _first_order_only(logits, grad_weights)
         _, pullback = jax.vjp(lambda l: _route_weights(l, ids, renormalize), logits)
-        return pullback(_first_order_only(grad_weights))
+        return pullback(grad_weights)
 
     route_op.defvjp(forward, backward)
     return route_op
@@ -118,8 +120,10 @@ def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: L
 
 
 @jax.custom_jvp
-def _first_order_only(x):
-    return x
+def _first_order_only(*arrays):
+    """Identity on the inputs of a custom_vjp rule, refusing to be differentiated itself: only
+    second-order differentiation ever differentiates the rules."""
+    return arrays
 
 
 @_first_order_only.defjvp
@@ -232,12 +236,14 @@ def _experts_forward(plan: Plan, x, weights, ids, w_gate, w_up, w_down):
 
 def _experts_backward(plan: Plan, top_k: int, residuals, grad_out):
     x, flat_weights, w_gate, w_up, w_down, sorted_pairs, block_expert, expert_row_end, saved = residuals
+    x, flat_weights, w_gate, w_up, w_down, saved, grad_out = _first_order_only(
+        x, flat_weights, w_gate, w_up, w_down, saved, grad_out.astype(x.dtype)
+    )
     num_tokens, hidden = x.shape
     num_experts, _, intermediate = w_gate.shape
     num_pairs = num_tokens * top_k
     rows = sorted_pairs.shape[0]
     blocks = block_expert.shape[0]
-    grad_out = _first_order_only(grad_out.astype(x.dtype))
     tiles = plan.config.gate_up
     f_tiles = triton.cdiv(intermediate, tiles.block_n)
     gate_preact, up_preact = saved if saved is not None else (x, x)  # unread when recomputing
@@ -321,6 +327,7 @@ def _differentiable_experts(plan: Plan, top_k: int):
         return _experts_forward(plan, x, weights, ids, w_gate, w_up, w_down)[0]
 
     def forward(x, weights, ids, w_gate, w_up, w_down):
+        x, weights, w_gate, w_up, w_down = _first_order_only(x, weights, w_gate, w_up, w_down)
         return _experts_forward(plan, x, weights, ids, w_gate, w_up, w_down)
 
     experts_op.defvjp(forward, functools.partial(_experts_backward, plan, top_k))
