@@ -246,6 +246,7 @@ def fused_moe(
     renormalize: bool = True,
     backend: str = "auto",
     save_activations: bool = False,
+    return_routing: bool = False,
 ):
     """A whole Mixture-of-Experts layer: routing, dispatch, SwiGLU expert FFNs, weighted combine.
 
@@ -261,13 +262,15 @@ def fused_moe(
       save_activations: for the backward pass of the kernel backends, keep the gate and up
         pre-activations (``2 * rows * F`` elements, rows ~ T*top_k) instead of recomputing them;
         see ``pipeline.Plan``. The default saves only the dispatch metadata.
+      return_routing: also return the routing, for auxiliary losses or logging.
 
     Differentiable once with respect to hidden_states, router_logits (through the routing
     weights) and the three expert weights; the reference backend to any order.
 
     Returns:
       [..., H] in the dtype of hidden_states:
-      ``sum_k weight_k * down_k(silu(x @ gate_k) * (x @ up_k))``.
+      ``sum_k weight_k * down_k(silu(x @ gate_k) * (x @ up_k))``; with ``return_routing``, the
+      tuple ``(output, weights, ids)`` with the routing of ``route``.
     """
     _check_experts(hidden_states, w_gate, w_up, w_down)
     num_experts = w_gate.shape[0]
@@ -275,7 +278,8 @@ def fused_moe(
     _check_top_k(top_k, num_experts)
     weights, ids = route(router_logits, top_k=top_k, renormalize=renormalize, backend=backend)
     backend = _resolve_backend(backend)
-    return _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend, save_activations)
+    out = _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend, save_activations)
+    return (out, weights, ids) if return_routing else out
 
 
 def _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend: str, save_activations: bool):
