@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Everything a device session checks, in one call: versions, the GPU tests, the demo's timings.
-# Run from the repository root on the GPU machine, with the jax-triton wheel in .whl/
-# (`bash ../shared/device-setup.sh` puts it there); logs go to $OUT (default: ./device-logs).
+# Device session in one script: versions, GPU tests, demo, training example, benchmarks, tuning.
+# From the repository root on the GPU machine, with the wheels of ../shared/device-setup.sh in .whl/
+# (jax-triton; tokamax and its pure-Python dependencies to compare against it). Logs go to $OUT.
+#   bash benchmarks/device_check.sh tests            # all GPU tests but the gradient ones
+#   bash benchmarks/device_check.sh grad-tests bench # ... stages run in the order given
+# Stages: tests, grad-tests, demo, example, bench, bench-full, train-bench, train-bench-full, tune.
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
@@ -14,5 +17,19 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, jaxlib, triton, jax_triton, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax-triton', jax_triton.__version__, 'flax', flax.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE --durations=10 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu-tests.log"
-python3 -m jax_moe.demo 2>&1 | tee "$OUT/demo.log"
+pytest() { python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE --durations=5 "$@"; }
+for stage in "$@"; do
+  echo "=== $stage"
+  case $stage in
+    tests) pytest -k "not gradients" 2>&1 | tee "$OUT/gpu-tests.log" ;;
+    grad-tests) pytest -k gradients 2>&1 | tee "$OUT/gpu-grad-tests.log" ;;
+    demo) python3 -m jax_moe.demo 2>&1 | tee "$OUT/demo.log" ;;
+    example) python3 examples/train_tiny_moe.py --backend triton 2>&1 | tee "$OUT/example.log" ;;
+    bench) python3 benchmarks/moe_bench.py --quick 2>&1 | tee "$OUT/bench.log"; cp benchmarks/results/*-quick.* "$OUT/" ;;
+    bench-full) python3 benchmarks/moe_bench.py 2>&1 | tee "$OUT/bench.log"; cp benchmarks/results/*.* "$OUT/" ;;
+    train-bench) python3 benchmarks/train_bench.py --quick 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train-quick.* "$OUT/" ;;
+    train-bench-full) python3 benchmarks/train_bench.py 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train.* "$OUT/" ;;
+    tune) python3 -m jax_moe.tune --models ${TUNE_MODELS:-mixtral-8x7b} --tokens ${TUNE_TOKENS:-1 64 512 4096} 2>&1 | tee "$OUT/tune.log"; cp jax_moe/configs/nvidia-*.json "$OUT/" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -155,9 +155,16 @@ def _launcher(backend: str):
     return backend_interpret.launch
 
 
-def _tile_config(backend: str, num_pairs: int, dtype) -> tile_configs.TileConfig:
-    table = "default" if backend == "triton" else "interpret"
-    return tile_configs.select(num_pairs, jnp.dtype(dtype).itemsize, table=table)
+def _tile_config(backend: str, num_pairs: int, w_gate, top_k: int) -> tile_configs.TileConfig:
+    """Tuned tiles for this GPU and layer shape where configs/ has them, else the fallbacks."""
+    num_experts, hidden, intermediate = w_gate.shape
+    dtype = jnp.dtype(w_gate.dtype)
+    shape = tile_configs.shape_key(num_experts, hidden, intermediate, top_k, dtype.name)
+    if backend == "triton":
+        table = tile_configs.gpu_table_name(jax.devices()[0].device_kind)
+        return tile_configs.select(num_pairs, dtype.itemsize, table=table, shape=shape)
+    # The interpreter has no shared memory to fit: its tiles need no narrowing for fp32.
+    return tile_configs.select(num_pairs, table="interpret", shape=shape)
 
 
 def _dot_precision(dtype) -> str:
@@ -299,7 +306,7 @@ def _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend: str, sa
         w_up,
         w_down,
         plan=pipeline.Plan(
-            config=_tile_config(backend, num_tokens * top_k, hidden_states.dtype),
+            config=_tile_config(backend, num_tokens * top_k, w_gate, top_k),
             dot_precision=_dot_precision(hidden_states.dtype),
             launch=_launcher(backend),
             save_activations=bool(save_activations),

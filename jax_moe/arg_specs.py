@@ -70,3 +70,13 @@ def random_inputs(shape: MoeShape, num_tokens: int, dtype, key: jax.Array) -> Mo
         w_up=normal(keys[3], (e, h, f), h**-0.5),
         w_down=normal(keys[4], (e, f, h), f**-0.5),
     )
+
+
+def zipf_router_logits(key: jax.Array, num_tokens: int, num_experts: int, s: float = 1.2) -> jax.Array:
+    """Router logits whose top-k picks experts with Zipf popularity (expert e chosen ~ 1/(e+1)^s).
+
+    Gumbel-top-k: adding Gumbel noise to log-probabilities and taking the top k draws k experts
+    without replacement, each in proportion to its probability.
+    """
+    log_p = -s * jnp.log(jnp.arange(1, num_experts + 1, dtype=jnp.float32))
+    return log_p + jax.random.gumbel(key, (num_tokens, num_experts), jnp.float32)

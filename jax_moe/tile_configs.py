@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from importlib import resources
 
 
@@ -50,31 +51,62 @@ class TileConfig:
         )
 
 
+CONFIG_DIR = resources.files("jax_moe").joinpath("configs")
+
+
+def shape_key(num_experts: int, hidden: int, intermediate: int, top_k: int, dtype) -> str:
+    """How a tuned table names a layer shape, e.g. ``E=8,H=4096,F=14336,k=2,bfloat16``."""
+    return f"E={num_experts},H={hidden},F={intermediate},k={top_k},{dtype}"
+
+
+def _parse_buckets(buckets: list[dict]) -> tuple[tuple[int | None, TileConfig], ...]:
+    return tuple((b["max_pairs"], TileConfig.from_dict(b)) for b in buckets)
+
+
 @functools.cache
-def _buckets(table: str) -> tuple[tuple[int | None, TileConfig], ...]:
-    text = resources.files("jax_moe").joinpath("configs", f"{table}.json").read_text()
-    return tuple(
-        (b["max_pairs"], TileConfig.from_dict(b)) for b in json.loads(text)["buckets"]
-    )
+def _table(name: str) -> dict | None:
+    path = CONFIG_DIR.joinpath(f"{name}.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _candidate_buckets(table: str, shape: str | None):
+    """Bucket lists to try in order: the shape's tuned entry, the table's own, then the default."""
+    data = _table(table)
+    if data is not None:
+        if shape is not None and shape in data.get("shapes", {}):
+            yield _parse_buckets(data["shapes"][shape])
+        if "buckets" in data:
+            yield _parse_buckets(data["buckets"])
+    yield _parse_buckets(_table("default")["buckets"])
 
 
 def _narrow_k(tiles, factor: int):
     return dataclasses.replace(tiles, block_k=max(16, tiles.block_k // factor))
 
 
-def select(num_pairs: int, operand_bytes: int = 2, table: str = "default") -> TileConfig:
-    """The config of the first bucket of ``configs/<table>.json`` that admits ``num_pairs``.
+def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape: str | None = None) -> TileConfig:
+    """The config for ``num_pairs`` (tokens * top_k) from ``configs/<table>.json``.
+
+    A table (one per GPU, named by ``gpu_table_name``) may hold tuned buckets per layer ``shape``
+    (see ``shape_key``) and a table-wide list; anything it lacks falls back to ``default.json``.
+    The first bucket whose ``max_pairs`` admits ``num_pairs`` wins (null admits all).
 
     Configs are written for 2-byte operands; wider operands get proportionally narrower K tiles,
     which keeps every pipeline stage's shared memory (and so the fit on the chip) unchanged.
     """
-    for max_pairs, config in _buckets(table):
-        if max_pairs is None or num_pairs <= max_pairs:
-            factor = max(1, operand_bytes // 2)
-            return dataclasses.replace(
-                config,
-                gate_up=_narrow_k(config.gate_up, factor),
-                down=_narrow_k(config.down, factor),
-                weight_grad=_narrow_k(config.weight_grad, factor),
-            )
-    raise ValueError(f"configs/{table}.json has no bucket for {num_pairs} pairs (add a null max_pairs)")
+    for buckets in _candidate_buckets(table, shape):
+        for max_pairs, config in buckets:
+            if max_pairs is None or num_pairs <= max_pairs:
+                factor = max(1, operand_bytes // 2)
+                return dataclasses.replace(
+                    config,
+                    gate_up=_narrow_k(config.gate_up, factor),
+                    down=_narrow_k(config.down, factor),
+                    weight_grad=_narrow_k(config.weight_grad, factor),
+                )
+    raise ValueError(f"configs/default.json has no bucket for {num_pairs} pairs (it needs a null max_pairs)")
+
+
+def gpu_table_name(device_kind: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-")

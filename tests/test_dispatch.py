@@ -36,10 +36,9 @@ def routings(draw):
 def test_dispatch_metadata(routing):
     ids, num_experts, block_m = routing
     num_pairs = ids.size
-    sorted_pairs, block_expert = pipeline.dispatch(
+    sorted_pairs, block_expert, expert_row_end = map(np.asarray, pipeline.dispatch(
         jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch
-    )
-    sorted_pairs, block_expert = np.asarray(sorted_pairs), np.asarray(block_expert)
+    ))
     max_blocks = min(num_experts, num_pairs) + -(-num_pairs // block_m)
     assert sorted_pairs.shape == (max_blocks * block_m,) and block_expert.shape == (max_blocks,)
     # Every output element written (the interpreter poisons them to INT32_MIN beforehand).
@@ -70,6 +69,10 @@ def test_dispatch_metadata(routing):
     np.testing.assert_array_equal(
         np.bincount(block_expert[used], minlength=num_experts), -(-counts // block_m)
     )
+    # Each expert's rows end where its padded segment does; padding experts end with the last one.
+    ends = np.cumsum(-(-counts // block_m) * block_m)
+    np.testing.assert_array_equal(expert_row_end[:num_experts], ends)
+    assert np.all(expert_row_end[num_experts:] == ends[-1])
 
 
 @settings(max_examples=8, deadline=None)
@@ -85,27 +88,28 @@ def test_padding_rows_never_reach_the_output(routing, seed):
     w_gate, w_up = rng.standard_normal((2, num_experts, hidden, intermediate), np.float32)
     w_down = rng.standard_normal((num_experts, intermediate, hidden), np.float32)
     weights = rng.uniform(0.1, 1, ids.shape).astype(np.float32)
-    sorted_pairs, block_expert = pipeline.dispatch(
+    sorted_pairs, block_expert, _ = pipeline.dispatch(
         jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch
     )
     blocks = block_expert.shape[0]
     constants = dict(
-        NUM_PAIRS=ids.size, TOP_K=top_k, HIDDEN=hidden, INTERMEDIATE=intermediate,
+        NUM_PAIRS=ids.size, TOP_K=top_k,
         MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, DOT_PRECISION="ieee",
     )
-    (act,) = backend_interpret.launch(
+    act, _, _ = backend_interpret.launch(
         kernels.gate_up_kernel, x, w_gate, w_up, sorted_pairs, block_expert,
-        out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),),
-        grid=(blocks * 2,), **constants,
+        out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),) * 3,
+        grid=(blocks * 2,), HIDDEN=hidden, INTERMEDIATE=intermediate, SAVE_PREACTIVATIONS=False, **constants,
     )
     out, _, _ = backend_interpret.launch(
-        kernels.down_combine_kernel, act, w_down, weights.reshape(-1), sorted_pairs, block_expert,
+        kernels.expert_gemm_combine_kernel, act, w_down, act, w_down, weights.reshape(-1), sorted_pairs, block_expert,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens + 1, hidden), jnp.float32),  # + guard row
             jax.ShapeDtypeStruct((ids.size, hidden), jnp.float32),
             jax.ShapeDtypeStruct(((num_tokens + 1) * 2,), jnp.int32),
         ),
-        grid=(blocks * 2,), zeroed_outputs=(2,), **constants,
+        grid=(blocks * 2,), zeroed_outputs=(2,), K=intermediate, N=hidden, STRIDE_BK=hidden, STRIDE_BN=1,
+        SECOND_TERM=False, SCALE_BY_ROUTING_WEIGHT=True, **constants,
     )
     out = np.asarray(out)
     assert np.isnan(out[num_tokens]).all()

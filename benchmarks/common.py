@@ -1,0 +1,106 @@
+"""What the forward and training benchmarks share: the hardware ceilings measured in the same run,
+timing of one case, the run header, and writing results (JSON, markdown, plot)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_moe import tile_configs, timing
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+INPUT_SETS = 3
+SLOW_CALL_US = 20_000  # slower routes get fewer calls: their launch gaps don't matter
+
+
+def gpu_slug() -> str:
+    return tile_configs.gpu_table_name(jax.devices()[0].device_kind)
+
+
+def measure_read_bandwidth() -> float:
+    """Bytes/s of a large reduction (4 GiB of bf16 read once)."""
+    data = jax.random.normal(jax.random.key(0), (1 << 31,), jnp.bfloat16)
+    reduce = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    us = timing.median_call_us(reduce, [(data,)], calls=10, repeats=5)
+    return data.nbytes / (us * 1e-6)
+
+
+def measure_gemm_rate() -> float:
+    """FLOP/s of a large bf16 matmul (8192^3, random data)."""
+    keys = jax.random.split(jax.random.key(1), 2)
+    a, b = (jax.random.normal(k, (8192, 8192), jnp.bfloat16) for k in keys)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    us = timing.median_call_us(matmul, [(a, b)], calls=10, repeats=5)
+    return 2 * 8192**3 / (us * 1e-6)
+
+
+def time_route(fn, input_sets) -> float:
+    """Median microseconds per call; one call first decides how many calls a repeat holds."""
+    first = timing.median_call_us(fn, input_sets, calls=1, repeats=1, warmup=1)
+    if first > SLOW_CALL_US:
+        return timing.median_call_us(fn, input_sets, calls=1, repeats=3, warmup=0)
+    return timing.median_call_us(fn, input_sets)
+
+
+def rel_error(out, ref) -> float:
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    if not np.isfinite(out).all():
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def header(read_bw: float, gemm_rate: float) -> dict:
+    import jaxlib
+    import triton
+
+    try:
+        from jax_moe import backend_triton
+
+        jax_triton_version = backend_triton._jax_triton().__version__
+    except ImportError:
+        jax_triton_version = None
+    return {
+        "gpu": jax.devices()[0].device_kind,
+        "read_bw_GBps": round(read_bw / 1e9, 1),
+        "gemm_rate_TFLOPs": round(gemm_rate / 1e12, 1),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "triton": triton.__version__,
+        "jax-triton": jax_triton_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(sys.argv),
+        "timing": timing.describe(sets=INPUT_SETS),
+    }
+
+
+def write(name: str, head: dict, rows: list[dict], columns: list[str]) -> pathlib.Path:
+    """results/<name>.json and .md; returns the JSON path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"header": head, "rows": rows}, indent=1) + "\n")
+    lines = [f"# {name}", ""] + [f"- {k}: {v}" for k, v in head.items()] + [""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(_fmt(row.get(c)).ljust(w) for c, w in zip(columns, widths)))

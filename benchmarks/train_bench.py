@@ -1,0 +1,104 @@
+"""Training step of the MoE layer (forward + backward): jax_moe beside the differentiable JAX routes.
+
+    python benchmarks/train_bench.py [--quick]
+
+Times ``value_and_grad`` of ``sum(layer(x, logits, w_gate, w_up, w_down) * cotangent)`` with respect
+to all five inputs, bf16, at T = 2048, 8192, 16384 for the Mixtral-8x7B, DeepSeek-V3 and
+Qwen3-30B-A3B routed-expert shapes. FLOPs of a step: 3x the forward's 2 * T * k * 3 * H * F
+(the backward's GEMMs are twice the forward's); TFLOP/s and the fraction of the bf16 GEMM rate
+measured in the same run are reported. Writes benchmarks/results/<gpu>-train.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jax_moe import arg_specs
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+import common  # noqa: E402
+import routes  # noqa: E402
+
+MODELS = (arg_specs.MIXTRAL_8X7B, arg_specs.DEEPSEEK_V3, arg_specs.QWEN3_30B_A3B)
+TOKENS = (2048, 8192, 16384)
+QUICK_TOKENS = (8192,)
+MAX_DENSE_SECONDS = 0.15
+PARITY_TOKENS = 256
+COLUMNS = ["model", "T", "route", "time_us", "TFLOPs", "gemm_fraction", "grad_rel_err", "speedup_vs_best_other"]
+
+
+def _train_step(layer):
+    def loss(x, logits, wg, wu, wd, cotangent):
+        return jnp.sum(layer(x, logits, wg, wu, wd).astype(jnp.float32) * cotangent)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def run_model(shape, token_counts, gemm_rate) -> list[dict]:
+    weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
+    w = (weights.w_gate, weights.w_up, weights.w_down)
+    steps = {name: _train_step(fn) for name, fn in routes.available(shape.top_k).items()}
+    rows = []
+    for num_tokens in token_counts:
+        keys = jax.random.split(jax.random.key(num_tokens), 3 * common.INPUT_SETS)
+        sets = [
+            (
+                jax.random.normal(keys[3 * i], (num_tokens, shape.hidden), jnp.bfloat16),
+                jax.random.normal(keys[3 * i + 1], (num_tokens, shape.num_experts)),
+                *w,
+                jax.random.normal(keys[3 * i + 2], (num_tokens, shape.hidden)),
+            )
+            for i in range(common.INPUT_SETS)
+        ]
+        flops = 3 * 2 * num_tokens * shape.top_k * 3 * shape.hidden * shape.intermediate
+        dense_seconds = 3 * 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
+        # Parity of the gradients on a slice of the tokens, against autodiff of the reference.
+        small = [a[:PARITY_TOKENS] if i in (0, 1, 5) else a for i, a in enumerate(sets[0])]
+        _, ref_grads = steps["dense_einsum"](*small)
+        case = []
+        for name, step in steps.items():
+            row = {"model": shape.name, "T": num_tokens, "route": name}
+            if name in ("dense_einsum", "ragged_dot") and dense_seconds > MAX_DENSE_SECONDS:
+                row["skipped"] = f"costs every expert: ~{dense_seconds * 1e3:.0f} ms of GEMM at the measured rate"
+            else:
+                try:
+                    _, grads = step(*small)
+                    row["grad_rel_err"] = max(common.rel_error(g, r) for g, r in zip(grads, ref_grads))
+                    row["time_us"] = common.time_route(step, sets)
+                    row["TFLOPs"] = flops / row["time_us"] / 1e6
+                    row["gemm_fraction"] = flops / (row["time_us"] * 1e-6) / gemm_rate
+                except Exception as e:
+                    row["skipped"] = f"{type(e).__name__}: {str(e)[:160]}"
+            case.append(row)
+        timed = [r for r in case if "time_us" in r]
+        ours = next((r for r in timed if r["route"] == "jax_moe"), None)
+        others = [r["time_us"] for r in timed if r["route"] != "jax_moe"]
+        if ours and others:
+            ours["speedup_vs_best_other"] = min(others) / ours["time_us"]
+        common.print_table(case, COLUMNS)
+        rows += case
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T = 8192 only")
+    parser.add_argument("--models", nargs="+", default=[m.name for m in MODELS])
+    args = parser.parse_args(argv)
+    read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
+    head = common.header(read_bw, gemm_rate)
+    print(head)
+    rows = []
+    for shape in MODELS:
+        if shape.name in args.models:
+            rows += run_model(shape, QUICK_TOKENS if args.quick else TOKENS, gemm_rate)
+    path = common.write(common.gpu_slug() + "-train" + ("-quick" if args.quick else ""), head, rows, COLUMNS + ["skipped"])
+    print(f"wrote {path} and .md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Sweep tile configs for layer shapes on the current GPU and write ``configs/<gpu>.json``.
+
+    python -m jax_moe.tune --models mixtral-8x7b qwen3-30b-a3b --tokens 1 16 64 512 4096
+
+For each model and token count T it times the fused forward (route + dispatch + gate/up + down)
+over a small candidate grid: every row-block size that suits T, with the gate/up tiles chosen first
+(down tiles at the default) and then the down tiles. The winners become buckets of that shape's
+entry, split at the geometric midpoints between the tuned token counts; the file keeps entries it
+already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import triton
+
+from jax_moe import arg_specs, backend_triton, pipeline, timing, tile_configs
+from jax_moe.tile_configs import GemmTiles, TileConfig
+
+GEMM_CANDIDATES = (
+    GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
+    GemmTiles(block_n=128, block_k=64, num_warps=4, num_stages=4),
+    GemmTiles(block_n=128, block_k=64, num_warps=8, num_stages=3),
+    GemmTiles(block_n=64, block_k=64, num_warps=4, num_stages=5),
+    GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3),
+    GemmTiles(block_n=32, block_k=256, num_warps=4, num_stages=3),
+)
+BLOCK_M_CANDIDATES = (16, 32, 64, 128)
+
+
+def _block_m_candidates(num_pairs: int, num_experts: int):
+    rows_per_expert = num_pairs / min(num_experts, num_pairs)
+    limit = max(16, 2 * triton.next_power_of_2(math.ceil(rows_per_expert)))
+    return [m for m in BLOCK_M_CANDIDATES if m <= limit]
+
+
+def _layer(shape: arg_specs.MoeShape, config: TileConfig):
+    plan = pipeline.Plan(config=config, dot_precision="tf32", launch=backend_triton.launch)
+
+    def layer(x, logits, w_gate, w_up, w_down):
+        weights, ids = pipeline.route(logits, top_k=shape.top_k, renormalize=True, launch=backend_triton.launch)
+        return pipeline.experts(x, weights, ids, w_gate, w_up, w_down, plan=plan)
+
+    return jax.jit(layer)
+
+
+def _time(shape, config, input_sets) -> float:
+    try:
+        return timing.median_call_us(_layer(shape, config), input_sets, calls=10, repeats=3, warmup=1)
+    except Exception as e:  # a config the compiler or the chip refuses (shared memory, registers)
+        print(f"    skipped {config}: {type(e).__name__}: {str(e)[:100]}")
+        return math.inf
+
+
+def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
+    keys = jax.random.split(jax.random.key(num_tokens), 4)
+    weights = arg_specs.random_inputs(shape, num_tokens, dtype, keys[0])
+    input_sets = [
+        (jax.random.normal(k, (num_tokens, shape.hidden), dtype), jax.random.normal(k, (num_tokens, shape.num_experts)),
+         weights.w_gate, weights.w_up, weights.w_down)
+        for k in keys[1:]
+    ]
+    base = tile_configs.select(num_tokens * shape.top_k, jnp.dtype(dtype).itemsize)
+    best, best_us = base, _time(shape, base, input_sets)
+    for block_m in _block_m_candidates(num_tokens * shape.top_k, shape.num_experts):
+        config = dataclasses.replace(base, block_m=block_m, group_m=8 if block_m >= 64 else 1)
+        for field in ("gate_up", "down"):
+            for tiles in GEMM_CANDIDATES:
+                candidate = dataclasses.replace(config, **{field: tiles})
+                us = _time(shape, candidate, input_sets)
+                if us < best_us:
+                    best, best_us = candidate, us
+                    config = candidate
+    print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (default {_time(shape, base, input_sets):.1f} us): {best}")
+    return best, best_us
+
+
+def _bucket(max_pairs, config: TileConfig) -> dict:
+    return {"max_pairs": max_pairs, **dataclasses.asdict(config)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, choices=[m.name for m in arg_specs.MODELS])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 512, 4096])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--output", type=pathlib.Path, help="default: jax_moe/configs/<gpu>.json")
+    args = parser.parse_args(argv)
+    reason = backend_triton.unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"tuning needs the triton backend: {reason}")
+    gpu = jax.devices()[0].device_kind
+    output = args.output or pathlib.Path(__file__).parent / "configs" / f"{tile_configs.gpu_table_name(gpu)}.json"
+    table = json.loads(output.read_text()) if output.is_file() else {}
+    table["about"] = f"Tile configs tuned on {gpu} by `python -m jax_moe.tune`; see tile_configs.select."
+    shapes = table.setdefault("shapes", {})
+    tokens = sorted(args.tokens)
+    for shape in arg_specs.MODELS:
+        if shape.name not in args.models:
+            continue
+        buckets = []
+        for i, num_tokens in enumerate(tokens):
+            config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
+            upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
+            buckets.append(_bucket(upper, config))
+        key = tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, args.dtype)
+        shapes[key] = buckets
+        output.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {key} to {output}")
+
+
+if __name__ == "__main__":
+    main()

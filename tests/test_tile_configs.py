@@ -1,0 +1,46 @@
+"""Tile configs as data: lookup order, buckets, dtype adjustment."""
+
+import pytest
+
+from jax_moe import tile_configs
+
+SHAPE = "E=8,H=64,F=96,k=2,bfloat16"
+
+
+def _bucket(max_pairs, block_m):
+    gemm = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    grad = {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3}
+    return {"max_pairs": max_pairs, "block_m": block_m, "group_m": 1, "gate_up": gemm, "down": gemm, "weight_grad": grad}
+
+
+@pytest.fixture
+def tables(monkeypatch):
+    real = tile_configs._table
+    fake = {
+        "my-gpu": {"shapes": {SHAPE: [_bucket(8, 16), _bucket(None, 128)]}, "buckets": [_bucket(None, 32)]},
+        "gpu-without-buckets": {"shapes": {SHAPE: [_bucket(4, 16)]}},
+    }
+    monkeypatch.setattr(tile_configs, "_table", lambda name: fake[name] if name in fake else real(name))
+
+
+def test_tuned_shape_first_then_table_then_default(tables):
+    assert tile_configs.select(8, table="my-gpu", shape=SHAPE).block_m == 16
+    assert tile_configs.select(9, table="my-gpu", shape=SHAPE).block_m == 128
+    assert tile_configs.select(9, table="my-gpu", shape="E=3,H=1,F=1,k=1,bfloat16").block_m == 32
+    default = tile_configs.select(5, table="default")
+    # A shape entry whose buckets stop short falls through to default.json.
+    assert tile_configs.select(5, table="gpu-without-buckets", shape=SHAPE) == default
+    assert tile_configs.select(5, table="no-such-gpu", shape=SHAPE) == default
+
+
+def test_wider_operands_get_narrower_k_tiles():
+    narrow = tile_configs.select(10_000, operand_bytes=4)
+    wide = tile_configs.select(10_000, operand_bytes=2)
+    assert narrow.gate_up.block_k == wide.gate_up.block_k // 2
+    assert narrow.down.block_k == wide.down.block_k // 2
+    assert narrow.gate_up.block_n == wide.gate_up.block_n
+
+
+def test_names():
+    assert tile_configs.gpu_table_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert tile_configs.shape_key(8, 4096, 14336, 2, "bfloat16") == "E=8,H=4096,F=14336,k=2,bfloat16"
