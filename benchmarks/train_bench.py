@@ -3,7 +3,7 @@
     python benchmarks/train_bench.py [--quick]
 
 Times ``value_and_grad`` of ``sum(layer(x, logits, w_gate, w_up, w_down) * cotangent)`` with respect
-to all five inputs, bf16, at T = 2048, 8192, 16384 for the Mixtral-8x7B, DeepSeek-V3 and
+to all five inputs (weight gradients reduced at once, as an optimizer would), bf16, at T = 2048, 8192, 16384 for the Mixtral-8x7B, DeepSeek-V3 and
 Qwen3-30B-A3B routed-expert shapes. FLOPs of a step: 3x the forward's 2 * T * k * 3 * H * F
 (the backward's GEMMs are twice the forward's); TFLOP/s and the fraction of the bf16 GEMM rate
 measured in the same run are reported. Writes benchmarks/results/<gpu>-train.json and .md.
@@ -32,10 +32,23 @@ COLUMNS = ["model", "T", "route", "time_us", "TFLOPs", "gemm_fraction", "grad_re
 
 
 def _train_step(layer):
+    """Loss, input gradients, and each weight gradient projected on its weight (<dW, W>).
+
+    A training step consumes the weight gradients at once (the optimizer); returning them whole
+    would keep two calls' worth alive (2 x 21 GB for DeepSeek-V3) during back-to-back timing.
+    """
+
     def loss(x, logits, wg, wu, wd, cotangent):
         return jnp.sum(layer(x, logits, wg, wu, wd).astype(jnp.float32) * cotangent)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+    def step(x, logits, wg, wu, wd, cotangent):
+        value, (gx, glogits, *gw) = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(
+            x, logits, wg, wu, wd, cotangent
+        )
+        projections = [jnp.vdot(g.astype(jnp.float32), w.astype(jnp.float32)) for g, w in zip(gw, (wg, wu, wd))]
+        return value, gx, glogits, jnp.stack(projections)
+
+    return jax.jit(step)
 
 
 def run_model(shape, token_counts, gemm_rate) -> list[dict]:
@@ -58,7 +71,7 @@ def run_model(shape, token_counts, gemm_rate) -> list[dict]:
         dense_seconds = 3 * 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
         # Parity of the gradients on a slice of the tokens, against autodiff of the reference.
         small = [a[:PARITY_TOKENS] if i in (0, 1, 5) else a for i, a in enumerate(sets[0])]
-        _, ref_grads = steps["dense_einsum"](*small)
+        _, *ref_grads = steps["dense_einsum"](*small)
         case = []
         for name, step in steps.items():
             row = {"model": shape.name, "T": num_tokens, "route": name}
@@ -66,7 +79,7 @@ def run_model(shape, token_counts, gemm_rate) -> list[dict]:
                 row["skipped"] = f"costs every expert: ~{dense_seconds * 1e3:.0f} ms of GEMM at the measured rate"
             else:
                 try:
-                    _, grads = step(*small)
+                    _, *grads = step(*small)
                     row["grad_rel_err"] = max(common.rel_error(g, r) for g, r in zip(grads, ref_grads))
                     row["time_us"] = common.time_route(step, sets)
                     row["TFLOPs"] = flops / row["time_us"] / 1e6
