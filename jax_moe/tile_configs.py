@@ -59,8 +59,8 @@ def shape_key(num_experts: int, hidden: int, intermediate: int, top_k: int, dtyp
     return f"E={num_experts},H={hidden},F={intermediate},k={top_k},{dtype}"
 
 
-def _parse_buckets(buckets: list[dict]) -> tuple[tuple[int | None, TileConfig], ...]:
-    return tuple((b["max_pairs"], TileConfig.from_dict(b)) for b in buckets)
+def _parse_buckets(buckets: list[dict]) -> tuple[tuple[int, int | None, TileConfig], ...]:
+    return tuple((b.get("min_pairs", 0), b["max_pairs"], TileConfig.from_dict(b)) for b in buckets)
 
 
 @functools.cache
@@ -89,14 +89,15 @@ def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape
 
     A table (one per GPU, named by ``gpu_table_name``) may hold tuned buckets per layer ``shape``
     (see ``shape_key``) and a table-wide list; anything it lacks falls back to ``default.json``.
-    The first bucket whose ``max_pairs`` admits ``num_pairs`` wins (null admits all).
+    The first bucket with ``min_pairs <= num_pairs <= max_pairs`` wins (``min_pairs`` defaults to
+    0, a null ``max_pairs`` admits all): a tuned entry claims only the token counts it measured.
 
     Configs are written for 2-byte operands; wider operands get proportionally narrower K tiles,
     which keeps every pipeline stage's shared memory (and so the fit on the chip) unchanged.
     """
     for buckets in _candidate_buckets(table, shape):
-        for max_pairs, config in buckets:
-            if max_pairs is None or num_pairs <= max_pairs:
+        for min_pairs, max_pairs, config in buckets:
+            if min_pairs <= num_pairs and (max_pairs is None or num_pairs <= max_pairs):
                 factor = max(1, operand_bytes // 2)
                 return dataclasses.replace(
                     config,

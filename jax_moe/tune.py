@@ -5,8 +5,8 @@
 For each model and token count T it times the fused forward (route + dispatch + gate/up + down)
 over a small candidate grid: every row-block size that suits T, with the gate/up tiles chosen first
 (down tiles at the default) and then the down tiles. The winners become buckets of that shape's
-entry, split at the geometric midpoints between the tuned token counts; the file keeps entries it
-already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
+entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
+half the smallest); the file keeps entries it already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     return best, best_us
 
 
-def _bucket(max_pairs, config: TileConfig) -> dict:
-    return {"max_pairs": max_pairs, **dataclasses.asdict(config)}
+def _bucket(min_pairs: int, max_pairs: int | None, config: TileConfig) -> dict:
+    return {"min_pairs": min_pairs, "max_pairs": max_pairs, **dataclasses.asdict(config)}
 
 
 def main(argv=None) -> None:
@@ -106,10 +106,14 @@ def main(argv=None) -> None:
         if shape.name not in args.models:
             continue
         buckets = []
+        # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
+        # claims down to half its own, so smaller counts keep the fallback configs.
+        lower = tokens[0] * shape.top_k // 2
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
             upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
-            buckets.append(_bucket(upper, config))
+            buckets.append(_bucket(lower, upper, config))
+            lower = upper + 1 if upper is not None else None
         key = tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, args.dtype)
         shapes[key] = buckets
         output.write_text(json.dumps(table, indent=1) + "\n")

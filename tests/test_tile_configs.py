@@ -44,3 +44,12 @@ def test_wider_operands_get_narrower_k_tiles():
 def test_names():
     assert tile_configs.gpu_table_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert tile_configs.shape_key(8, 4096, 14336, 2, "bfloat16") == "E=8,H=4096,F=14336,k=2,bfloat16"
+
+
+def test_tuned_buckets_claim_only_their_range(monkeypatch):
+    real = tile_configs._table
+    tuned = {"shapes": {SHAPE: [{**_bucket(100, 128), "min_pairs": 50}]}}
+    monkeypatch.setattr(tile_configs, "_table", lambda name: tuned if name == "gpu" else real(name))
+    assert tile_configs.select(50, table="gpu", shape=SHAPE).block_m == 128
+    assert tile_configs.select(49, table="gpu", shape=SHAPE) == tile_configs.select(49)
+    assert tile_configs.select(101, table="gpu", shape=SHAPE) == tile_configs.select(101)
