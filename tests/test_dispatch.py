@@ -27,7 +27,7 @@ def routings(draw):
             max_size=num_tokens,
         )
     )
-    block_m = draw(st.sampled_from([16, 32, 64]))
+    block_m = draw(st.sampled_from([16, 32, 64, 128]))
     return np.array(ids, np.int32).reshape(num_tokens, top_k), num_experts, block_m
 
 
