@@ -82,11 +82,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate) -> list[di
                 except Exception as e:  # a third-party route that can't take this shape
                     row["skipped"] = f"{type(e).__name__}: {str(e)[:160]}"
             case_rows.append(row)
-        timed = [r for r in case_rows if "time_us" in r]
-        ours = next((r for r in timed if r["route"] == "jax_moe"), None)
-        others = [r["time_us"] for r in timed if r["route"] != "jax_moe"]
-        if ours and others:
-            ours["speedup_vs_best_other"] = min(others) / ours["time_us"]
+        common.add_speedup(case_rows)
         common.print_table(case_rows, COLUMNS)
         rows += case_rows
     return rows

@@ -87,11 +87,7 @@ def run_model(shape, token_counts, gemm_rate) -> list[dict]:
                 except Exception as e:
                     row["skipped"] = f"{type(e).__name__}: {str(e)[:160]}"
             case.append(row)
-        timed = [r for r in case if "time_us" in r]
-        ours = next((r for r in timed if r["route"] == "jax_moe"), None)
-        others = [r["time_us"] for r in timed if r["route"] != "jax_moe"]
-        if ours and others:
-            ours["speedup_vs_best_other"] = min(others) / ours["time_us"]
+        common.add_speedup(case)
         common.print_table(case, COLUMNS)
         rows += case
     return rows

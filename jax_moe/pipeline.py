@@ -152,6 +152,22 @@ class Plan:
     save_activations: bool = False
 
 
+def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: int) -> dict:
+    """Launch options and constexprs shared by the kernels that work per row block."""
+    return dict(
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        NUM_PAIRS=num_pairs,
+        TOP_K=top_k,
+        MAX_BLOCKS=blocks,
+        BLOCK_M=plan.config.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        GROUP_M=plan.config.group_m,
+        DOT_PRECISION=plan.dot_precision,
+    )
+
+
 def _combine(plan: Plan, a, b, a2, b2, routing_weights, sorted_pairs, block_expert, *,
              num_tokens: int, top_k: int, k_dim: int, n_dim: int, transposed_b: bool,
              second_term: bool, scale: bool, out_dtype):
@@ -170,22 +186,13 @@ def _combine(plan: Plan, a, b, a2, b2, routing_weights, sorted_pairs, block_expe
         ),
         grid=(blocks * col_tiles,),
         zeroed_outputs=(2,) if combines else (),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        NUM_PAIRS=num_tokens * top_k,
-        TOP_K=top_k,
         K=k_dim,
         N=n_dim,
         STRIDE_BK=1 if transposed_b else n_dim,
         STRIDE_BN=k_dim if transposed_b else 1,
         SECOND_TERM=second_term,
         SCALE_BY_ROUTING_WEIGHT=scale,
-        MAX_BLOCKS=blocks,
-        BLOCK_M=plan.config.block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        GROUP_M=plan.config.group_m,
-        DOT_PRECISION=plan.dot_precision,
+        **_row_block_args(plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks),
     )
     return out
 
@@ -210,19 +217,10 @@ def _experts_forward(plan: Plan, x, weights, ids, w_gate, w_up, w_down):
             jax.ShapeDtypeStruct(rows_shape, x.dtype),
         ),
         grid=(blocks * triton.cdiv(intermediate, tiles.block_n),),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        NUM_PAIRS=num_tokens * top_k,
-        TOP_K=top_k,
         HIDDEN=hidden,
         INTERMEDIATE=intermediate,
-        MAX_BLOCKS=blocks,
-        BLOCK_M=block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        GROUP_M=plan.config.group_m,
-        DOT_PRECISION=plan.dot_precision,
         SAVE_PREACTIVATIONS=plan.save_activations,
+        **_row_block_args(plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks),
     )
     flat_weights = weights.reshape(-1)
     out = _combine(
@@ -257,19 +255,10 @@ def _experts_backward(plan: Plan, top_k: int, residuals, grad_out):
             jax.ShapeDtypeStruct((num_pairs, f_tiles), jnp.float32),
         ),
         grid=(blocks * f_tiles,),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        NUM_PAIRS=num_pairs,
-        TOP_K=top_k,
         HIDDEN=hidden,
         INTERMEDIATE=intermediate,
-        MAX_BLOCKS=blocks,
-        BLOCK_M=plan.config.block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        GROUP_M=plan.config.group_m,
-        DOT_PRECISION=plan.dot_precision,
         RECOMPUTE=saved is None,
+        **_row_block_args(plan, tiles, num_pairs=num_pairs, top_k=top_k, blocks=blocks),
     )
     grad_x = _combine(
         plan, grad_gate, w_gate, grad_up, w_up, flat_weights, sorted_pairs, block_expert,
