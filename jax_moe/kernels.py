@@ -1,4 +1,4 @@
-"""Triton kernels of the fused MoE forward pass.
+"""Triton kernels of the fused MoE layer, forward and backward.
 
 Pure Triton: nothing here imports JAX. The same ``@triton.jit`` functions are launched on the GPU
 through jax-triton (``backend_triton``) and on the CPU through Triton's interpreter

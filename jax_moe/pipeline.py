@@ -1,6 +1,6 @@
-"""The fused forward pass as kernel launches: route, dispatch, gate/up, down + combine.
+"""The fused layer as kernel launches: route, dispatch, gate/up, down + combine, and the backward.
 
-Written once against a ``launch`` function (``backend_triton.launch`` on the GPU,
+Forward and backward are written once against a ``launch`` function (``backend_triton.launch`` on the GPU,
 ``backend_interpret.launch`` on the CPU), so both backends run the same kernels with the same
 grids. Every size here is static at trace time; grids cover the worst case any routing can need
 and the kernels let surplus programs exit, so nothing waits on the host.
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import triton
 
-from jax_moe import kernels
+from jax_moe import kernels, reference
 from jax_moe.tile_configs import TileConfig
 
 Launch = Callable[..., tuple[jax.Array, ...]]
@@ -36,13 +36,6 @@ def experts_pad(num_experts: int) -> int:
 def max_row_blocks(num_experts: int, num_pairs: int, block_m: int) -> int:
     """Most row blocks any routing can fill: each non-empty expert wastes at most one partial block."""
     return min(num_experts, num_pairs) + triton.cdiv(num_pairs, block_m)
-
-
-def _route_weights(logits: jax.Array, ids: jax.Array, renormalize: bool) -> jax.Array:
-    """The routing weights of fixed expert choices, in jnp: the route kernel's backward."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights = jnp.take_along_axis(probs, ids, axis=-1)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True) if renormalize else weights
 
 
 @functools.cache
@@ -79,7 +72,7 @@ def _differentiable_route(top_k: int, renormalize: bool, launch: Launch):
         logits, ids = residuals
         grad_weights, _ = cotangents  # ids are integers: no gradient
         logits, grad_weights = _first_order_only(logits, grad_weights)
-        _, pullback = jax.vjp(lambda l: _route_weights(l, ids, renormalize), logits)
+        _, pullback = jax.vjp(lambda l: reference.route_weights(l, ids, renormalize=renormalize), logits)
         return pullback(grad_weights)
 
     route_op.defvjp(forward, backward)

@@ -22,12 +22,17 @@ def route(router_logits: jax.Array, *, top_k: int, renormalize: bool = True):
     their sum (Mixtral, Qwen3-MoE); without, they stay raw probabilities (Qwen2-MoE).
     """
     logits = jnp.asarray(router_logits).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
     _, ids = jax.lax.top_k(logits, top_k)
+    ids = ids.astype(jnp.int32)
+    return route_weights(logits, ids, renormalize=renormalize), ids
+
+
+def route_weights(router_logits: jax.Array, ids: jax.Array, *, renormalize: bool = True) -> jax.Array:
+    """The routing weights of given expert choices: their softmax probabilities over all E logits,
+    divided by their sum when ``renormalize``. (The kernels' routing backward differentiates this.)"""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     weights = jnp.take_along_axis(probs, ids, axis=-1)
-    if renormalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, ids.astype(jnp.int32)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True) if renormalize else weights
 
 
 def moe_experts(hidden_states, weights, ids, w_gate, w_up, w_down) -> jax.Array:
