@@ -124,7 +124,8 @@ def dispatch_kernel(
     segment_end = tl.cumsum(padded, axis=0)
     segment_start = segment_end - padded
     rows_in_use = tl.sum(padded, axis=0)
-    tl.store(expert_row_end_ptr + experts, segment_end, mask=pid == 0)
+    if pid == 0:
+        tl.store(expert_row_end_ptr + experts, segment_end)
 
     pairs = my_start + lanes
     in_range = pairs < NUM_PAIRS

@@ -95,3 +95,11 @@ def test_out_of_range_ids_under_jit_poison_their_token(key):
     out = np.asarray(layer(ids))
     assert np.isnan(out[1]).all()
     assert np.isfinite(out[[0, 2]]).all()
+
+
+def test_many_experts_and_wide_top_k(key):
+    """E = 160 (not a power of two) and top_k = 10 (beyond 8)."""
+    shape = arg_specs.MoeShape("wide", 160, 10, HIDDEN, INTERMEDIATE)
+    inputs = arg_specs.random_inputs(shape, 33, "float32", key)
+    out = jax_moe.fused_moe(*inputs.as_args(), top_k=10, backend="interpret")
+    assert numpy_moe.rel_error(out, numpy_moe.fused_moe(*inputs.as_args(), top_k=10)) <= 1e-5
