@@ -1,0 +1,41 @@
+"""The helpers around the kernels: input specs, timing, the tuner's plumbing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_moe import arg_specs, backend_triton, timing, tune
+
+
+def test_zipf_routing_is_skewed(key):
+    logits = arg_specs.zipf_router_logits(key, 4000, 16, s=1.2)
+    _, ids = jax.lax.top_k(logits, 2)
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=16)
+    assert counts[0] > counts[3] > counts[15] > 0
+    assert len(set(map(tuple, np.asarray(ids)))) > 16  # still random per token
+
+
+def test_random_inputs_have_the_model_shapes(key):
+    inputs = arg_specs.random_inputs(arg_specs.QWEN3_30B_A3B.with_experts(4), 3, jnp.bfloat16, key)
+    assert inputs.hidden_states.shape == (3, 2048) and inputs.hidden_states.dtype == jnp.bfloat16
+    assert inputs.w_down.shape == (4, 768, 2048) and inputs.router_logits.dtype == jnp.float32
+    assert float(jnp.std(inputs.w_gate.astype(jnp.float32))) == pytest.approx(2048**-0.5, rel=0.05)
+
+
+def test_median_call_us_times_a_call():
+    fn = jax.jit(lambda a: a * 2)
+    us = timing.median_call_us(fn, [(jnp.ones(8),), (jnp.zeros(8),)], calls=3, repeats=3, warmup=1)
+    assert 0 < us < 1e6
+
+
+def test_block_m_candidates_follow_rows_per_expert():
+    assert tune._block_m_candidates(2, 8) == [16]
+    assert tune._block_m_candidates(1024, 8) == [16, 32, 64, 128]
+    assert tune._block_m_candidates(64, 256) == [16]
+
+
+@pytest.mark.skipif(backend_triton.unavailable_reason() is None, reason="a GPU with jax-triton is here")
+def test_tune_says_why_it_cannot_run_here():
+    with pytest.raises(SystemExit, match="tuning needs the triton backend"):
+        tune.main(["--models", "mixtral-8x7b"])
