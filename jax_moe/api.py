@@ -111,13 +111,15 @@ def _check_routing(weights, ids, hidden_states, num_experts: int) -> None:
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"ids must have an integer dtype; got {ids.dtype}")
     _check_top_k(ids.shape[-1], num_experts)
-    if not isinstance(ids, jax.core.Tracer):
+    try:
         concrete = np.asarray(ids)
-        if concrete.size and (concrete.min() < 0 or concrete.max() >= num_experts):
-            raise ValueError(
-                f"ids must lie in [0, {num_experts - 1}]; got values from {concrete.min()} to "
-                f"{concrete.max()}"
-            )
+    except jax.errors.TracerArrayConversionError:
+        return  # traced: out-of-range ids poison their tokens instead (see moe_experts)
+    if concrete.size and (concrete.min() < 0 or concrete.max() >= num_experts):
+        raise ValueError(
+            f"ids must lie in [0, {num_experts - 1}]; got values from {concrete.min()} to "
+            f"{concrete.max()}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
