@@ -304,9 +304,12 @@ def _weight_grad(plan: Plan, a, b, b2, routing_weights, sorted_pairs, expert_row
 
 @functools.cache
 def _differentiable_experts(plan: Plan, top_k: int):
+    # Without differentiation nothing reads the residuals: never store pre-activations then.
+    inference_plan = dataclasses.replace(plan, save_activations=False)
+
     @jax.custom_vjp
     def experts_op(x, weights, ids, w_gate, w_up, w_down):
-        return _experts_forward(plan, x, weights, ids, w_gate, w_up, w_down)[0]
+        return _experts_forward(inference_plan, x, weights, ids, w_gate, w_up, w_down)[0]
 
     def forward(x, weights, ids, w_gate, w_up, w_down):
         x, weights, w_gate, w_up, w_down = _first_order_only(x, weights, w_gate, w_up, w_down)
