@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_moe import backend_triton, pipeline, reference, tile_configs
+from jax_moe.options import ACTIVATIONS, GPT_OSS_SWIGLU, SCORINGS, SILU, Activation, Routing
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -122,6 +123,96 @@ def _check_routing(weights, ids, hidden_states, num_experts: int) -> None:
         )
 
 
+def _check_routing_options(num_experts: int, routing: Routing, selection_bias) -> None:
+    if routing.scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}; got {routing.scoring!r}")
+    groups = routing.num_groups
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"num_groups must be a positive int; got {groups!r}")
+    if num_experts % groups:
+        raise ValueError(f"num_groups ({groups}) must divide the number of experts E={num_experts}")
+    kept = routing.kept_groups
+    if isinstance(kept, bool) or not isinstance(kept, (int, np.integer)) or not 1 <= kept <= groups:
+        raise ValueError(f"top_groups must be an int in [1, num_groups={groups}]; got {kept!r}")
+    eligible = kept * (num_experts // groups)
+    if routing.top_k > eligible:
+        raise ValueError(
+            f"top_k={routing.top_k} exceeds the {eligible} experts of the top_groups={kept} kept groups"
+        )
+    factor = routing.scaling_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating)) or not np.isfinite(factor):
+        raise TypeError(f"routed_scaling_factor must be a finite Python number; got {factor!r}")
+    if selection_bias is not None:
+        _check_float("selection_bias", selection_bias)
+        if tuple(selection_bias.shape) != (num_experts,):
+            raise ValueError(
+                f"selection_bias must have shape [E] = [{num_experts}]; got {_shape_str(selection_bias.shape)}"
+            )
+
+
+def _check_biases(gate_bias, up_bias, down_bias, w_gate) -> None:
+    given = {"gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
+    if all(b is None for b in given.values()):
+        return
+    missing = [name for name, b in given.items() if b is None]
+    if missing:
+        raise ValueError(f"expert biases come as gate_bias, up_bias and down_bias together; missing {missing}")
+    num_experts, hidden, intermediate = w_gate.shape
+    layouts = {"gate_bias": ((num_experts, intermediate), "[E, F]"),
+               "up_bias": ((num_experts, intermediate), "[E, F]"),
+               "down_bias": ((num_experts, hidden), "[E, H]")}
+    for name, bias in given.items():
+        shape, layout = layouts[name]
+        _check_float(name, bias)
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must have shape {layout} = {_shape_str(shape)}; got {_shape_str(bias.shape)}")
+
+
+def _check_activation(activation) -> Activation:
+    if isinstance(activation, str):
+        activation = {"silu": SILU, "clamped_swiglu": GPT_OSS_SWIGLU}.get(activation, Activation(activation))
+    if not isinstance(activation, Activation):
+        raise TypeError(f"activation must be a name or a jax_moe.Activation; got {type(activation).__name__}")
+    if activation.name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation.name!r}")
+    if activation.name == "clamped_swiglu" and not activation.limit > 0:
+        raise ValueError(f"the clamped_swiglu limit must be positive; got {activation.limit}")
+    return activation
+
+
+def _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate) -> None:
+    given = {"shared_w_gate": shared_w_gate, "shared_w_up": shared_w_up, "shared_w_down": shared_w_down}
+    if all(w is None for w in given.values()):
+        if shared_gate is not None:
+            raise ValueError("shared_gate was given without shared experts (shared_w_gate/up/down)")
+        return
+    missing = [name for name, w in given.items() if w is None]
+    if missing:
+        raise ValueError(f"shared experts come as shared_w_gate, shared_w_up and shared_w_down together; missing {missing}")
+    _, hidden, intermediate = w_gate.shape
+    _check_rank("shared_w_gate", shared_w_gate, 3, "[S, H, F]")
+    num_shared = shared_w_gate.shape[0]
+    layouts = {"shared_w_gate": ((num_shared, hidden, intermediate), "[S, H, F]"),
+               "shared_w_up": ((num_shared, hidden, intermediate), "[S, H, F]"),
+               "shared_w_down": ((num_shared, intermediate, hidden), "[S, F, H]")}
+    for name, array in given.items():
+        shape, layout = layouts[name]
+        if tuple(array.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {layout} = {_shape_str(shape)} (H, F of the routed experts; "
+                f"a wider shared expert is several: see jax_moe.split_shared_expert); got "
+                f"{_shape_str(array.shape)}"
+            )
+        if array.dtype != hidden_states.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden_states ({hidden_states.dtype}); got {array.dtype}")
+    if num_shared < 1:
+        raise ValueError("shared_w_gate must hold at least one expert; got S=0")
+    if shared_gate is not None:
+        _check_float("shared_gate", shared_gate)
+        if tuple(shared_gate.shape) != (hidden,):
+            raise ValueError(f"shared_gate must have shape [H] = [{hidden}]; got {_shape_str(shared_gate.shape)}")
+
+
 # --------------------------------------------------------------------------------------------
 # Backend selection
 # --------------------------------------------------------------------------------------------
@@ -191,26 +282,31 @@ def _dot_precision(dtype) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def route(router_logits, *, top_k: int, renormalize: bool = True, backend: str = "auto"):
-    """Softmax top-k routing of [..., E] logits.
+def route(
+    router_logits, *, top_k: int, renormalize: bool = True, scoring: str = "softmax",
+    selection_bias=None, num_groups: int = 1, top_groups: int | None = None,
+    routed_scaling_factor: float = 1.0, backend: str = "auto",
+):
+    """Top-k routing of [..., E] logits (see ``jax_moe.options.Routing`` for the options).
 
-    Returns ``(weights, ids)``: [..., top_k] float32 weights (divided by their sum when
-    ``renormalize``) and [..., top_k] int32 expert ids; see ``jax_moe.reference.route``.
+    Returns ``(weights, ids)``: [..., top_k] float32 weights and [..., top_k] int32 expert ids, as
+    ``jax_moe.reference.route``. Differentiable with respect to the logits; the selection bias
+    gets no gradient (it picks experts, it does not weight them).
     """
     _check_float("router_logits", router_logits)
     if router_logits.ndim < 1:
         raise ValueError("router_logits must have shape [..., E]; got a scalar")
     num_experts = router_logits.shape[-1]
     _check_top_k(top_k, num_experts)
+    routing = Routing(int(top_k), scoring, bool(renormalize), num_groups, top_groups, routed_scaling_factor)
+    _check_routing_options(num_experts, routing, selection_bias)
     backend = _resolve_backend(backend)
     lead = router_logits.shape[:-1]
     num_tokens = math.prod(lead)
     if backend == "reference" or num_tokens == 0:
-        return reference.route(router_logits, top_k=top_k, renormalize=renormalize)
+        return reference.route_with(router_logits, routing, selection_bias)
     weights, ids = pipeline.route(
-        router_logits.reshape(num_tokens, num_experts),
-        top_k=top_k,
-        renormalize=bool(renormalize),
+        router_logits.reshape(num_tokens, num_experts), selection_bias, routing=routing,
         launch=_launcher(backend),
     )
     return weights.reshape(*lead, top_k), ids.reshape(*lead, top_k)
@@ -224,6 +320,14 @@ def moe_experts(
     w_up,
     w_down,
     *,
+    gate_bias=None,
+    up_bias=None,
+    down_bias=None,
+    activation="silu",
+    shared_w_gate=None,
+    shared_w_up=None,
+    shared_w_down=None,
+    shared_gate=None,
     backend: str = "auto",
     save_activations: bool = False,
 ):
@@ -231,17 +335,24 @@ def moe_experts(
 
     ``weights`` and ``ids`` are [..., top_k] (float and integer). Concrete ids outside [0, E) raise
     ``ValueError``; under ``jax.jit`` they can't be checked, and the tokens holding them come out
-    NaN rather than silently wrong. Returns [..., H] in the dtype of ``hidden_states``.
-    Differentiable with respect to everything but ``ids``; ``save_activations`` as in ``fused_moe``.
+    NaN rather than silently wrong. The other arguments are those of ``fused_moe``. Returns
+    [..., H] in the dtype of ``hidden_states``. Differentiable with respect to everything but
+    ``ids``.
     """
     _check_experts(hidden_states, w_gate, w_up, w_down)
     num_experts = w_gate.shape[0]
     _check_routing(weights, ids, hidden_states, num_experts)
+    _check_biases(gate_bias, up_bias, down_bias, w_gate)
+    _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
+    activation = _check_activation(activation)
     backend = _resolve_backend(backend)
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
     ids = jnp.where(valid, ids, 0).astype(jnp.int32)
-    return _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend, save_activations)
+    params = pipeline.ExpertWeights(
+        w_gate, w_up, w_down, gate_bias, up_bias, down_bias, shared_w_gate, shared_w_up, shared_w_down
+    )
+    return _experts(hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations)
 
 
 def fused_moe(
@@ -253,11 +364,24 @@ def fused_moe(
     *,
     top_k: int,
     renormalize: bool = True,
+    scoring: str = "softmax",
+    selection_bias=None,
+    num_groups: int = 1,
+    top_groups: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    gate_bias=None,
+    up_bias=None,
+    down_bias=None,
+    activation="silu",
+    shared_w_gate=None,
+    shared_w_up=None,
+    shared_w_down=None,
+    shared_gate=None,
     backend: str = "auto",
     save_activations: bool = False,
     return_routing: bool = False,
 ):
-    """A whole Mixture-of-Experts layer: routing, dispatch, SwiGLU expert FFNs, weighted combine.
+    """A whole Mixture-of-Experts layer: routing, dispatch, gated expert FFNs, weighted combine.
 
     Args:
       hidden_states: [..., H] bfloat16, float16 or float32 activations.
@@ -265,8 +389,22 @@ def fused_moe(
       w_gate, w_up: [E, H, F] expert weights, dtype of hidden_states.
       w_down: [E, F, H] expert weights, dtype of hidden_states.
       top_k: experts per token, in [1, E].
-      renormalize: divide the k routing weights by their sum (Mixtral, Qwen3) or keep the raw
-        softmax probabilities (Qwen2-MoE).
+      renormalize: divide the k routing weights by their sum (Mixtral, Qwen3, DeepSeek-V3,
+        gpt-oss) or keep the raw scores (Qwen2-MoE).
+      scoring: "softmax" over all experts, or "sigmoid" per expert (DeepSeek-V3).
+      selection_bias: [E] added to the scores to rank experts, not to weight them (DeepSeek-V3's
+        ``e_score_correction_bias``); gets no gradient.
+      num_groups, top_groups: group-limited routing: experts form ``num_groups`` equal groups, a
+        token picks only from its ``top_groups`` best groups (scored by their two best experts).
+      routed_scaling_factor: multiplies the routed experts' weights (DeepSeek-V3: 2.5).
+      gate_bias, up_bias: [E, F]; down_bias: [E, H]: expert biases (gpt-oss), all or none.
+      activation: "silu" (SwiGLU), "clamped_swiglu" (gpt-oss: alpha 1.702, limit 7), or a
+        ``jax_moe.Activation``.
+      shared_w_gate, shared_w_up: [S, H, F]; shared_w_down: [S, F, H]: shared experts that every
+        token uses, run in the same kernel launches as the routed ones (extra always-chosen rows).
+        A shared expert wider than F is several of them (``jax_moe.split_shared_expert``).
+      shared_gate: [H]: scale the shared experts' output by ``sigmoid(x @ shared_gate)``
+        (Qwen2-MoE); without it their weight is 1 (DeepSeek-V3).
       backend: "triton", "interpret", "reference" or "auto".
       save_activations: for the backward pass of the kernel backends, keep the gate and up
         pre-activations (``2 * rows * F`` elements, rows ~ T*top_k) instead of recomputing them;
@@ -274,44 +412,88 @@ def fused_moe(
       return_routing: also return the routing, for auxiliary losses or logging.
 
     Differentiable once with respect to hidden_states, router_logits (through the routing
-    weights) and the three expert weights; the reference backend to any order.
+    weights), the expert weights, biases, shared experts and shared gate; the reference backend to
+    any order.
 
     Returns:
       [..., H] in the dtype of hidden_states:
-      ``sum_k weight_k * down_k(silu(x @ gate_k) * (x @ up_k))``; with ``return_routing``, the
-      tuple ``(output, weights, ids)`` with the routing of ``route``.
+      ``sum_k weight_k * (down_k(act(x @ gate_k + b, x @ up_k + b)) + b_down_k)`` plus the shared
+      experts' weighted outputs; with ``return_routing``, the tuple ``(output, weights, ids)``
+      with the routed experts' routing of ``route``.
     """
     _check_experts(hidden_states, w_gate, w_up, w_down)
     num_experts = w_gate.shape[0]
     _check_router_logits(router_logits, hidden_states, num_experts)
     _check_top_k(top_k, num_experts)
-    weights, ids = route(router_logits, top_k=top_k, renormalize=renormalize, backend=backend)
+    _check_biases(gate_bias, up_bias, down_bias, w_gate)
+    _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
+    activation = _check_activation(activation)
+    weights, ids = route(
+        router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring,
+        selection_bias=selection_bias, num_groups=num_groups, top_groups=top_groups,
+        routed_scaling_factor=routed_scaling_factor, backend=backend,
+    )
     backend = _resolve_backend(backend)
-    out = _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend, save_activations)
+    params = pipeline.ExpertWeights(
+        w_gate, w_up, w_down, gate_bias, up_bias, down_bias, shared_w_gate, shared_w_up, shared_w_down
+    )
+    out = _experts(hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations)
     return (out, weights, ids) if return_routing else out
 
 
-def _experts(hidden_states, weights, ids, w_gate, w_up, w_down, backend: str, save_activations: bool):
+def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared_gate,
+             activation: Activation, backend: str, save_activations: bool):
     if backend == "reference":
-        return reference.moe_experts(hidden_states, weights, ids, w_gate, w_up, w_down)
+        return reference.moe_experts(
+            hidden_states, weights, ids, **params._asdict(), activation=activation, shared_gate=shared_gate
+        )
     hidden = hidden_states.shape[-1]
-    intermediate = w_gate.shape[-1]
-    top_k = ids.shape[-1]
+    intermediate = params.w_gate.shape[-1]
     num_tokens = math.prod(hidden_states.shape[:-1])
     if num_tokens == 0 or hidden == 0 or intermediate == 0:
         return jnp.zeros(hidden_states.shape, hidden_states.dtype)
+    if params.num_shared:
+        shared = reference.shared_expert_weights(hidden_states, params.num_shared, shared_gate)
+        weights, ids = reference.with_shared_experts(weights, ids, params.num_routed, shared)
+    slots = ids.shape[-1]
     out = pipeline.experts(
         hidden_states.reshape(num_tokens, hidden),
-        weights.reshape(num_tokens, top_k),
-        ids.reshape(num_tokens, top_k),
-        w_gate,
-        w_up,
-        w_down,
+        weights.reshape(num_tokens, slots),
+        ids.reshape(num_tokens, slots),
+        params,
         plan=pipeline.Plan(
-            config=_tile_config(backend, num_tokens * top_k, w_gate, top_k),
+            config=_tile_config(backend, num_tokens * slots, params.w_gate, slots),
             dot_precision=_dot_precision(hidden_states.dtype),
             launch=_launcher(backend),
             save_activations=bool(save_activations),
+            activation=activation,
         ),
     )
     return out.reshape(hidden_states.shape)
+
+
+def split_shared_expert(w_gate, w_up, w_down, intermediate: int):
+    """One shared expert of width ``F_s`` as ``S = cdiv(F_s, F)`` shared experts of width ``F``.
+
+    ``w_gate``, ``w_up``: [H, F_s]; ``w_down``: [F_s, H] (x @ w layouts). A SwiGLU FFN is a sum over
+    its intermediate columns, so column chunks of F are experts whose outputs add up to the whole;
+    a last partial chunk is padded with zero columns, which contribute exactly zero (and get zero
+    gradients). Returns ``([S, H, F], [S, H, F], [S, F, H])`` for ``fused_moe``'s ``shared_*``.
+    Meant for load time: it copies the weights.
+    """
+    hidden, width = w_gate.shape
+    if tuple(w_up.shape) != (hidden, width) or tuple(w_down.shape) != (width, hidden):
+        raise ValueError(
+            f"w_gate, w_up must be [H, F_s] and w_down [F_s, H] alike; got {_shape_str(w_gate.shape)}, "
+            f"{_shape_str(w_up.shape)}, {_shape_str(w_down.shape)}"
+        )
+    if width == 0 or intermediate < 1:
+        raise ValueError(f"need F_s >= 1 and intermediate >= 1; got F_s={width}, intermediate={intermediate}")
+    num_shared = -(-width // intermediate)
+    pad = num_shared * intermediate - width
+    w_gate, w_up = (
+        jnp.pad(w, ((0, 0), (0, pad))).reshape(hidden, num_shared, intermediate).transpose(1, 0, 2)
+        for w in (w_gate, w_up)
+    )
+    w_down = jnp.pad(w_down, ((0, pad), (0, 0))).reshape(num_shared, intermediate, hidden)
+    return w_gate, w_up, w_down

@@ -8,6 +8,9 @@ Vocabulary shared by every kernel:
 
 * ``T`` tokens, ``E`` experts, ``K = TOP_K`` experts per token, ``H`` hidden size, ``F`` expert
   intermediate size.
+* Expert ids ``[0, E)`` are the routed experts; ids ``[E, E + S)`` are ``S`` shared experts that
+  every token uses (DeepSeek-V3, Qwen2-MoE), given to the kernels as extra always-chosen slots.
+  Their weights stay in arrays of their own; ``_expert_matrix`` picks the array per row block.
 * A *pair* is one (token, slot) choice, numbered ``pair = token * TOP_K + slot``; there are
   ``NUM_PAIRS = T * TOP_K`` of them.
 * Dispatch sorts the pairs by expert into *rows*. Each expert's segment of rows is padded to a
@@ -24,6 +27,7 @@ import triton.language as tl
 @triton.jit
 def route_kernel(
     logits_ptr,  # [T, E] any float dtype, row-major
+    selection_bias_ptr,  # [E] float32, added to the scores for selection only (read if HAS_SELECTION_BIAS)
     weights_ptr,  # out [T, TOP_K] float32
     ids_ptr,  # out [T, TOP_K] int32
     NUM_TOKENS: tl.constexpr,
@@ -31,49 +35,93 @@ def route_kernel(
     EXPERTS_PAD: tl.constexpr,  # power of two >= NUM_EXPERTS
     TOP_K: tl.constexpr,
     TOP_K_PAD: tl.constexpr,  # power of two >= TOP_K
+    SCORING: tl.constexpr,  # "softmax" or "sigmoid"
+    HAS_SELECTION_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # experts form NUM_GROUPS equal groups of consecutive ids
+    GROUPS_PAD: tl.constexpr,  # power of two >= NUM_GROUPS
+    TOP_GROUPS: tl.constexpr,  # groups a token may choose its experts from
     RENORMALIZE: tl.constexpr,
+    SCALING_FACTOR: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Softmax routing with top-k selection.
+    """Top-k routing: softmax (Mixtral, Qwen, gpt-oss) or sigmoid scores with a selection bias and
+    group-limited choice (DeepSeek-V3).
 
-    Grid: ``(cdiv(T, BLOCK_T),)``. Program ``p`` handles tokens ``[p * BLOCK_T, (p + 1) * BLOCK_T)``:
-    it computes the fp32 softmax over all ``E`` logits of each token, picks the ``TOP_K`` largest
-    (ties go to the lower expert index, like ``jax.lax.top_k``; selecting on the logits gives the
-    same order as on the probabilities without depending on how ``exp`` rounds), and writes their
-    probabilities, divided by their sum when ``RENORMALIZE``, with their expert ids.
+    Grid: ``(cdiv(T, BLOCK_T),)``. Program ``p`` handles tokens ``[p * BLOCK_T, (p + 1) * BLOCK_T)``.
+    For each token it
+
+    * scores every expert in fp32: the softmax over all ``E`` logits, or their sigmoids;
+    * ranks the experts on the logits themselves (the same order as the scores, without depending
+      on how ``exp`` rounds), or with a selection bias on ``score + bias``;
+    * with ``NUM_GROUPS > 1`` scores each group by the sum of its two best ranking values and keeps
+      only the experts of the ``TOP_GROUPS`` best groups;
+    * picks the ``TOP_K`` best experts left (ties go to the lower index, like ``jax.lax.top_k``) and
+      writes their unbiased scores, divided by their sum when ``RENORMALIZE``, times
+      ``SCALING_FACTOR``, with their expert ids.
     """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, EXPERTS_PAD)
     slots = tl.arange(0, TOP_K_PAD)
     token_ok = tokens < NUM_TOKENS
+    available = token_ok[:, None] & (experts < NUM_EXPERTS)[None, :]
     logits = tl.load(
         logits_ptr + tokens.to(tl.int64)[:, None] * NUM_EXPERTS + experts[None, :],
-        mask=token_ok[:, None] & (experts[None, :] < NUM_EXPERTS),
+        mask=available,
         other=-float("inf"),
     ).to(tl.float32)
 
-    row_max = tl.max(logits, axis=1)
-    exps = tl.exp(logits - row_max[:, None])
-    denominator = tl.sum(exps, axis=1)
+    if SCORING == "softmax":
+        exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = exps / tl.sum(exps, axis=1)[:, None]
+    else:
+        scores = tl.sigmoid(logits)
+    ranking = logits
+    if HAS_SELECTION_BIAS:
+        bias = tl.load(selection_bias_ptr + experts, mask=experts < NUM_EXPERTS, other=0.0)
+        ranking = scores + bias[None, :]
+    ranking = tl.where(available, ranking, -float("inf"))
 
-    available = (experts < NUM_EXPERTS)[None, :] & token_ok[:, None]
-    chosen_exps = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.float32)
+    if NUM_GROUPS > 1:
+        group_size: tl.constexpr = NUM_EXPERTS // NUM_GROUPS
+        group_of = experts // group_size
+        groups = tl.arange(0, GROUPS_PAD)
+        group_scores = tl.full([BLOCK_T, GROUPS_PAD], -float("inf"), tl.float32)
+        for group in tl.static_range(NUM_GROUPS):
+            members = available & (group_of == group)[None, :]
+            best = tl.max(tl.where(members, ranking, -float("inf")), axis=1)
+            group_score = best
+            if group_size > 1:
+                best_at = tl.min(tl.where(members & (ranking == best[:, None]), experts[None, :], EXPERTS_PAD), axis=1)
+                others = members & (experts[None, :] != best_at[:, None])
+                group_score += tl.max(tl.where(others, ranking, -float("inf")), axis=1)
+            group_scores = tl.where(groups[None, :] == group, group_score[:, None], group_scores)
+        open_groups = token_ok[:, None] & (groups < NUM_GROUPS)[None, :]
+        kept = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.int1)
+        for _ in tl.static_range(TOP_GROUPS):
+            best = tl.max(tl.where(open_groups, group_scores, -float("inf")), axis=1)
+            is_best = open_groups & (group_scores == best[:, None])
+            choice = tl.min(tl.where(is_best, groups[None, :], GROUPS_PAD), axis=1)
+            open_groups = open_groups & (groups[None, :] != choice[:, None])
+            kept = kept | (group_of[None, :] == choice[:, None])
+        available = available & kept
+
+    chosen_scores = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.float32)
     chosen_ids = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
     for slot in tl.static_range(TOP_K):
-        best = tl.max(tl.where(available, logits, -float("inf")), axis=1)
-        is_best = available & (logits == best[:, None])
+        best = tl.max(tl.where(available, ranking, -float("inf")), axis=1)
+        is_best = available & (ranking == best[:, None])
         choice = tl.min(tl.where(is_best, experts[None, :], EXPERTS_PAD), axis=1)
         is_choice = experts[None, :] == choice[:, None]
-        chosen = tl.sum(tl.where(is_choice, exps, 0.0), axis=1)
-        chosen_exps = tl.where(slots[None, :] == slot, chosen[:, None], chosen_exps)
+        chosen = tl.sum(tl.where(is_choice, scores, 0.0), axis=1)
+        chosen_scores = tl.where(slots[None, :] == slot, chosen[:, None], chosen_scores)
         chosen_ids = tl.where(slots[None, :] == slot, choice[:, None], chosen_ids)
         available = available & ~is_choice
 
     if RENORMALIZE:
-        denominator = tl.sum(chosen_exps, axis=1)
+        chosen_scores = chosen_scores / tl.sum(chosen_scores, axis=1)[:, None]
     out_offsets = tokens.to(tl.int64)[:, None] * TOP_K + slots[None, :]
     out_mask = token_ok[:, None] & (slots[None, :] < TOP_K)
-    tl.store(weights_ptr + out_offsets, chosen_exps / denominator[:, None], mask=out_mask)
+    tl.store(weights_ptr + out_offsets, chosen_scores * SCALING_FACTOR, mask=out_mask)
     tl.store(ids_ptr + out_offsets, chosen_ids, mask=out_mask)
 
 
@@ -181,6 +229,49 @@ def _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS: tl.constexpr, TOP_K: tl.con
 
 
 @triton.jit
+def _expert_matrix(routed_ptr, shared_ptr, expert, NUM_ROUTED: tl.constexpr, MATRIX_SIZE: tl.constexpr):
+    """Start of one expert's weight matrix: routed experts ``[0, NUM_ROUTED)`` live in one array,
+    the shared experts numbered after them in another (no concatenated copy of the weights)."""
+    if expert < NUM_ROUTED:
+        start = routed_ptr + expert.to(tl.int64) * MATRIX_SIZE
+    else:
+        start = shared_ptr + (expert - NUM_ROUTED).to(tl.int64) * MATRIX_SIZE
+    return start
+
+
+@triton.jit
+def _expert_bias(bias_ptr, expert, cols, col_ok, NUM_ROUTED: tl.constexpr, N: tl.constexpr):
+    """[1, BLOCK_N] fp32 slice of a routed expert's [E, N] bias; shared experts have none."""
+    is_routed = expert < NUM_ROUTED
+    bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok & is_routed, other=0.0)
+    return bias.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _swiglu(gate, up, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """The gated activation and its partial derivatives with respect to gate and up.
+
+    ``"silu"``: ``silu(gate) * up``. ``"clamped_swiglu"`` (gpt-oss): with ``g = min(gate, LIMIT)``
+    and ``u = clip(up, -LIMIT, LIMIT)``, ``g * sigmoid(ALPHA * g) * (u + 1)``; the clamps pass no
+    gradient where they bind.
+    """
+    if ACTIVATION == "clamped_swiglu":
+        g = tl.minimum(gate, LIMIT)
+        u = tl.minimum(tl.maximum(up, -LIMIT), LIMIT) + 1.0
+        sig = tl.sigmoid(ALPHA * g)
+        glu = g * sig
+        d_gate = tl.where(gate <= LIMIT, u * sig * (1.0 + ALPHA * g * (1.0 - sig)), 0.0)
+        d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), glu, 0.0)
+    else:
+        u = up
+        sig = tl.sigmoid(gate)
+        glu = gate * sig
+        d_gate = u * sig * (1.0 + gate * (1.0 - sig))
+        d_up = glu
+    return glu * u, d_gate, d_up
+
+
+@triton.jit
 def _gathered_dual_gemm(
     x_ptr, tokens, is_real, w1_ptr, w2_ptr, cols, col_ok,
     K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -230,13 +321,18 @@ def gate_up_kernel(
     x_ptr,  # [T, H] activations, row-major
     w_gate_ptr,  # [E, H, F] row-major
     w_up_ptr,  # [E, H, F] row-major
+    shared_w_gate_ptr,  # [S, H, F] row-major, the shared experts E .. E + S - 1
+    shared_w_up_ptr,  # [S, H, F] row-major
+    gate_bias_ptr,  # [E, F] (read only if HAS_BIAS)
+    up_bias_ptr,  # [E, F] (read only if HAS_BIAS)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32, from dispatch_kernel
     block_expert_ptr,  # [MAX_BLOCKS] int32, from dispatch_kernel
-    act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] in the activation dtype: silu(x @ gate) * (x @ up)
-    gate_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ gate, written only if SAVE_PREACTIVATIONS
-    up_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ up, written only if SAVE_PREACTIVATIONS
+    act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] in the activation dtype: the gated activation
+    gate_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ gate (+ bias), written only if SAVE_PREACTIVATIONS
+    up_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ up (+ bias), written only if SAVE_PREACTIVATIONS
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_ROUTED: tl.constexpr,
     HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
@@ -245,16 +341,21 @@ def gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
     SAVE_PREACTIVATIONS: tl.constexpr,
 ):
-    """Grouped gate and up projections with the SwiGLU product in the epilogue.
+    """Grouped gate and up projections with the gated activation in the epilogue.
 
     Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``. A program owns one row block (one expert) and one
     tile of ``BLOCK_N`` intermediate columns. It gathers its token rows of ``x`` through
     ``sorted_pairs`` (no permuted copy of the activations), loads each ``[BLOCK_M, BLOCK_K]``
-    activation tile once for both projections, accumulates both in fp32, and writes
-    ``silu(gate) * up`` for its rows (padding rows get zeros), plus ``gate`` and ``up`` themselves
-    when the backward pass is to reuse them. Unused blocks exit at once.
+    activation tile once for both projections, accumulates both in fp32, adds the expert's biases
+    (``HAS_BIAS``), and writes the activation (``_swiglu``) for its rows (padding rows get that of
+    zero inputs, which nothing reads), plus ``gate`` and ``up`` themselves when the backward pass
+    is to reuse them. Unused blocks exit at once.
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
@@ -264,13 +365,18 @@ def gate_up_kernel(
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
-    expert_offset = expert.to(tl.int64) * HIDDEN * INTERMEDIATE
+    matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
     gate, up = _gathered_dual_gemm(
-        x_ptr, tokens, is_real, w_gate_ptr + expert_offset, w_up_ptr + expert_offset, cols, col_ok,
-        HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        x_ptr, tokens, is_real,
+        _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size),
+        _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size),
+        cols, col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
     )
+    if HAS_BIAS:
+        gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
+        up += _expert_bias(up_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
-    act = gate * tl.sigmoid(gate) * up
+    act, _, _ = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
     tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
     if SAVE_PREACTIVATIONS:
         tl.store(gate_preact_ptr + offsets, gate.to(gate_preact_ptr.dtype.element_ty), mask=col_ok[None, :])
@@ -281,8 +387,11 @@ def gate_up_kernel(
 def expert_gemm_combine_kernel(
     a_ptr,  # [MAX_BLOCKS * BLOCK_M, K] per-row left operand (sorted-row order)
     b_ptr,  # [E, ...] right operand: element (k, n) of expert e at e * K * N + k * STRIDE_BK + n * STRIDE_BN
+    shared_b_ptr,  # [S, ...] the same for the shared experts E .. E + S - 1
     a2_ptr,  # like a_ptr, second term (read only if SECOND_TERM)
     b2_ptr,  # like b_ptr, second term (read only if SECOND_TERM)
+    shared_b2_ptr,  # like shared_b_ptr, second term (read only if SECOND_TERM)
+    bias_ptr,  # [E, N] routed experts' output bias, added before the routing weight (read only if HAS_BIAS)
     routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if SCALE_BY_ROUTING_WEIGHT)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
@@ -291,11 +400,13 @@ def expert_gemm_combine_kernel(
     arrivals_ptr,  # out (scratch, zeroed before launch) [T, cdiv(N, BLOCK_N)] int32 (TOP_K > 1)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_ROUTED: tl.constexpr,
     K: tl.constexpr,
     N: tl.constexpr,
     STRIDE_BK: tl.constexpr,
     STRIDE_BN: tl.constexpr,
     SECOND_TERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -306,7 +417,8 @@ def expert_gemm_combine_kernel(
 ):
     """Grouped GEMM over the sorted rows with a deterministic per-token top-k combine.
 
-    Forward down projection: ``out[t] = sum_k weight_k * act_k @ w_down[e_k]`` (one term, scaled).
+    Forward down projection: ``out[t] = sum_k weight_k * (act_k @ w_down[e_k] + bias[e_k])`` (one
+    term, scaled; the bias only with ``HAS_BIAS`` and only for routed experts).
     Backward input gradient: ``dx[t] = sum_k d_gate_k @ w_gate[e_k]^T + d_up_k @ w_up[e_k]^T``
     (two terms, transposed weights through the strides, unscaled).
 
@@ -327,18 +439,20 @@ def expert_gemm_combine_kernel(
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    expert_offset = expert.to(tl.int64) * K * N
+    matrix_size: tl.constexpr = K * N
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _gathered_gemm(
-        acc, a_ptr, rows, is_real, b_ptr + expert_offset, cols, col_ok,
-        K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
+        acc, a_ptr, rows, is_real, _expert_matrix(b_ptr, shared_b_ptr, expert, NUM_ROUTED, matrix_size),
+        cols, col_ok, K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
     )
     if SECOND_TERM:
         acc = _gathered_gemm(
-            acc, a2_ptr, rows, is_real, b2_ptr + expert_offset, cols, col_ok,
-            K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
+            acc, a2_ptr, rows, is_real, _expert_matrix(b2_ptr, shared_b2_ptr, expert, NUM_ROUTED, matrix_size),
+            cols, col_ok, K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
         )
+    if HAS_BIAS:
+        acc += _expert_bias(bias_ptr, expert, cols, col_ok, NUM_ROUTED, N)
     if SCALE_BY_ROUTING_WEIGHT:
         acc = acc * tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
     out_dtype = out_ptr.dtype.element_ty
@@ -377,18 +491,24 @@ def gate_up_backward_kernel(
     w_gate_ptr,  # [E, H, F]
     w_up_ptr,  # [E, H, F]
     w_down_ptr,  # [E, F, H]
+    shared_w_gate_ptr,  # [S, H, F]
+    shared_w_up_ptr,  # [S, H, F]
+    shared_w_down_ptr,  # [S, F, H]
+    gate_bias_ptr,  # [E, F] (read only if HAS_BIAS and RECOMPUTE)
+    up_bias_ptr,  # [E, F] (read only if HAS_BIAS and RECOMPUTE)
     grad_out_ptr,  # [T, H] gradient of the layer output
     routing_weights_ptr,  # [NUM_PAIRS] float32
-    gate_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved x @ gate (read only if not RECOMPUTE)
-    up_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved x @ up (read only if not RECOMPUTE)
+    gate_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved gate pre-activations (read only if not RECOMPUTE)
+    up_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved up pre-activations (read only if not RECOMPUTE)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
-    act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] silu(gate) * up, for the down-projection weight gradient
-    grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of x @ gate
-    grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of x @ up
+    act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] the activation, for the down-projection weight gradient
+    grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the gate pre-activation
+    grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the up pre-activation
     grad_weight_part_ptr,  # out [NUM_PAIRS, cdiv(F, BLOCK_N)] float32, see below
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_ROUTED: tl.constexpr,
     HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
@@ -397,18 +517,24 @@ def gate_up_backward_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
     RECOMPUTE: tl.constexpr,
 ):
-    """Backward through the down projection and SwiGLU, per row block and intermediate tile.
+    """Backward through the down projection and the gated activation, per row block and tile.
 
     Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``, the forward gate/up grid. For its rows and columns a
-    program gets ``gate`` and ``up`` (recomputed as in the forward, or loaded), and
-    ``g = grad_out[token] @ w_down[e]^T``. Then, with ``w`` the row's routing weight:
+    program gets the pre-activations ``gate`` and ``up`` (recomputed as in the forward, biases
+    included, or loaded), and ``g = grad_out[token] @ w_down[e]^T``. Then, with ``w`` the row's
+    routing weight and ``act, d/dgate, d/dup = _swiglu(gate, up)``:
 
-    * ``act = silu(gate) * up`` (stored: the down-projection weight gradient needs it);
-    * ``d_act = w * g``; ``d_up = d_act * silu(gate)``; ``d_gate = d_act * up * silu'(gate)``;
+    * ``act`` is stored: the down-projection weight gradient needs it;
+    * ``d_gate = w * g * d/dgate`` and ``d_up = w * g * d/dup``;
     * ``sum(act * g)`` over its columns: the tile's share of the routing weight's gradient
-      ``<act @ w_down[e], grad_out[token]>``; the caller adds the shares of all tiles.
+      ``<act @ w_down[e], grad_out[token]>``; the caller adds the shares of all tiles (and the
+      down bias's share).
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
@@ -418,38 +544,40 @@ def gate_up_backward_kernel(
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
-    expert_offset = expert.to(tl.int64) * HIDDEN * INTERMEDIATE
+    matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
 
     if RECOMPUTE:
         gate, up = _gathered_dual_gemm(
-            x_ptr, tokens, is_real, w_gate_ptr + expert_offset, w_up_ptr + expert_offset, cols,
-            col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+            x_ptr, tokens, is_real,
+            _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size),
+            _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size),
+            cols, col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
         )
+        if HAS_BIAS:
+            gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
+            up += _expert_bias(up_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
     else:
         gate = tl.load(gate_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
         up = tl.load(up_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
     # w_down[e] is [F, H]: its transpose, [H, F], has strides (1, H).
     g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     g = _gathered_gemm(
-        g, grad_out_ptr, tokens, is_real, w_down_ptr + expert_offset, cols, col_ok,
-        HIDDEN, 1, HIDDEN, BLOCK_K, DOT_PRECISION,
+        g, grad_out_ptr, tokens, is_real,
+        _expert_matrix(w_down_ptr, shared_w_down_ptr, expert, NUM_ROUTED, matrix_size),
+        cols, col_ok, HIDDEN, 1, HIDDEN, BLOCK_K, DOT_PRECISION,
     )
 
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    act = silu * up
+    act, act_by_gate, act_by_up = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
     tl.store(
         grad_weight_part_ptr + pairs.to(tl.int64) * num_col_tiles + col_tile,
         tl.sum(act * g, axis=1),
         mask=is_real,
     )
     d_act = g * tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
-    d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
-    d_up = d_act * silu
     tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
-    tl.store(grad_gate_ptr + offsets, d_gate.to(grad_gate_ptr.dtype.element_ty), mask=col_ok[None, :])
-    tl.store(grad_up_ptr + offsets, d_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(grad_gate_ptr + offsets, (d_act * act_by_gate).to(grad_gate_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(grad_up_ptr + offsets, (d_act * act_by_up).to(grad_up_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit
@@ -459,17 +587,23 @@ def expert_weight_grad_kernel(
     b2_ptr,  # like b_ptr, second right operand (read only if DUAL)
     routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if SCALE_B)
     sorted_pairs_ptr,  # [rows] int32, from dispatch_kernel
-    expert_row_end_ptr,  # [>= E] int32, from dispatch_kernel
+    expert_row_end_ptr,  # [>= E + S] int32, from dispatch_kernel
     out_ptr,  # out [E, M, N]: sum over the expert's rows of a_row^T b_row
+    shared_out_ptr,  # out [S, M, N]: the same for the shared experts E .. E + S - 1
     out2_ptr,  # out [E, M, N]: the same with b2 (written only if DUAL)
+    shared_out2_ptr,  # out [S, M, N] (written only if DUAL)
+    bias_out_ptr,  # out [E, N]: sum over the expert's rows of b_row (written only if BIAS_GRAD)
+    bias_out2_ptr,  # out [E, N]: the same for b2 (written only if BIAS_GRAD and DUAL)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_ROUTED: tl.constexpr,
     M: tl.constexpr,
     N: tl.constexpr,
     A_BY_TOKEN: tl.constexpr,
     B_BY_TOKEN: tl.constexpr,
     SCALE_B: tl.constexpr,
     DUAL: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -479,8 +613,10 @@ def expert_weight_grad_kernel(
 
     ``dw_down[e] = act_e^T @ (w * grad_out[tokens])_e`` (A by row, B by token, scaled) and
     ``dw_gate[e], dw_up[e] = x[tokens]_e^T @ (d_gate_e, d_up_e)`` (A by token, dual B by row).
+    With ``BIAS_GRAD`` the column sums of ``B_e`` (the routed experts' bias gradients) come along:
+    the programs of the first ``M`` tile write them.
 
-    Grid: ``(E * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. A program owns one expert and one
+    Grid: ``((E + S) * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. A program owns one expert and one
     ``[BLOCK_M, BLOCK_N]`` tile of its gradient, and walks that expert's rows ``BLOCK_K`` at a time
     (the reduction dimension), fp32 accumulation; padding rows contribute zero and an expert
     without rows gets zeros. No dense [E, T, ...] temporary and no atomics: each element is one
@@ -502,6 +638,8 @@ def expert_weight_grad_kernel(
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    bias_acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k_start in range(row_start, row_end, BLOCK_K):
         rows = k_start + ks
         pairs = tl.load(sorted_pairs_ptr + rows, mask=rows < row_end, other=NUM_PAIRS)
@@ -516,12 +654,25 @@ def expert_weight_grad_kernel(
             scale = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)
             b = (b.to(tl.float32) * scale[:, None]).to(a_t.dtype)
         acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
+        if BIAS_GRAD:
+            bias_acc += tl.sum(b.to(tl.float32), axis=0)
         if DUAL:
             b2 = tl.load(b2_ptr + b_rows[:, None] * N + ns[None, :], mask=b_mask, other=0.0)
             acc2 = tl.dot(a_t, b2, acc2, input_precision=DOT_PRECISION)
+            if BIAS_GRAD:
+                bias_acc2 += tl.sum(b2.to(tl.float32), axis=0)
 
-    out_offsets = expert.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    matrix_size: tl.constexpr = M * N
+    tile_offsets = ms[:, None] * N + ns[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    out_tile = _expert_matrix(out_ptr, shared_out_ptr, expert, NUM_ROUTED, matrix_size) + tile_offsets
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     if DUAL:
-        tl.store(out2_ptr + out_offsets, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+        out2_tile = _expert_matrix(out2_ptr, shared_out2_ptr, expert, NUM_ROUTED, matrix_size) + tile_offsets
+        tl.store(out2_tile, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+    if BIAS_GRAD:
+        bias_mask = n_ok & (m_tile == 0) & (expert < NUM_ROUTED)
+        bias_offsets = expert.to(tl.int64) * N + ns
+        tl.store(bias_out_ptr + bias_offsets, bias_acc.to(bias_out_ptr.dtype.element_ty), mask=bias_mask)
+        if DUAL:
+            tl.store(bias_out2_ptr + bias_offsets, bias_acc2.to(bias_out2_ptr.dtype.element_ty), mask=bias_mask)

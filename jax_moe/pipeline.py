@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import triton
 
 from jax_moe import kernels, reference
+from jax_moe.options import SILU, Activation, Routing
 from jax_moe.tile_configs import TileConfig
 
 Launch = Callable[..., tuple[jax.Array, ...]]
@@ -39,52 +41,62 @@ def max_row_blocks(num_experts: int, num_pairs: int, block_m: int) -> int:
 
 
 @functools.cache
-def _differentiable_route(top_k: int, renormalize: bool, launch: Launch):
+def _differentiable_route(routing: Routing, launch: Launch):
     @jax.custom_vjp
-    def route_op(logits):
+    def route_op(logits, selection_bias):
         num_tokens, num_experts = logits.shape
         padded = experts_pad(num_experts)
         block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded))
         return launch(
             kernels.route_kernel,
             logits,
+            logits if selection_bias is None else selection_bias,
             out_shapes=(
-                jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32),
-                jax.ShapeDtypeStruct((num_tokens, top_k), jnp.int32),
+                jax.ShapeDtypeStruct((num_tokens, routing.top_k), jnp.float32),
+                jax.ShapeDtypeStruct((num_tokens, routing.top_k), jnp.int32),
             ),
             grid=(triton.cdiv(num_tokens, block_t),),
             num_warps=4,
             NUM_TOKENS=num_tokens,
             NUM_EXPERTS=num_experts,
             EXPERTS_PAD=padded,
-            TOP_K=top_k,
-            TOP_K_PAD=triton.next_power_of_2(top_k),
-            RENORMALIZE=renormalize,
+            TOP_K=routing.top_k,
+            TOP_K_PAD=triton.next_power_of_2(routing.top_k),
+            SCORING=routing.scoring,
+            HAS_SELECTION_BIAS=selection_bias is not None,
+            NUM_GROUPS=routing.num_groups,
+            GROUPS_PAD=triton.next_power_of_2(routing.num_groups),
+            TOP_GROUPS=routing.kept_groups,
+            RENORMALIZE=routing.renormalize,
+            SCALING_FACTOR=float(routing.scaling_factor),
             BLOCK_T=block_t,
         )
 
-    def forward(logits):
+    def forward(logits, selection_bias):
         (logits,) = _first_order_only(logits)
-        weights, ids = route_op(logits)
+        weights, ids = route_op(logits, selection_bias)
         return (weights, ids), (logits, ids)
 
     def backward(residuals, cotangents):
         logits, ids = residuals
         grad_weights, _ = cotangents  # ids are integers: no gradient
         logits, grad_weights = _first_order_only(logits, grad_weights)
-        _, pullback = jax.vjp(lambda l: reference.route_weights(l, ids, renormalize=renormalize), logits)
-        return pullback(grad_weights)
+        _, pullback = jax.vjp(lambda l: reference.route_weights(l, ids, routing), logits)
+        # The selection bias only changes which experts win: no gradient flows to it.
+        return (*pullback(grad_weights), None)
 
     route_op.defvjp(forward, backward)
     return route_op
 
 
-def route(logits: jax.Array, *, top_k: int, renormalize: bool, launch: Launch):
+def route(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch):
     """[T, E] logits -> ([T, top_k] float32 weights, [T, top_k] int32 expert ids).
 
     Differentiable with respect to the logits through the weights.
     """
-    return _differentiable_route(top_k, renormalize, launch)(logits)
+    if selection_bias is not None:
+        selection_bias = jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
+    return _differentiable_route(routing, launch)(logits, selection_bias)
 
 
 def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: Launch):
@@ -128,9 +140,46 @@ def _no_second_derivatives(primals, tangents):
     )
 
 
+class ExpertWeights(NamedTuple):
+    """The expert parameters one layer call reads. Optional parts are ``None``.
+
+    ``w_gate``, ``w_up`` [E, H, F] and ``w_down`` [E, F, H]: the routed experts. ``gate_bias``,
+    ``up_bias`` [E, F] and ``down_bias`` [E, H]: their biases (all three or none). ``shared_*``:
+    S shared experts in the same layouts ([S, H, F], [S, F, H]), expert ids ``E .. E + S - 1``.
+    """
+
+    w_gate: jax.Array
+    w_up: jax.Array
+    w_down: jax.Array
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
+    shared_w_gate: jax.Array | None = None
+    shared_w_up: jax.Array | None = None
+    shared_w_down: jax.Array | None = None
+
+    @property
+    def num_routed(self) -> int:
+        return self.w_gate.shape[0]
+
+    @property
+    def num_shared(self) -> int:
+        return 0 if self.shared_w_gate is None else self.shared_w_gate.shape[0]
+
+    @property
+    def has_bias(self) -> bool:
+        return self.gate_bias is not None
+
+    def shared_or_routed(self):
+        """The shared weight arrays, or the routed ones standing in (never read) when there are none."""
+        if self.shared_w_gate is None:
+            return self.w_gate, self.w_up, self.w_down
+        return self.shared_w_gate, self.shared_w_up, self.shared_w_down
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything static about one layer call: tiles, dot precision, launcher, residual policy.
+    """Everything static about one layer call: tiles, dot precision, launcher, activation, residuals.
 
     ``save_activations=False`` (default) keeps only the dispatch metadata as residuals (about
     ``4 * (rows + row blocks + E)`` bytes, rows ~ ``T*k + E*block_m``) and recomputes the gate
@@ -143,15 +192,24 @@ class Plan:
     dot_precision: str
     launch: Launch
     save_activations: bool = False
+    activation: Activation = SILU
+
+    def activation_args(self) -> dict:
+        return dict(
+            ACTIVATION=self.activation.name,
+            ALPHA=float(self.activation.alpha),
+            LIMIT=float(self.activation.limit),
+        )
 
 
-def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: int) -> dict:
+def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: int, num_routed: int) -> dict:
     """Launch options and constexprs shared by the kernels that work per row block."""
     return dict(
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         NUM_PAIRS=num_pairs,
         TOP_K=top_k,
+        NUM_ROUTED=num_routed,
         MAX_BLOCKS=blocks,
         BLOCK_M=plan.config.block_m,
         BLOCK_N=tiles.block_n,
@@ -161,9 +219,9 @@ def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: in
     )
 
 
-def _combine(plan: Plan, a, b, a2, b2, routing_weights, sorted_pairs, block_expert, *,
-             num_tokens: int, top_k: int, k_dim: int, n_dim: int, transposed_b: bool,
-             second_term: bool, scale: bool, out_dtype):
+def _combine(plan: Plan, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights, sorted_pairs,
+             block_expert, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int, n_dim: int,
+             transposed_b: bool, second_term: bool, scale: bool, out_dtype):
     """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``."""
     tiles = plan.config.down
     blocks = block_expert.shape[0]
@@ -171,7 +229,8 @@ def _combine(plan: Plan, a, b, a2, b2, routing_weights, sorted_pairs, block_expe
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
     out, _, _ = plan.launch(
         kernels.expert_gemm_combine_kernel,
-        a, b, a2, b2, routing_weights, sorted_pairs, block_expert,
+        a, b, shared_b, a2, b2, shared_b2, a if bias is None else bias, routing_weights,
+        sorted_pairs, block_expert,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens, n_dim), out_dtype),
             jax.ShapeDtypeStruct((num_tokens * top_k, n_dim) if combines else (1, 1), jnp.float32),
@@ -184,26 +243,33 @@ def _combine(plan: Plan, a, b, a2, b2, routing_weights, sorted_pairs, block_expe
         STRIDE_BK=1 if transposed_b else n_dim,
         STRIDE_BN=k_dim if transposed_b else 1,
         SECOND_TERM=second_term,
+        HAS_BIAS=bias is not None,
         SCALE_BY_ROUTING_WEIGHT=scale,
-        **_row_block_args(plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks),
+        **_row_block_args(
+            plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks, num_routed=num_routed
+        ),
     )
     return out
 
 
-def _experts_forward(plan: Plan, x, weights, ids, w_gate, w_up, w_down):
+def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
     num_tokens, hidden = x.shape
-    num_experts, _, intermediate = w_gate.shape
+    num_experts = params.num_routed + params.num_shared
+    intermediate = params.w_gate.shape[2]
     top_k = ids.shape[1]
     block_m = plan.config.block_m
     blocks = max_row_blocks(num_experts, num_tokens * top_k, block_m)
     sorted_pairs, block_expert, expert_row_end = dispatch(
         ids, num_experts=num_experts, block_m=block_m, launch=plan.launch
     )
+    shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     rows_shape = (blocks * block_m, intermediate) if plan.save_activations else (1, 1)
     tiles = plan.config.gate_up
     act, gate_preact, up_preact = plan.launch(
         kernels.gate_up_kernel,
-        x, w_gate, w_up, sorted_pairs, block_expert,
+        x, params.w_gate, params.w_up, shared_w_gate, shared_w_up,
+        *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
+        sorted_pairs, block_expert,
         out_shapes=(
             jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype),
             jax.ShapeDtypeStruct(rows_shape, x.dtype),
@@ -212,35 +278,46 @@ def _experts_forward(plan: Plan, x, weights, ids, w_gate, w_up, w_down):
         grid=(blocks * triton.cdiv(intermediate, tiles.block_n),),
         HIDDEN=hidden,
         INTERMEDIATE=intermediate,
+        HAS_BIAS=params.has_bias,
         SAVE_PREACTIVATIONS=plan.save_activations,
-        **_row_block_args(plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks),
+        **plan.activation_args(),
+        **_row_block_args(
+            plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks,
+            num_routed=params.num_routed,
+        ),
     )
     flat_weights = weights.reshape(-1)
     out = _combine(
-        plan, act, w_down, act, w_down, flat_weights, sorted_pairs, block_expert,
-        num_tokens=num_tokens, top_k=top_k, k_dim=intermediate, n_dim=hidden,
-        transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
+        plan, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down, params.down_bias,
+        flat_weights, sorted_pairs, block_expert,
+        num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
+        n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
     )
     saved = (gate_preact, up_preact) if plan.save_activations else None
-    return out, (x, flat_weights, w_gate, w_up, w_down, sorted_pairs, block_expert, expert_row_end, saved)
+    return out, (x, flat_weights, ids, params, sorted_pairs, block_expert, expert_row_end, saved)
 
 
-def _experts_backward(plan: Plan, top_k: int, residuals, grad_out):
-    x, flat_weights, w_gate, w_up, w_down, sorted_pairs, block_expert, expert_row_end, saved = residuals
-    x, flat_weights, w_gate, w_up, w_down, saved, grad_out = _first_order_only(
-        x, flat_weights, w_gate, w_up, w_down, saved, grad_out.astype(x.dtype)
+def _experts_backward(plan: Plan, residuals, grad_out):
+    x, flat_weights, ids, params, sorted_pairs, block_expert, expert_row_end, saved = residuals
+    x, flat_weights, params, saved, grad_out = _first_order_only(
+        x, flat_weights, params, saved, grad_out.astype(x.dtype)
     )
     num_tokens, hidden = x.shape
-    num_experts, _, intermediate = w_gate.shape
+    num_routed = params.num_routed
+    intermediate = params.w_gate.shape[2]
+    top_k = ids.shape[1]
     num_pairs = num_tokens * top_k
     rows = sorted_pairs.shape[0]
     blocks = block_expert.shape[0]
     tiles = plan.config.gate_up
     f_tiles = triton.cdiv(intermediate, tiles.block_n)
+    shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     gate_preact, up_preact = saved if saved is not None else (x, x)  # unread when recomputing
     act, grad_gate, grad_up, grad_weight_parts = plan.launch(
         kernels.gate_up_backward_kernel,
-        x, w_gate, w_up, w_down, grad_out, flat_weights, gate_preact, up_preact, sorted_pairs, block_expert,
+        x, params.w_gate, params.w_up, params.w_down, shared_w_gate, shared_w_up, shared_w_down,
+        *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
+        grad_out, flat_weights, gate_preact, up_preact, sorted_pairs, block_expert,
         out_shapes=(
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
@@ -250,80 +327,124 @@ def _experts_backward(plan: Plan, top_k: int, residuals, grad_out):
         grid=(blocks * f_tiles,),
         HIDDEN=hidden,
         INTERMEDIATE=intermediate,
+        HAS_BIAS=params.has_bias,
         RECOMPUTE=saved is None,
-        **_row_block_args(plan, tiles, num_pairs=num_pairs, top_k=top_k, blocks=blocks),
+        **plan.activation_args(),
+        **_row_block_args(
+            plan, tiles, num_pairs=num_pairs, top_k=top_k, blocks=blocks, num_routed=num_routed
+        ),
     )
     grad_x = _combine(
-        plan, grad_gate, w_gate, grad_up, w_up, flat_weights, sorted_pairs, block_expert,
-        num_tokens=num_tokens, top_k=top_k, k_dim=intermediate, n_dim=hidden,
+        plan, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up, None,
+        flat_weights, sorted_pairs, block_expert,
+        num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
         transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
     )
-    grad_w_down = _weight_grad(
-        plan, act, grad_out, None, flat_weights, sorted_pairs, expert_row_end,
-        num_experts=num_experts, top_k=top_k, m_dim=intermediate, n_dim=hidden,
-        a_by_token=False, b_by_token=True, scale_b=True,
-    )[0]
-    grad_w_gate, grad_w_up = _weight_grad(
-        plan, x, grad_gate, grad_up, flat_weights, sorted_pairs, expert_row_end,
-        num_experts=num_experts, top_k=top_k, m_dim=hidden, n_dim=intermediate,
-        a_by_token=True, b_by_token=False, scale_b=False,
+    common = dict(
+        routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
+        params=params, top_k=top_k,
+    )
+    grad_w_down, grad_shared_w_down, _, _, grad_down_bias, _ = _weight_grad(
+        plan, act, grad_out, None, m_dim=intermediate, n_dim=hidden,
+        a_by_token=False, b_by_token=True, scale_b=True, **common,
+    )
+    grad_w_gate, grad_shared_w_gate, grad_w_up, grad_shared_w_up, grad_gate_bias, grad_up_bias = _weight_grad(
+        plan, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
+        a_by_token=True, b_by_token=False, scale_b=False, **common,
     )
     grad_weights = jnp.sum(grad_weight_parts, axis=1).reshape(num_tokens, top_k)
-    return grad_x, grad_weights, None, grad_w_gate, grad_w_up, grad_w_down
+    if params.has_bias:
+        # A routed expert's output includes its down bias: <bias[e], grad_out[t]> joins the
+        # routing weight's gradient (shared experts have no bias).
+        bias_dots = jnp.einsum(
+            "th,eh->te", grad_out, params.down_bias.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        is_routed = ids < num_routed
+        grad_weights += jnp.where(
+            is_routed, jnp.take_along_axis(bias_dots, jnp.where(is_routed, ids, 0), axis=1), 0.0
+        )
+    has_bias, has_shared = params.has_bias, params.num_shared > 0
+    grad_params = ExpertWeights(
+        grad_w_gate, grad_w_up, grad_w_down,
+        *((grad_gate_bias, grad_up_bias, grad_down_bias) if has_bias else (None, None, None)),
+        *((grad_shared_w_gate, grad_shared_w_up, grad_shared_w_down) if has_shared else (None, None, None)),
+    )
+    return grad_x, grad_weights, None, grad_params
 
 
-def _weight_grad(plan: Plan, a, b, b2, routing_weights, sorted_pairs, expert_row_end, *,
-                 num_experts: int, top_k: int, m_dim: int, n_dim: int,
+def _weight_grad(plan: Plan, a, b, b2, *, routing_weights, sorted_pairs, expert_row_end,
+                 params: ExpertWeights, top_k: int, m_dim: int, n_dim: int,
                  a_by_token: bool, b_by_token: bool, scale_b: bool):
-    """One launch of ``expert_weight_grad_kernel``: one or two [E, m_dim, n_dim] gradients."""
+    """One launch of ``expert_weight_grad_kernel``: the routed [E, m_dim, n_dim] and shared
+    [S, m_dim, n_dim] gradients for ``b`` and (``DUAL``) ``b2``, and with biases the [E, n_dim]
+    bias gradients of both. Outputs that don't apply are 1-element placeholders."""
     tiles = plan.config.weight_grad
     dual = b2 is not None
-    out = jax.ShapeDtypeStruct((num_experts, m_dim, n_dim), a.dtype)
-    outs = plan.launch(
+    num_routed, num_shared = params.num_routed, params.num_shared
+    placeholder = jax.ShapeDtypeStruct((1,), a.dtype)
+
+    def maybe(condition, shape, dtype=a.dtype):
+        return jax.ShapeDtypeStruct(shape, dtype) if condition else placeholder
+
+    routed = jax.ShapeDtypeStruct((num_routed, m_dim, n_dim), a.dtype)
+    shared = maybe(num_shared > 0, (num_shared, m_dim, n_dim))
+    bias_dtype = params.gate_bias.dtype if params.has_bias else a.dtype
+    return plan.launch(
         kernels.expert_weight_grad_kernel,
         a, b, b2 if dual else b, routing_weights, sorted_pairs, expert_row_end,
-        out_shapes=(out, out if dual else jax.ShapeDtypeStruct((1,), a.dtype)),
-        grid=(num_experts * triton.cdiv(m_dim, tiles.block_m) * triton.cdiv(n_dim, tiles.block_n),),
+        out_shapes=(
+            routed,
+            shared,
+            routed if dual else placeholder,
+            shared if dual else placeholder,
+            maybe(params.has_bias, (num_routed, n_dim), bias_dtype),
+            maybe(params.has_bias and dual, (num_routed, n_dim), bias_dtype),
+        ),
+        grid=(
+            (num_routed + num_shared)
+            * triton.cdiv(m_dim, tiles.block_m)
+            * triton.cdiv(n_dim, tiles.block_n),
+        ),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         NUM_PAIRS=routing_weights.shape[0],
         TOP_K=top_k,
+        NUM_ROUTED=num_routed,
         M=m_dim,
         N=n_dim,
         A_BY_TOKEN=a_by_token,
         B_BY_TOKEN=b_by_token,
         SCALE_B=scale_b,
         DUAL=dual,
+        BIAS_GRAD=params.has_bias,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         DOT_PRECISION=plan.dot_precision,
     )
-    return outs if dual else outs[:1]
 
 
 @functools.cache
-def _differentiable_experts(plan: Plan, top_k: int):
+def _differentiable_experts(plan: Plan):
     # Without differentiation nothing reads the residuals: never store pre-activations then.
     inference_plan = dataclasses.replace(plan, save_activations=False)
 
     @jax.custom_vjp
-    def experts_op(x, weights, ids, w_gate, w_up, w_down):
-        return _experts_forward(inference_plan, x, weights, ids, w_gate, w_up, w_down)[0]
+    def experts_op(x, weights, ids, params):
+        return _experts_forward(inference_plan, x, weights, ids, params)[0]
 
-    def forward(x, weights, ids, w_gate, w_up, w_down):
-        x, weights, w_gate, w_up, w_down = _first_order_only(x, weights, w_gate, w_up, w_down)
-        return _experts_forward(plan, x, weights, ids, w_gate, w_up, w_down)
+    def forward(x, weights, ids, params):
+        x, weights, params = _first_order_only(x, weights, params)
+        return _experts_forward(plan, x, weights, ids, params)
 
-    experts_op.defvjp(forward, functools.partial(_experts_backward, plan, top_k))
+    experts_op.defvjp(forward, functools.partial(_experts_backward, plan))
     return experts_op
 
 
-def experts(x, weights, expert_ids, w_gate, w_up, w_down, *, plan: Plan) -> jax.Array:
-    """Expert FFNs and combine for [T, H] tokens routed to ``expert_ids`` with ``weights``.
+def experts(x, weights, expert_ids, params: ExpertWeights, *, plan: Plan) -> jax.Array:
+    """Expert FFNs and combine for [T, H] tokens routed to ``expert_ids`` with ``weights``
+    ([T, k] each; ids ``>= E`` name the shared experts).
 
-    Differentiable (once) with respect to x, weights and the three expert weights.
+    Differentiable (once) with respect to x, weights and every expert parameter.
     """
-    return _differentiable_experts(plan, expert_ids.shape[1])(
-        x, weights.astype(jnp.float32), expert_ids, w_gate, w_up, w_down
-    )
+    return _differentiable_experts(plan)(x, weights.astype(jnp.float32), expert_ids, params)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import triton
 
 from jax_moe import arg_specs, backend_triton, pipeline, timing, tile_configs
+from jax_moe.options import Routing
 from jax_moe.tile_configs import GemmTiles, TileConfig
 
 GEMM_CANDIDATES = (
@@ -45,8 +46,8 @@ def _layer(shape: arg_specs.MoeShape, config: TileConfig):
     plan = pipeline.Plan(config=config, dot_precision="tf32", launch=backend_triton.launch)
 
     def layer(x, logits, w_gate, w_up, w_down):
-        weights, ids = pipeline.route(logits, top_k=shape.top_k, renormalize=True, launch=backend_triton.launch)
-        return pipeline.experts(x, weights, ids, w_gate, w_up, w_down, plan=plan)
+        weights, ids = pipeline.route(logits, None, routing=Routing(shape.top_k), launch=backend_triton.launch)
+        return pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
 
     return jax.jit(layer)
 

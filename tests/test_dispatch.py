@@ -93,16 +93,18 @@ def test_padding_rows_never_reach_the_output(routing, seed):
     )
     blocks = block_expert.shape[0]
     constants = dict(
-        NUM_PAIRS=ids.size, TOP_K=top_k,
+        NUM_PAIRS=ids.size, TOP_K=top_k, NUM_ROUTED=num_experts, HAS_BIAS=False,
         MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, DOT_PRECISION="ieee",
     )
     act, _, _ = backend_interpret.launch(
-        kernels.gate_up_kernel, x, w_gate, w_up, sorted_pairs, block_expert,
+        kernels.gate_up_kernel, x, w_gate, w_up, w_gate, w_up, x, x, sorted_pairs, block_expert,
         out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),) * 3,
-        grid=(blocks * 2,), HIDDEN=hidden, INTERMEDIATE=intermediate, SAVE_PREACTIVATIONS=False, **constants,
+        grid=(blocks * 2,), HIDDEN=hidden, INTERMEDIATE=intermediate, SAVE_PREACTIVATIONS=False,
+        ACTIVATION="silu", ALPHA=1.0, LIMIT=float("inf"), **constants,
     )
     out, _, _ = backend_interpret.launch(
-        kernels.expert_gemm_combine_kernel, act, w_down, act, w_down, weights.reshape(-1), sorted_pairs, block_expert,
+        kernels.expert_gemm_combine_kernel, act, w_down, w_down, act, w_down, w_down, x,
+        weights.reshape(-1), sorted_pairs, block_expert,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens + 1, hidden), jnp.float32),  # + guard row
             jax.ShapeDtypeStruct((ids.size, hidden), jnp.float32),
