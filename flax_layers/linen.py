@@ -43,7 +43,8 @@ class FusedMoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer on jax-moe's fused kernels (linen).
 
     Same arguments and semantics as ``flax_layers.FusedMoE``; auxiliary losses are sown into the
-    ``intermediates`` collection (``apply(..., mutable=["intermediates"])``).
+    ``intermediates`` collection (``apply(..., mutable=["intermediates"])``) and the selection
+    bias lives in the ``routing`` collection, not in ``params``.
 
     Example::
 
@@ -60,12 +61,23 @@ class FusedMoE(nn.Module):
     num_experts: int
     top_k: int
     renormalize: bool = True
+    scoring: str = "softmax"
+    use_selection_bias: bool = False
+    num_groups: int = 1
+    top_groups: int | None = None
+    routed_scaling_factor: float = 1.0
+    activation: tp.Any = "silu"
+    use_expert_bias: bool = False
+    num_shared_experts: int = 0
+    use_shared_expert_gate: bool = False
     dtype: tp.Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = moe_math.expert_kernel_init()
+    bias_init: Initializer = nn.initializers.zeros_init()
     router_init: Initializer = nn.initializers.lecun_normal()
     use_router_bias: bool = False
     router_bias_init: Initializer = nn.initializers.zeros_init()
+    shared_gate_init: Initializer = nn.initializers.normal(0.02)
     backend: str = "auto"
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
@@ -73,11 +85,23 @@ class FusedMoE(nn.Module):
     embed_axis: str | None = "embed"
     mlp_axis: str | None = "mlp"
 
+    @property
+    def options(self) -> moe_math.LayerOptions:
+        return moe_math.LayerOptions(
+            top_k=self.top_k, renormalize=self.renormalize, scoring=self.scoring,
+            num_groups=self.num_groups, top_groups=self.top_groups,
+            routed_scaling_factor=self.routed_scaling_factor, activation=self.activation,
+            dtype=self.dtype, backend=self.backend,
+            load_balancing_loss_weight=self.load_balancing_loss_weight,
+            router_z_loss_weight=self.router_z_loss_weight,
+        )
+
     def __post_init__(self):
         moe_math.check_config(
-            self.hidden_size, self.intermediate_size, self.num_experts, self.top_k, self.backend,
-            dict(load_balancing_loss_weight=self.load_balancing_loss_weight, router_z_loss_weight=self.router_z_loss_weight),
+            self.hidden_size, self.intermediate_size, self.num_experts, self.num_shared_experts, self.options
         )
+        if self.use_shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
         super().__post_init__()
 
     @nn.compact
@@ -87,21 +111,38 @@ class FusedMoE(nn.Module):
             self.num_experts, self.use_router_bias, self.param_dtype, self.router_init,
             self.router_bias_init, self.embed_axis, name="gate",
         )(self.hidden_size)
-        up_init = nn.with_logical_partitioning(self.kernel_init, (self.expert_axis, self.embed_axis, self.mlp_axis))
-        up_shape = (self.num_experts, self.hidden_size, self.intermediate_size)
-        wi_0 = self.param("wi_0", up_init, up_shape, self.param_dtype)
-        wi_1 = self.param("wi_1", up_init, up_shape, self.param_dtype)
-        wo = self.param(
-            "wo",
-            nn.with_logical_partitioning(self.kernel_init, (self.expert_axis, self.mlp_axis, self.embed_axis)),
-            (self.num_experts, self.intermediate_size, self.hidden_size),
-            self.param_dtype,
-        )
+        selection_bias = None
+        if self.use_selection_bias:
+            selection_bias = self.variable(
+                "routing", "selection_bias", jnp.zeros, (self.num_experts,), jnp.float32
+            ).value
+
+        def param(name, init, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+        e, h, f = self.num_experts, self.hidden_size, self.intermediate_size
+        up_axes = (self.expert_axis, self.embed_axis, self.mlp_axis)
+        down_axes = (self.expert_axis, self.mlp_axis, self.embed_axis)
+        experts = {
+            "wi_0": param("wi_0", self.kernel_init, (e, h, f), up_axes),
+            "wi_1": param("wi_1", self.kernel_init, (e, h, f), up_axes),
+            "wo": param("wo", self.kernel_init, (e, f, h), down_axes),
+        }
+        if self.use_expert_bias:
+            experts["wi_0_bias"] = param("wi_0_bias", self.bias_init, (e, f), (self.expert_axis, self.mlp_axis))
+            experts["wi_1_bias"] = param("wi_1_bias", self.bias_init, (e, f), (self.expert_axis, self.mlp_axis))
+            experts["wo_bias"] = param("wo_bias", self.bias_init, (e, h), (self.expert_axis, self.embed_axis))
+        s = self.num_shared_experts
+        if s:
+            shared_up_axes = (None, self.embed_axis, self.mlp_axis)
+            experts["shared_wi_0"] = param("shared_wi_0", self.kernel_init, (s, h, f), shared_up_axes)
+            experts["shared_wi_1"] = param("shared_wi_1", self.kernel_init, (s, h, f), shared_up_axes)
+            experts["shared_wo"] = param("shared_wo", self.kernel_init, (s, f, h), (None, self.mlp_axis, self.embed_axis))
+        shared_gate = None
+        if self.use_shared_expert_gate:
+            shared_gate = param("shared_gate", self.shared_gate_init, (h,), (self.embed_axis,))
         y, aux = moe_math.moe_forward(
-            x, router_kernel, router_bias, wi_0, wi_1, wo,
-            top_k=self.top_k, renormalize=self.renormalize, dtype=self.dtype, backend=self.backend,
-            load_balancing_loss_weight=self.load_balancing_loss_weight,
-            router_z_loss_weight=self.router_z_loss_weight,
+            x, router_kernel, router_bias, selection_bias, experts, shared_gate, self.options
         )
         for name, value in aux.items():
             self.sow("intermediates", name, value)

@@ -3,10 +3,14 @@ from raw parameters, and the auxiliary losses. Keeping it here keeps the two twi
 
 from __future__ import annotations
 
+import dataclasses
+import typing as tp
+
 import jax
 import jax.numpy as jnp
 
 import jax_moe
+import jax_moe.options
 
 LOAD_BALANCING_LOSS = "load_balancing_loss"
 ROUTER_Z_LOSS = "router_z_loss"
@@ -19,31 +23,67 @@ def expert_kernel_init():
     )
 
 
-def check_config(hidden_size, intermediate_size, num_experts, top_k, backend, aux_weights) -> None:
-    for name, value in (
-        ("hidden_size", hidden_size),
-        ("intermediate_size", intermediate_size),
-        ("num_experts", num_experts),
-        ("top_k", top_k),
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """The static configuration both FusedMoE twins pass to ``moe_forward`` (see their docstrings)."""
+
+    top_k: int
+    renormalize: bool = True
+    scoring: str = "softmax"
+    num_groups: int = 1
+    top_groups: int | None = None
+    routed_scaling_factor: float = 1.0
+    activation: str | jax_moe.Activation = "silu"
+    dtype: tp.Any = None
+    backend: str = "auto"
+    load_balancing_loss_weight: float = 0.0
+    router_z_loss_weight: float = 0.0
+
+
+def check_config(hidden_size, intermediate_size, num_experts, num_shared_experts, options: LayerOptions) -> None:
+    """Raises on a bad layer configuration before any parameter is created."""
+    for name, value, least in (
+        ("hidden_size", hidden_size, 1),
+        ("intermediate_size", intermediate_size, 1),
+        ("num_experts", num_experts, 1),
+        ("top_k", options.top_k, 1),
+        ("num_shared_experts", num_shared_experts, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be positive; got {value}")
-    if top_k > num_experts:
-        raise ValueError(f"top_k must lie in [1, num_experts={num_experts}]; got {top_k}")
-    if backend not in jax_moe.BACKENDS:
-        raise ValueError(f"backend must be one of {jax_moe.BACKENDS}; got {backend!r}")
-    for name, value in aux_weights.items():
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0; got {value}")
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}; got {value}")
+    if options.top_k > num_experts:
+        raise ValueError(f"top_k must lie in [1, num_experts={num_experts}]; got {options.top_k}")
+    if options.backend not in jax_moe.BACKENDS:
+        raise ValueError(f"backend must be one of {jax_moe.BACKENDS}; got {options.backend!r}")
+    for name in ("load_balancing_loss_weight", "router_z_loss_weight"):
+        if getattr(options, name) < 0:
+            raise ValueError(f"{name} must be >= 0; got {getattr(options, name)}")
+    # The routing and activation options are checked where jax_moe uses them: trace them once on
+    # abstract inputs, so a bad combination fails here, at construction, and not at the first call.
+    jax.eval_shape(
+        lambda logits: jax_moe.route(
+            logits, top_k=options.top_k, renormalize=options.renormalize, scoring=options.scoring,
+            num_groups=options.num_groups, top_groups=options.top_groups,
+            routed_scaling_factor=options.routed_scaling_factor, backend="reference",
+        ),
+        jax.ShapeDtypeStruct((1, num_experts), jnp.float32),
+    )
+    jax_moe.options.as_activation(options.activation)
 
 
-def load_balancing_loss(router_logits, ids, num_experts: int):
+def load_balancing_loss(router_logits, ids, num_experts: int, scoring: str = "softmax"):
     """Switch Transformer: ``E * sum_e fraction_of_tokens_e * mean_router_prob_e``, where a token
-    counts for every expert among its top-k (so a perfectly balanced router scores top_k)."""
+    counts for every expert among its top-k (so a perfectly balanced router scores top_k). With
+    sigmoid scoring the probabilities are the scores normalized over the experts (DeepSeek-V3's
+    complementary balance loss)."""
     logits = router_logits.reshape(-1, num_experts).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
+    if scoring == "softmax":
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     chosen = jnp.zeros_like(probs).at[jnp.arange(probs.shape[0])[:, None], ids.reshape(probs.shape[0], -1)].add(1.0)
     return num_experts * jnp.sum(jnp.mean(chosen, axis=0) * jnp.mean(probs, axis=0))
 
@@ -53,31 +93,43 @@ def router_z_loss(router_logits):
     return jnp.mean(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1) ** 2)
 
 
-def moe_forward(x, router_kernel, router_bias, wi_0, wi_1, wo, *, top_k, renormalize, dtype,
-                backend, load_balancing_loss_weight, router_z_loss_weight):
+EXPERT_PARAMS = ("wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias", "shared_wi_0", "shared_wi_1", "shared_wo")
+_FUSED_MOE_NAMES = dict(
+    wi_0="w_gate", wi_1="w_up", wo="w_down", wi_0_bias="gate_bias", wi_1_bias="up_bias",
+    wo_bias="down_bias", shared_wi_0="shared_w_gate", shared_wi_1="shared_w_up", shared_wo="shared_w_down",
+)
+
+
+def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, shared_gate, options: LayerOptions):
     """The layer from raw parameters: ([..., H] output, {aux loss name: weighted value}).
 
-    The router runs in float32 (routing decisions are sensitive to rounding); the experts run in
-    ``dtype``, or the promoted dtype of ``x`` and the weights when ``dtype`` is None.
+    ``experts`` maps the names of ``EXPERT_PARAMS`` that the layer has to their arrays. The router
+    runs in float32 (routing decisions are sensitive to rounding); the experts run in
+    ``options.dtype``, or the promoted dtype of ``x`` and the weights when that is None. Biases
+    and the shared gate stay in their parameter dtype.
     """
-    compute_dtype = dtype or jnp.result_type(x.dtype, wi_0.dtype)
+    compute_dtype = options.dtype or jnp.result_type(x.dtype, experts["wi_0"].dtype)
     logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32))
     if router_bias is not None:
         logits = logits + router_bias.astype(jnp.float32)
+    matrices = {"wi_0", "wi_1", "wo", "shared_wi_0", "shared_wi_1", "shared_wo"}
+    expert_args = {
+        _FUSED_MOE_NAMES[name]: value.astype(compute_dtype) if name in matrices else value
+        for name, value in experts.items()
+    }
+    w_gate, w_up, w_down = (expert_args.pop(name) for name in ("w_gate", "w_up", "w_down"))
     y, _, ids = jax_moe.fused_moe(
-        x.astype(compute_dtype),
-        logits,
-        wi_0.astype(compute_dtype),
-        wi_1.astype(compute_dtype),
-        wo.astype(compute_dtype),
-        top_k=top_k,
-        renormalize=renormalize,
-        backend=backend,
-        return_routing=True,
+        x.astype(compute_dtype), logits, w_gate, w_up, w_down,
+        top_k=options.top_k, renormalize=options.renormalize, scoring=options.scoring,
+        selection_bias=selection_bias, num_groups=options.num_groups, top_groups=options.top_groups,
+        routed_scaling_factor=options.routed_scaling_factor, activation=options.activation,
+        shared_gate=shared_gate, backend=options.backend, return_routing=True, **expert_args,
     )
     aux = {}
-    if load_balancing_loss_weight:
-        aux[LOAD_BALANCING_LOSS] = load_balancing_loss_weight * load_balancing_loss(logits, ids, wi_0.shape[0])
-    if router_z_loss_weight:
-        aux[ROUTER_Z_LOSS] = router_z_loss_weight * router_z_loss(logits)
+    if options.load_balancing_loss_weight:
+        aux[LOAD_BALANCING_LOSS] = options.load_balancing_loss_weight * load_balancing_loss(
+            logits, ids, w_gate.shape[0], options.scoring
+        )
+    if options.router_z_loss_weight:
+        aux[ROUTER_Z_LOSS] = options.router_z_loss_weight * router_z_loss(logits)
     return y, aux

@@ -12,13 +12,26 @@ from flax.typing import Dtype, Initializer
 from flax_layers import moe_math
 
 
+class SelectionBias(nnx.Variable):
+    """A router's expert-selection bias (DeepSeek-V3's ``e_score_correction_bias``). Not a
+    ``Param``: it changes which experts win, has no gradient, and is set by a load-balancing rule
+    or a checkpoint, not by the optimizer."""
+
+
 class FusedMoE(nnx.Module):
-    """A Mixture-of-Experts feed-forward layer (router + SwiGLU experts) on jax-moe's fused kernels.
+    """A Mixture-of-Experts feed-forward layer (router + gated experts) on jax-moe's fused kernels.
+
+    Covers Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and gpt-oss blocks; ``flax_layers.checkpoints``
+    builds the arguments and loads the weights of each from Hugging Face checkpoints.
 
     Parameters carry MaxText's names, so checkpoints map over: ``gate`` (the router, a linear
     layer with ``kernel`` [H, E] and, if ``use_router_bias``, ``bias`` [E]), ``wi_0`` (gate
-    projection) and ``wi_1`` (up projection) [E, H, F], ``wo`` (down projection) [E, F, H]. Every
-    parameter carries logical sharding names (``expert_axis``, ``embed_axis``, ``mlp_axis``).
+    projection) and ``wi_1`` (up projection) [E, H, F], ``wo`` (down projection) [E, F, H]; with
+    ``use_expert_bias``, ``wi_0_bias``/``wi_1_bias`` [E, F] and ``wo_bias`` [E, H]; with shared
+    experts, ``shared_wi_0``/``shared_wi_1`` [S, H, F], ``shared_wo`` [S, F, H] and, if gated,
+    ``shared_gate`` [H]; with ``use_selection_bias``, ``selection_bias`` [E] (a ``SelectionBias``
+    variable, not a ``Param``). Every parameter carries logical sharding names (``expert_axis``,
+    ``embed_axis``, ``mlp_axis``).
 
     Auxiliary losses, weighted and sown as ``nnx.Intermediate`` when their weight is non-zero:
     ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE). Collect them after
@@ -36,20 +49,38 @@ class FusedMoE(nnx.Module):
       (2, 3, 16)
       >>> sorted(nnx.pop(layer, nnx.Intermediate).keys())
       ['load_balancing_loss']
+      >>> deepseek_like = FusedMoE(hidden_size=16, intermediate_size=8, num_experts=16, top_k=4,
+      ...                          scoring="sigmoid", use_selection_bias=True, num_groups=4,
+      ...                          top_groups=2, routed_scaling_factor=2.5, num_shared_experts=1,
+      ...                          backend="reference", rngs=nnx.Rngs(0))
+      >>> deepseek_like(jnp.ones((3, 16))).shape
+      (3, 16)
 
     Args:
       hidden_size: H, the model dimension.
       intermediate_size: F, each expert's hidden dimension.
-      num_experts: E.
+      num_experts: E, routed experts.
       top_k: experts per token, in [1, E].
-      renormalize: divide the top-k routing weights by their sum (Mixtral, Qwen3).
+      renormalize: divide the top-k routing weights by their sum (Mixtral, Qwen3, DeepSeek-V3,
+        gpt-oss; Qwen2-MoE does not).
+      scoring: "softmax" over the experts, or "sigmoid" per expert (DeepSeek-V3).
+      use_selection_bias: a per-expert bias added to the scores for selection only (DeepSeek-V3).
+      num_groups, top_groups: group-limited routing (DeepSeek-V3: 8 and 4); see ``jax_moe.fused_moe``.
+      routed_scaling_factor: multiplies the routed experts' weights (DeepSeek-V3: 2.5).
+      activation: "silu", "clamped_swiglu" (gpt-oss) or a ``jax_moe.Activation``.
+      use_expert_bias: biases on the expert projections (gpt-oss).
+      num_shared_experts: S shared experts of width F that every token uses, computed in the same
+        kernel launches (a shared expert of width m * F is m of them).
+      use_shared_expert_gate: scale the shared experts by ``sigmoid(x @ shared_gate)`` (Qwen2-MoE).
       dtype: computation dtype of the experts (None: promote input and parameter dtypes). The
         router always computes in float32.
       param_dtype: dtype of the parameters.
-      kernel_init: initializer of the [E, fan_in, fan_out] expert weights.
+      kernel_init: initializer of the [E, fan_in, fan_out] expert weights (and the shared ones).
+      bias_init: initializer of the expert biases.
       router_init: initializer of the router kernel.
-      use_router_bias: give the router a bias.
+      use_router_bias: give the router a bias (gpt-oss).
       router_bias_init: initializer of that bias.
+      shared_gate_init: initializer of the [H] shared-expert gate.
       backend: jax_moe backend, "auto", "triton", "interpret" or "reference".
       load_balancing_loss_weight: weight of the load-balancing loss (0: not computed).
       router_z_loss_weight: weight of the router z-loss (0: not computed).
@@ -65,12 +96,23 @@ class FusedMoE(nnx.Module):
         top_k: int,
         *,
         renormalize: bool = True,
+        scoring: str = "softmax",
+        use_selection_bias: bool = False,
+        num_groups: int = 1,
+        top_groups: int | None = None,
+        routed_scaling_factor: float = 1.0,
+        activation: tp.Any = "silu",
+        use_expert_bias: bool = False,
+        num_shared_experts: int = 0,
+        use_shared_expert_gate: bool = False,
         dtype: tp.Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32,
         kernel_init: Initializer = moe_math.expert_kernel_init(),
+        bias_init: Initializer = nnx.initializers.zeros_init(),
         router_init: Initializer = nnx.initializers.lecun_normal(),
         use_router_bias: bool = False,
         router_bias_init: Initializer = nnx.initializers.zeros_init(),
+        shared_gate_init: Initializer = nnx.initializers.normal(0.02),
         backend: str = "auto",
         load_balancing_loss_weight: float = 0.0,
         router_z_loss_weight: float = 0.0,
@@ -79,20 +121,20 @@ class FusedMoE(nnx.Module):
         mlp_axis: str | None = "mlp",
         rngs: nnx.Rngs,
     ):
-        moe_math.check_config(
-            hidden_size, intermediate_size, num_experts, top_k, backend,
-            dict(load_balancing_loss_weight=load_balancing_loss_weight, router_z_loss_weight=router_z_loss_weight),
+        self.options = moe_math.LayerOptions(
+            top_k=top_k, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
+            top_groups=top_groups, routed_scaling_factor=routed_scaling_factor, activation=activation,
+            dtype=dtype, backend=backend, load_balancing_loss_weight=load_balancing_loss_weight,
+            router_z_loss_weight=router_z_loss_weight,
         )
+        moe_math.check_config(hidden_size, intermediate_size, num_experts, num_shared_experts, self.options)
+        if use_shared_expert_gate and not num_shared_experts:
+            raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
-        self.top_k = top_k
-        self.renormalize = renormalize
-        self.dtype = dtype
+        self.num_shared_experts = num_shared_experts
         self.param_dtype = param_dtype
-        self.backend = backend
-        self.load_balancing_loss_weight = load_balancing_loss_weight
-        self.router_z_loss_weight = router_z_loss_weight
 
         # Flax shards annotated parameters as it creates them, which needs a mesh. Without one the
         # logical names stay metadata only, for nnx.get_partition_spec and a later device_put.
@@ -108,29 +150,47 @@ class FusedMoE(nnx.Module):
                 bias_init=nnx.with_partitioning(router_bias_init, (None,)),
                 rngs=rngs,
             )
+            self.selection_bias = (
+                SelectionBias(jnp.zeros((num_experts,), jnp.float32)) if use_selection_bias else None
+            )
+            up_axes = (expert_axis, embed_axis, mlp_axis)
+            down_axes = (expert_axis, mlp_axis, embed_axis)
+
+            def param(init, shape, axes):
+                return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, param_dtype))
+
             up_shape = (num_experts, hidden_size, intermediate_size)
-            up_init = nnx.with_partitioning(kernel_init, (expert_axis, embed_axis, mlp_axis))
-            self.wi_0 = nnx.Param(up_init(rngs.params(), up_shape, param_dtype))
-            self.wi_1 = nnx.Param(up_init(rngs.params(), up_shape, param_dtype))
             down_shape = (num_experts, intermediate_size, hidden_size)
-            down_init = nnx.with_partitioning(kernel_init, (expert_axis, mlp_axis, embed_axis))
-            self.wo = nnx.Param(down_init(rngs.params(), down_shape, param_dtype))
+            self.wi_0 = param(kernel_init, up_shape, up_axes)
+            self.wi_1 = param(kernel_init, up_shape, up_axes)
+            self.wo = param(kernel_init, down_shape, down_axes)
+            if use_expert_bias:
+                self.wi_0_bias = param(bias_init, up_shape[::2], (expert_axis, mlp_axis))
+                self.wi_1_bias = param(bias_init, up_shape[::2], (expert_axis, mlp_axis))
+                self.wo_bias = param(bias_init, down_shape[::2], (expert_axis, embed_axis))
+            if num_shared_experts:
+                shared_up = (num_shared_experts, hidden_size, intermediate_size)
+                shared_down = (num_shared_experts, intermediate_size, hidden_size)
+                self.shared_wi_0 = param(kernel_init, shared_up, (None, embed_axis, mlp_axis))
+                self.shared_wi_1 = param(kernel_init, shared_up, (None, embed_axis, mlp_axis))
+                self.shared_wo = param(kernel_init, shared_down, (None, mlp_axis, embed_axis))
+            self.shared_gate = (
+                param(shared_gate_init, (hidden_size,), (embed_axis,)) if use_shared_expert_gate else None
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., hidden_size] -> [..., hidden_size]."""
+        experts = {
+            name: getattr(self, name)[...] for name in moe_math.EXPERT_PARAMS if hasattr(self, name)
+        }
         y, aux = moe_math.moe_forward(
             x,
             self.gate.kernel[...],
             self.gate.bias[...] if self.gate.bias is not None else None,
-            self.wi_0[...],
-            self.wi_1[...],
-            self.wo[...],
-            top_k=self.top_k,
-            renormalize=self.renormalize,
-            dtype=self.dtype,
-            backend=self.backend,
-            load_balancing_loss_weight=self.load_balancing_loss_weight,
-            router_z_loss_weight=self.router_z_loss_weight,
+            self.selection_bias[...] if self.selection_bias is not None else None,
+            experts,
+            self.shared_gate[...] if self.shared_gate is not None else None,
+            self.options,
         )
         for name, value in aux.items():
             self.sow(nnx.Intermediate, name, value)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_moe import backend_triton, pipeline, reference, tile_configs
-from jax_moe.options import ACTIVATIONS, GPT_OSS_SWIGLU, SCORINGS, SILU, Activation, Routing
+from jax_moe.options import SCORINGS, Activation, Routing, as_activation
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -166,18 +166,6 @@ def _check_biases(gate_bias, up_bias, down_bias, w_gate) -> None:
         _check_float(name, bias)
         if tuple(bias.shape) != shape:
             raise ValueError(f"{name} must have shape {layout} = {_shape_str(shape)}; got {_shape_str(bias.shape)}")
-
-
-def _check_activation(activation) -> Activation:
-    if isinstance(activation, str):
-        activation = {"silu": SILU, "clamped_swiglu": GPT_OSS_SWIGLU}.get(activation, Activation(activation))
-    if not isinstance(activation, Activation):
-        raise TypeError(f"activation must be a name or a jax_moe.Activation; got {type(activation).__name__}")
-    if activation.name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation.name!r}")
-    if activation.name == "clamped_swiglu" and not activation.limit > 0:
-        raise ValueError(f"the clamped_swiglu limit must be positive; got {activation.limit}")
-    return activation
 
 
 def _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate) -> None:
@@ -344,7 +332,7 @@ def moe_experts(
     _check_routing(weights, ids, hidden_states, num_experts)
     _check_biases(gate_bias, up_bias, down_bias, w_gate)
     _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
-    activation = _check_activation(activation)
+    activation = as_activation(activation)
     backend = _resolve_backend(backend)
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
@@ -427,7 +415,7 @@ def fused_moe(
     _check_top_k(top_k, num_experts)
     _check_biases(gate_bias, up_bias, down_bias, w_gate)
     _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
-    activation = _check_activation(activation)
+    activation = as_activation(activation)
     weights, ids = route(
         router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring,
         selection_bias=selection_bias, num_groups=num_groups, top_groups=top_groups,

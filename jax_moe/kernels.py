@@ -51,8 +51,8 @@ def route_kernel(
     For each token it
 
     * scores every expert in fp32: the softmax over all ``E`` logits, or their sigmoids;
-    * ranks the experts on the logits themselves (the same order as the scores, without depending
-      on how ``exp`` rounds), or with a selection bias on ``score + bias``;
+    * ranks the experts on their scores, plus the selection bias if any (without bias or groups, on
+      the logits themselves: the same order, independent of how ``exp`` rounds);
     * with ``NUM_GROUPS > 1`` scores each group by the sum of its two best ranking values and keeps
       only the experts of the ``TOP_GROUPS`` best groups;
     * picks the ``TOP_K`` best experts left (ties go to the lower index, like ``jax.lax.top_k``) and
@@ -75,7 +75,11 @@ def route_kernel(
         scores = exps / tl.sum(exps, axis=1)[:, None]
     else:
         scores = tl.sigmoid(logits)
+    # Ranking on the logits orders experts as their scores do, without depending on how exp
+    # rounds; group scores add values, and a bias adds to scores, so those rank on the scores.
     ranking = logits
+    if NUM_GROUPS > 1:
+        ranking = scores
     if HAS_SELECTION_BIAS:
         bias = tl.load(selection_bias_ptr + experts, mask=experts < NUM_EXPERTS, other=0.0)
         ranking = scores + bias[None, :]

@@ -58,3 +58,17 @@ class Activation:
 
 SILU = Activation()
 GPT_OSS_SWIGLU = Activation("clamped_swiglu", alpha=1.702, limit=7.0)
+
+
+def as_activation(activation) -> Activation:
+    """An ``Activation`` from itself or its name ("silu"; "clamped_swiglu" gets gpt-oss's alpha
+    1.702 and limit 7); raises TypeError/ValueError on anything else."""
+    if isinstance(activation, str):
+        activation = {"silu": SILU, "clamped_swiglu": GPT_OSS_SWIGLU}.get(activation, Activation(activation))
+    if not isinstance(activation, Activation):
+        raise TypeError(f"activation must be a name or a jax_moe.Activation; got {type(activation).__name__}")
+    if activation.name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation.name!r}")
+    if activation.name == "clamped_swiglu" and not activation.limit > 0:
+        raise ValueError(f"the clamped_swiglu limit must be positive; got {activation.limit}")
+    return activation

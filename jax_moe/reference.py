@@ -37,13 +37,15 @@ def route(
 def route_with(router_logits: jax.Array, routing: Routing, selection_bias: jax.Array | None = None):
     """``route`` for a ``Routing``.
 
-    Experts are ranked on the logits (the order of the scores, independent of how ``exp`` rounds)
-    or, with a selection bias, on ``scores + selection_bias``. With groups, each group scores the
-    sum of its two best ranking values and only the ``top_groups`` best groups stay eligible. Ties
+    Experts are ranked on their scores, plus the selection bias if any (without bias or groups, on
+    the logits: the same order, independent of how ``exp`` rounds). With groups, each group scores
+    the sum of its two best ranking values and only the ``top_groups`` best groups stay eligible. Ties
     go to the lower index. Weights as in ``route_weights``.
     """
     logits = jnp.asarray(router_logits).astype(jnp.float32)
     ranking = logits
+    if routing.num_groups > 1:
+        ranking = scores(logits, routing.scoring)
     if selection_bias is not None:
         ranking = scores(logits, routing.scoring) + selection_bias.astype(jnp.float32)
     if routing.num_groups > 1:
