@@ -4,7 +4,8 @@
 # (jax-triton; tokamax and its pure-Python dependencies to compare against it). Logs go to $OUT.
 #   bash benchmarks/device_check.sh tests            # all GPU tests but the gradient ones
 #   bash benchmarks/device_check.sh grad-tests bench # ... stages run in the order given
-# Stages: tests, grad-tests, demo, example, bench, bench-full, train-bench, train-bench-full, tune.
+# Stages: tests, grad-tests, families, demo, example, bench, bench-full, bench-families, train-bench,
+# train-bench-full, tune.
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
@@ -17,16 +18,19 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, jaxlib, triton, jax_triton, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax-triton', jax_triton.__version__, 'flax', flax.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-pytest() { python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE --durations=5 "$@"; }
+# GPU tests under tests/ (or the paths given first), with extra pytest arguments.
+pytest() { python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 "$@"; }
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
-    tests) pytest -k "not gradients" 2>&1 | tee "$OUT/gpu-tests.log" ;;
-    grad-tests) pytest -k gradients 2>&1 | tee "$OUT/gpu-grad-tests.log" ;;
+    tests) pytest tests -k "not gradients" --ignore tests/test_gpu_families.py 2>&1 | tee "$OUT/gpu-tests.log" ;;
+    families) pytest tests/test_gpu_families.py 2>&1 | tee "$OUT/gpu-families.log" ;;
+    grad-tests) pytest tests -k gradients --ignore tests/test_gpu_families.py 2>&1 | tee "$OUT/gpu-grad-tests.log" ;;
     demo) python3 -m jax_moe.demo 2>&1 | tee "$OUT/demo.log" ;;
     example) python3 examples/train_tiny_moe.py --backend triton 2>&1 | tee "$OUT/example.log" ;;
     bench) python3 benchmarks/moe_bench.py --quick 2>&1 | tee "$OUT/bench.log"; cp benchmarks/results/*-quick.* "$OUT/" ;;
     bench-full) python3 benchmarks/moe_bench.py 2>&1 | tee "$OUT/bench.log"; cp benchmarks/results/*.* "$OUT/" ;;
+    bench-families) python3 benchmarks/moe_bench.py --quick --models deepseek-v3 gpt-oss-120b qwen2-57b-a14b --tag families 2>&1 | tee "$OUT/bench-families.log"; cp benchmarks/results/*-families.* "$OUT/" ;;
     train-bench) python3 benchmarks/train_bench.py --quick 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train-quick.* "$OUT/" ;;
     train-bench-full) python3 benchmarks/train_bench.py 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train.* "$OUT/" ;;
     tune) python3 -m jax_moe.tune --models ${TUNE_MODELS:-mixtral-8x7b} --tokens ${TUNE_TOKENS:-1 64 512 4096} 2>&1 | tee "$OUT/tune.log"; cp jax_moe/configs/nvidia-*.json "$OUT/" ;;

@@ -2,11 +2,12 @@
 
     python benchmarks/moe_bench.py [--quick]
 
-Per model (routed experts, bf16) and token count T: every route's time, its parity with
-``jax_moe.reference`` (checked before timing), the hardware floor measured in the same run,
+Per model (bf16, with its family's routing, biases, activation and shared experts) and token
+count T: every route's time, its parity with ``jax_moe.reference`` (checked before timing), the
+hardware floor measured in the same run,
 
-    floor(T) = max(bytes of the experts the routing selected / read bandwidth,
-                   layer FLOPs (2 * T * k * 3 * H * F) / bf16 GEMM rate),
+    floor(T) = max(bytes of the selected and shared experts / read bandwidth,
+                   layer FLOPs (2 * T * (k + S) * 3 * H * F) / bf16 GEMM rate),
 
 and floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and .png.
 """
@@ -38,18 +39,18 @@ COLUMNS = ["model", "T", "routing", "route", "time_us", "floor_us", "floor_fract
 
 
 def floor_us(shape, num_tokens, ids, read_bw, gemm_rate) -> float:
-    selected = len(np.unique(np.asarray(ids)))
-    weight_bytes = selected * 3 * shape.hidden * shape.intermediate * 2
+    experts = len(np.unique(np.asarray(ids))) + shape.num_shared
+    weight_bytes = experts * 3 * shape.hidden * shape.intermediate * 2
     activation_bytes = 2 * num_tokens * shape.hidden * 2
-    flops = 2 * num_tokens * shape.top_k * 3 * shape.hidden * shape.intermediate
+    flops = 2 * num_tokens * (shape.top_k + shape.num_shared) * 3 * shape.hidden * shape.intermediate
     return max((weight_bytes + activation_bytes) / read_bw, flops / gemm_rate) * 1e6
 
 
 def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate) -> list[dict]:
     key = jax.random.key(0)
     weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, key)
-    w = (weights.w_gate, weights.w_up, weights.w_down)
-    layers = {name: jax.jit(fn) for name, fn in routes.available(shape.top_k).items()}
+    w = (weights.w_gate, weights.w_up, weights.w_down, weights.extras)
+    layers = {name: jax.jit(fn) for name, fn in routes.available(shape).items()}
     reference = layers["dense_einsum"]
     rows = []
     cases = [(t, "uniform") for t in token_counts] + [(t, "zipf1.2") for t in skewed_counts]
@@ -63,7 +64,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate) -> list[di
             else:
                 logits = arg_specs.zipf_router_logits(keys[2 * i + 1], num_tokens, shape.num_experts)
             sets.append((x, logits, *w))
-        _, ids = jax_moe.reference.route(sets[0][1], top_k=shape.top_k)
+        _, ids = routes._route(shape, sets[0][1], weights.extras)
         floor = floor_us(shape, num_tokens, ids, read_bw, gemm_rate)
         dense_seconds = 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
         # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
@@ -119,6 +120,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer token counts (about 3 minutes)")
     parser.add_argument("--models", nargs="+", default=[m.name for m in arg_specs.MODELS])
+    parser.add_argument("--tag", default="", help="appended to the results' file name")
     args = parser.parse_args(argv)
     read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
     head = common.header(read_bw, gemm_rate)
@@ -128,7 +130,7 @@ def main(argv=None):
     for shape in arg_specs.MODELS:
         if shape.name in args.models:
             rows += run_model(shape, tokens, skewed, read_bw, gemm_rate)
-    name = common.gpu_slug() + ("-quick" if args.quick else "")
+    name = common.gpu_slug() + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     path = common.write(name, head, rows, COLUMNS + ["skipped"])
     plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}, .md, .png")

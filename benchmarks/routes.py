@@ -1,7 +1,10 @@
-"""The MoE layers a JAX user could pick instead of jax_moe, all with jax_moe's routing semantics.
+"""The MoE layers a JAX user could pick instead of jax_moe, all with jax_moe's semantics.
 
-Every route maps (x [T, H], router_logits [T, E], w_gate, w_up [E, H, F], w_down [E, F, H]) to
-[T, H] and is differentiable, so the forward and the training benchmarks share them.
+Every route maps (x [T, H], router_logits [T, E], w_gate, w_up [E, H, F], w_down [E, F, H], extras)
+to [T, H] and is differentiable, so the forward and the training benchmarks share them. ``extras``
+holds the family's other arrays (``arg_specs.MoeInputs.extras``: selection bias, expert biases,
+shared experts); the other routes run shared experts the way a user would without jax_moe, as a
+separate dense MLP beside the routed experts.
 """
 
 from __future__ import annotations
@@ -12,43 +15,103 @@ import jax
 import jax.numpy as jnp
 
 import jax_moe
+from jax_moe import arg_specs, reference
+from jax_moe.options import as_activation
+
+ROUTING_OPTIONS = ("top_k", "renormalize", "scoring", "num_groups", "top_groups", "routed_scaling_factor")
 
 
-def fused(top_k: int):
-    return lambda x, logits, wg, wu, wd: jax_moe.fused_moe(x, logits, wg, wu, wd, top_k=top_k, backend="triton")
+def fused(shape: arg_specs.MoeShape):
+    options = shape.static_options()
+    return lambda x, logits, wg, wu, wd, extras: jax_moe.fused_moe(
+        x, logits, wg, wu, wd, **extras, **options, backend="triton"
+    )
 
 
-def dense_einsum(top_k: int):
-    """Every token through every expert, unchosen ones zeroed by the combine weights."""
-    return lambda x, logits, wg, wu, wd: jax_moe.reference.fused_moe(x, logits, wg, wu, wd, top_k=top_k)
+def fused_then_dense_shared(shape: arg_specs.MoeShape):
+    """jax_moe for the routed experts only, the shared experts as a separate dense MLP: what
+    running the shared experts inside jax_moe's launches saves, measured."""
+    options = shape.static_options()
+    shared_names = ("shared_w_gate", "shared_w_up", "shared_w_down", "shared_gate")
 
-
-def sorted_ragged(top_k: int, ragged_dot):
-    """Sort the (token, slot) pairs by expert, three ragged GEMMs, weight, scatter-add back."""
-
-    def moe(x, logits, w_gate, w_up, w_down):
-        num_tokens = x.shape[0]
-        num_experts = w_gate.shape[0]
-        weights, ids = jax_moe.reference.route(logits, top_k=top_k)
-        order = jnp.argsort(ids.reshape(-1), stable=True)
-        tokens = order // top_k
-        group_sizes = jnp.bincount(ids.reshape(-1), length=num_experts).astype(jnp.int32)
-        rows = x[tokens]
-        dot = functools.partial(ragged_dot, group_sizes=group_sizes, preferred_element_type=jnp.float32)
-        act = (jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)).astype(x.dtype)
-        out = dot(act, w_down) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((num_tokens, x.shape[1]), jnp.float32).at[tokens].add(out).astype(x.dtype)
+    def moe(x, logits, wg, wu, wd, extras):
+        routed_extras = {k: v for k, v in extras.items() if k not in shared_names}
+        routed = jax_moe.fused_moe(x, logits, wg, wu, wd, **routed_extras, **options, backend="triton")
+        return (routed.astype(jnp.float32) + _shared_mlp(shape, x, extras)).astype(x.dtype)
 
     return moe
 
 
-def available(top_k: int) -> dict:
+def _route(shape, logits, extras):
+    options = {k: v for k, v in shape.static_options().items() if k in ROUTING_OPTIONS}
+    return reference.route(logits, selection_bias=extras.get("selection_bias"), **options)
+
+
+def _shared_mlp(shape, x, extras):
+    """The shared experts as one dense MLP call (what jax_moe folds into its own launches)."""
+    if "shared_w_gate" not in extras:
+        return 0.0
+    einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    gate = einsum("th,shf->tsf", x, extras["shared_w_gate"])
+    up = einsum("th,shf->tsf", x, extras["shared_w_up"])
+    out = einsum("tsf,sfh->th", (jax.nn.silu(gate) * up).astype(x.dtype), extras["shared_w_down"])
+    if "shared_gate" in extras:
+        out = out * reference.shared_expert_weights(x, 1, extras["shared_gate"])
+    return out
+
+
+def dense_einsum(shape: arg_specs.MoeShape):
+    """Every token through every routed expert, unchosen ones zeroed by the combine weights."""
+    activation = as_activation(shape.activation)
+
+    def moe(x, logits, w_gate, w_up, w_down, extras):
+        weights, ids = _route(shape, logits, extras)
+        biases = {k: extras[k] for k in ("gate_bias", "up_bias", "down_bias") if k in extras}
+        routed = reference.moe_experts(x, weights, ids, w_gate, w_up, w_down, activation=activation, **biases)
+        return (routed.astype(jnp.float32) + _shared_mlp(shape, x, extras)).astype(x.dtype)
+
+    return moe
+
+
+def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot):
+    """Sort the (token, slot) pairs by expert, three ragged GEMMs, weight, scatter-add back."""
+    activation = as_activation(shape.activation)
+    top_k = shape.top_k
+
+    def moe(x, logits, w_gate, w_up, w_down, extras):
+        num_tokens = x.shape[0]
+        num_experts = w_gate.shape[0]
+        weights, ids = _route(shape, logits, extras)
+        order = jnp.argsort(ids.reshape(-1), stable=True)
+        tokens = order // top_k
+        sorted_ids = ids.reshape(-1)[order]
+        group_sizes = jnp.bincount(ids.reshape(-1), length=num_experts).astype(jnp.int32)
+        rows = x[tokens]
+        dot = functools.partial(ragged_dot, group_sizes=group_sizes, preferred_element_type=jnp.float32)
+        gate, up = dot(rows, w_gate), dot(rows, w_up)
+        if "gate_bias" in extras:
+            gate = gate + extras["gate_bias"][sorted_ids]
+            up = up + extras["up_bias"][sorted_ids]
+        act = reference.swiglu(gate, up, activation).astype(x.dtype)
+        out = dot(act, w_down)
+        if "down_bias" in extras:
+            out = out + extras["down_bias"][sorted_ids]
+        out = out * weights.reshape(-1)[order][:, None]
+        routed = jnp.zeros((num_tokens, x.shape[1]), jnp.float32).at[tokens].add(out)
+        return (routed + _shared_mlp(shape, x, extras)).astype(x.dtype)
+
+    return moe
+
+
+def available(shape: arg_specs.MoeShape) -> dict:
     """Route name -> layer function, for every route this machine can run."""
     routes = {
-        "jax_moe": fused(top_k),
-        "dense_einsum": dense_einsum(top_k),
-        "ragged_dot": sorted_ragged(top_k, jax.lax.ragged_dot),
+        "jax_moe": fused(shape),
+        "dense_einsum": dense_einsum(shape),
+        "ragged_dot": sorted_ragged(shape, jax.lax.ragged_dot),
     }
+    if shape.num_shared:
+        routes["jax_moe+dense_shared"] = fused_then_dense_shared(shape)
     try:
         import tokamax
     except Exception as e:  # not installed, or its dependencies are not
@@ -56,5 +119,5 @@ def available(top_k: int) -> dict:
         return routes
     for implementation in ("mosaic", "triton"):
         ragged = functools.partial(tokamax.ragged_dot, implementation=implementation)
-        routes[f"tokamax_{implementation}"] = sorted_ragged(top_k, ragged)
+        routes[f"tokamax_{implementation}"] = sorted_ragged(shape, ragged)
     return routes

@@ -3,8 +3,8 @@
     python benchmarks/train_bench.py [--quick]
 
 Times ``value_and_grad`` of ``sum(layer(x, logits, w_gate, w_up, w_down) * cotangent)`` with respect
-to all five inputs (weight gradients reduced at once, as an optimizer would), bf16, at T = 2048, 8192, 16384 for the Mixtral-8x7B, DeepSeek-V3 and
-Qwen3-30B-A3B routed-expert shapes. FLOPs of a step: 3x the forward's 2 * T * k * 3 * H * F
+to all five inputs, bf16, at T = 2048, 8192, 16384 (or ``--tokens``) for the Mixtral-8x7B,
+DeepSeek-V3 and Qwen3-30B-A3B routed-expert shapes. FLOPs of a step: 3x the forward's 2 * T * k * 3 * H * F
 (the backward's GEMMs are twice the forward's); TFLOP/s and the fraction of the bf16 GEMM rate
 measured in the same run are reported. Writes benchmarks/results/<gpu>-train.json and .md.
 """
@@ -23,7 +23,11 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import common  # noqa: E402
 import routes  # noqa: E402
 
-MODELS = (arg_specs.MIXTRAL_8X7B, arg_specs.DEEPSEEK_V3, arg_specs.QWEN3_30B_A3B)
+# The routed experts of each model with plain softmax routing: the shapes the training target names.
+MODELS = tuple(
+    arg_specs.MoeShape(m.name, m.num_experts, m.top_k, m.hidden, m.intermediate)
+    for m in (arg_specs.MIXTRAL_8X7B, arg_specs.DEEPSEEK_V3, arg_specs.QWEN3_30B_A3B)
+)
 TOKENS = (2048, 8192, 16384)
 QUICK_TOKENS = (8192,)
 MAX_DENSE_SECONDS = 0.15
@@ -32,21 +36,19 @@ COLUMNS = ["model", "T", "route", "time_us", "TFLOPs", "gemm_fraction", "grad_re
 
 
 def _train_step(layer):
-    """Loss, input gradients, and each weight gradient projected on its weight (<dW, W>).
+    """Loss and every gradient, each reduced to a few of its elements at once.
 
-    A training step consumes the weight gradients at once (the optimizer); returning them whole
-    would keep two calls' worth alive (2 x 21 GB for DeepSeek-V3) during back-to-back timing.
+    The layer computes every gradient in full (a kernel's output can't be computed in part); the
+    tiny slice sums keep them from piling up over back-to-back calls (2 x 21 GB of weight
+    gradients for DeepSeek-V3) without adding passes over them to the timed step.
     """
 
     def loss(x, logits, wg, wu, wd, cotangent):
-        return jnp.sum(layer(x, logits, wg, wu, wd).astype(jnp.float32) * cotangent)
+        return jnp.sum(layer(x, logits, wg, wu, wd, {}).astype(jnp.float32) * cotangent)
 
     def step(x, logits, wg, wu, wd, cotangent):
-        value, (gx, glogits, *gw) = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(
-            x, logits, wg, wu, wd, cotangent
-        )
-        projections = [jnp.vdot(g.astype(jnp.float32), w.astype(jnp.float32)) for g, w in zip(gw, (wg, wu, wd))]
-        return value, gx, glogits, jnp.stack(projections)
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, logits, wg, wu, wd, cotangent)
+        return value, grads[0], grads[1], jnp.stack([jnp.sum(g[..., :8].astype(jnp.float32)) for g in grads[2:]])
 
     return jax.jit(step)
 
@@ -54,7 +56,7 @@ def _train_step(layer):
 def run_model(shape, token_counts, gemm_rate) -> list[dict]:
     weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
     w = (weights.w_gate, weights.w_up, weights.w_down)
-    steps = {name: _train_step(fn) for name, fn in routes.available(shape.top_k).items()}
+    steps = {name: _train_step(fn) for name, fn in routes.available(shape).items()}
     rows = []
     for num_tokens in token_counts:
         keys = jax.random.split(jax.random.key(num_tokens), 3 * common.INPUT_SETS)
@@ -97,16 +99,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="T = 8192 only")
     parser.add_argument("--models", nargs="+", default=[m.name for m in MODELS])
+    parser.add_argument("--tokens", nargs="+", type=int, help="token counts (default: the full list)")
     args = parser.parse_args(argv)
     read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
     head = common.header(read_bw, gemm_rate)
     print(head)
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     rows = []
     for shape in MODELS:
         if shape.name in args.models:
-            rows += run_model(shape, QUICK_TOKENS if args.quick else TOKENS, gemm_rate)
-    path = common.write(common.gpu_slug() + "-train" + ("-quick" if args.quick else ""), head, rows, COLUMNS + ["skipped"])
-    print(f"wrote {path} and .md")
+            rows += run_model(shape, tokens, gemm_rate)
+            # Written after each model, so that a run cut short keeps what it measured.
+            name = common.gpu_slug() + "-train" + ("-quick" if args.quick else "")
+            path = common.write(name, head, rows, COLUMNS + ["skipped"])
+            print(f"wrote {path} and .md")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
-    """The routed-expert part of one MoE layer."""
+    """One MoE layer: its routed experts and, for the families that have them, routing options,
+    expert biases, activation and shared experts (defaults: Mixtral's plain softmax top-k SwiGLU)."""
 
     name: str
     num_experts: int
@@ -18,25 +19,63 @@ class MoeShape:
     hidden: int
     intermediate: int
     renormalize: bool = True
+    scoring: str = "softmax"
+    num_groups: int = 1
+    top_groups: int | None = None
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"
+    shared_intermediate: int = 0  # total width of the shared expert(s), split into F-wide ones
+    shared_gate: bool = False
+
+    @property
+    def num_shared(self) -> int:
+        return -(-self.shared_intermediate // self.intermediate)
+
+    def static_options(self) -> dict:
+        """The keyword arguments of ``jax_moe.fused_moe`` that are not arrays."""
+        return dict(
+            top_k=self.top_k, renormalize=self.renormalize, scoring=self.scoring,
+            num_groups=self.num_groups, top_groups=self.top_groups,
+            routed_scaling_factor=self.routed_scaling_factor, activation=self.activation,
+        )
 
     def with_experts(self, num_experts: int) -> MoeShape:
-        """The same layer with fewer experts (to fit a test in memory); top_k is capped to match."""
+        """The same layer with fewer experts (to fit a test in memory); top_k and the groups are
+        capped to match."""
+        groups = self.num_groups if num_experts % self.num_groups == 0 and num_experts >= self.num_groups else 1
+        top_groups = None if groups == 1 or self.top_groups is None else min(self.top_groups, groups)
+        eligible = (top_groups or groups) * (num_experts // groups)
         return dataclasses.replace(
             self,
             name=f"{self.name}[E={num_experts}]",
             num_experts=num_experts,
-            top_k=min(self.top_k, num_experts),
+            top_k=min(self.top_k, eligible),
+            num_groups=groups,
+            top_groups=top_groups,
         )
 
     def weight_bytes(self, dtype) -> int:
-        return 3 * self.num_experts * self.hidden * self.intermediate * jnp.dtype(dtype).itemsize
+        experts = self.num_experts + self.num_shared
+        return 3 * experts * self.hidden * self.intermediate * jnp.dtype(dtype).itemsize
 
 
 MIXTRAL_8X7B = MoeShape("mixtral-8x7b", num_experts=8, top_k=2, hidden=4096, intermediate=14336)
-DEEPSEEK_V3 = MoeShape("deepseek-v3", num_experts=256, top_k=8, hidden=7168, intermediate=2048)
+DEEPSEEK_V3 = MoeShape(
+    "deepseek-v3", num_experts=256, top_k=8, hidden=7168, intermediate=2048, scoring="sigmoid",
+    num_groups=8, top_groups=4, routed_scaling_factor=2.5, selection_bias=True, shared_intermediate=2048,
+)
 QWEN3_30B_A3B = MoeShape("qwen3-30b-a3b", num_experts=128, top_k=8, hidden=2048, intermediate=768)
-GPT_OSS_120B = MoeShape("gpt-oss-120b", num_experts=128, top_k=4, hidden=2880, intermediate=2880)
-MODELS = (MIXTRAL_8X7B, DEEPSEEK_V3, QWEN3_30B_A3B, GPT_OSS_120B)
+GPT_OSS_120B = MoeShape(
+    "gpt-oss-120b", num_experts=128, top_k=4, hidden=2880, intermediate=2880, expert_bias=True,
+    activation="clamped_swiglu",
+)
+QWEN2_57B_A14B = MoeShape(
+    "qwen2-57b-a14b", num_experts=64, top_k=8, hidden=3584, intermediate=2560, renormalize=False,
+    shared_intermediate=20480, shared_gate=True,
+)
+MODELS = (MIXTRAL_8X7B, DEEPSEEK_V3, QWEN3_30B_A3B, GPT_OSS_120B, QWEN2_57B_A14B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +85,7 @@ class MoeInputs:
     w_gate: jax.Array  # [E, H, F]
     w_up: jax.Array  # [E, H, F]
     w_down: jax.Array  # [E, F, H]
+    extras: dict = dataclasses.field(default_factory=dict)  # the family's other fused_moe arrays
 
     def as_args(self):
         return (self.hidden_states, self.router_logits, self.w_gate, self.w_up, self.w_down)
@@ -54,21 +94,39 @@ class MoeInputs:
 def random_inputs(shape: MoeShape, num_tokens: int, dtype, key: jax.Array) -> MoeInputs:
     """Standard-normal activations and logits; weights scaled by 1/sqrt(fan-in) so outputs stay O(1).
 
-    Drawn on the default device (a DeepSeek-sized layer is too big to draw on the host). Never
-    zeros: zeros hide unwritten outputs and wrong indexing.
+    ``extras`` holds what the family adds (selection bias, expert biases, shared experts and their
+    gate), keyed by ``jax_moe.fused_moe``'s argument names. Drawn on the default device (a
+    DeepSeek-sized layer is too big to draw on the host). Never zeros: zeros hide unwritten
+    outputs and wrong indexing.
     """
-    e, h, f = shape.num_experts, shape.hidden, shape.intermediate
-    keys = jax.random.split(key, 5)
+    e, h, f, s = shape.num_experts, shape.hidden, shape.intermediate, shape.num_shared
+    keys = iter(jax.random.split(key, 13))
 
-    def normal(k, size, scale=1.0):
-        return (jax.random.normal(k, size, jnp.float32) * scale).astype(dtype)
+    def normal(size, scale=1.0, as_dtype=dtype):
+        return (jax.random.normal(next(keys), size, jnp.float32) * scale).astype(as_dtype)
 
+    extras = {}
+    if shape.selection_bias:
+        extras["selection_bias"] = normal((e,), 0.1, jnp.float32)
+    if shape.expert_bias:
+        extras |= dict(gate_bias=normal((e, f), 0.5), up_bias=normal((e, f), 0.5), down_bias=normal((e, h), 0.1))
+    if s:
+        extras |= dict(
+            shared_w_gate=normal((s, h, f), h**-0.5),
+            shared_w_up=normal((s, h, f), h**-0.5),
+            shared_w_down=normal((s, f, h), (s * f) ** -0.5),
+        )
+    if shape.shared_gate:
+        extras["shared_gate"] = normal((h,), h**-0.5)
+    # gpt-oss's clamps (limit 7) should bind now and then: larger gate/up pre-activations.
+    gain = 4.0 if shape.activation == "clamped_swiglu" else 1.0
     return MoeInputs(
-        hidden_states=normal(keys[0], (num_tokens, h)),
-        router_logits=normal(keys[1], (num_tokens, e)).astype(jnp.float32),
-        w_gate=normal(keys[2], (e, h, f), h**-0.5),
-        w_up=normal(keys[3], (e, h, f), h**-0.5),
-        w_down=normal(keys[4], (e, f, h), f**-0.5),
+        hidden_states=normal((num_tokens, h)),
+        router_logits=normal((num_tokens, e), as_dtype=jnp.float32),
+        w_gate=normal((e, h, f), gain * h**-0.5),
+        w_up=normal((e, h, f), gain * h**-0.5),
+        w_down=normal((e, f, h), f**-0.5),
+        extras=extras,
     )
 
 

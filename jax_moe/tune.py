@@ -7,6 +7,11 @@ over a small candidate grid: every row-block size that suits T, with the gate/up
 (down tiles at the default) and then the down tiles. The winners become buckets of that shape's
 entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
 half the smallest); the file keeps entries it already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
+
+``--backward`` also sweeps the weight-gradient tiles, timing forward + backward; with
+``--keep-forward`` it only does that, updating the existing buckets that hold each T:
+
+    python -m jax_moe.tune --models mixtral-8x7b --tokens 8192 --backward --keep-forward
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import triton
 
 from jax_moe import arg_specs, backend_triton, pipeline, timing, tile_configs
 from jax_moe.options import Routing
-from jax_moe.tile_configs import GemmTiles, TileConfig
+from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
 GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
@@ -34,6 +39,14 @@ GEMM_CANDIDATES = (
     GemmTiles(block_n=32, block_k=256, num_warps=4, num_stages=3),
 )
 BLOCK_M_CANDIDATES = (16, 32, 64, 128)
+WEIGHT_GRAD_CANDIDATES = (
+    WeightGradTiles(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+    WeightGradTiles(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+)
 
 
 def _block_m_candidates(num_pairs: int, num_experts: int):
@@ -49,25 +62,59 @@ def _layer(shape: arg_specs.MoeShape, config: TileConfig):
         weights, ids = pipeline.route(logits, None, routing=Routing(shape.top_k), launch=backend_triton.launch)
         return pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
 
-    return jax.jit(layer)
+    return layer
 
 
-def _time(shape, config, input_sets) -> float:
+def _train_step(shape: arg_specs.MoeShape, config: TileConfig):
+    """Forward and backward: <layer(x), cotangent> and its gradients with respect to every input.
+
+    ``value_and_grad``, not ``grad``: without the value XLA drops the forward's GEMMs (the
+    backward recomputes what it needs), and the step would time the backward alone.
+    """
+    layer = _layer(shape, config)
+
+    def loss(x, logits, w_gate, w_up, w_down, cotangent):
+        return jnp.sum(layer(x, logits, w_gate, w_up, w_down).astype(jnp.float32) * cotangent)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+
+
+def _time(shape, config, input_sets, build=_layer) -> float:
     try:
-        return timing.median_call_us(_layer(shape, config), input_sets, calls=10, repeats=3, warmup=1)
+        return timing.median_call_us(jax.jit(build(shape, config)), input_sets, calls=10, repeats=3, warmup=1)
     except Exception as e:  # a config the compiler or the chip refuses (shared memory, registers)
         print(f"    skipped {config}: {type(e).__name__}: {str(e)[:100]}")
         return math.inf
 
 
-def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
+def _input_sets(shape, num_tokens: int, dtype, with_cotangent: bool = False):
     keys = jax.random.split(jax.random.key(num_tokens), 4)
     weights = arg_specs.random_inputs(shape, num_tokens, dtype, keys[0])
-    input_sets = [
+    return [
         (jax.random.normal(k, (num_tokens, shape.hidden), dtype), jax.random.normal(k, (num_tokens, shape.num_experts)),
          weights.w_gate, weights.w_up, weights.w_down)
+        + ((jax.random.normal(k, (num_tokens, shape.hidden)),) if with_cotangent else ())
         for k in keys[1:]
     ]
+
+
+def tune_weight_grad(shape, num_tokens: int, dtype, config: TileConfig) -> TileConfig:
+    """The weight-gradient tiles that make the forward + backward step fastest, other tiles fixed."""
+    input_sets = _input_sets(shape, num_tokens, dtype, with_cotangent=True)
+    best, best_us = config, _time(shape, config, input_sets, _train_step)
+    start_us = best_us
+    for tiles in WEIGHT_GRAD_CANDIDATES:
+        candidate = dataclasses.replace(config, weight_grad=tiles)
+        us = _time(shape, candidate, input_sets, _train_step)
+        print(f"    weight_grad {tiles}: {us:.1f} us")
+        if us < best_us:
+            best, best_us = candidate, us
+    print(f"  {shape.name} T={num_tokens} forward+backward: {best_us:.1f} us (was {start_us:.1f} us): {best.weight_grad}")
+    return best
+
+
+def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
+    input_sets = _input_sets(shape, num_tokens, dtype)
     base = tile_configs.select(num_tokens * shape.top_k, jnp.dtype(dtype).itemsize)
     best, best_us = base, _time(shape, base, input_sets)
     for block_m in _block_m_candidates(num_tokens * shape.top_k, shape.num_experts):
@@ -93,6 +140,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 512, 4096])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--output", type=pathlib.Path, help="default: jax_moe/configs/<gpu>.json")
+    parser.add_argument("--backward", action="store_true", help="also tune the weight-gradient tiles (training)")
+    parser.add_argument(
+        "--keep-forward", action="store_true",
+        help="with --backward: keep the table's forward tiles and only update the weight-gradient "
+        "tiles of the buckets holding each T",
+    )
     args = parser.parse_args(argv)
     reason = backend_triton.unavailable_reason()
     if reason is not None:
@@ -106,16 +159,29 @@ def main(argv=None) -> None:
     for shape in arg_specs.MODELS:
         if shape.name not in args.models:
             continue
+        key = tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, args.dtype)
+        if args.keep_forward:
+            if key not in shapes:
+                raise SystemExit(f"--keep-forward: {output} has no entry for {key}; tune its forward first")
+            for num_tokens in tokens:
+                pairs = num_tokens * shape.top_k
+                bucket = next(b for b in shapes[key] if (b["min_pairs"] or 0) <= pairs <= (b["max_pairs"] or math.inf))
+                config = TileConfig.from_dict(bucket)
+                bucket["weight_grad"] = dataclasses.asdict(tune_weight_grad(shape, num_tokens, jnp.dtype(args.dtype), config).weight_grad)
+            output.write_text(json.dumps(table, indent=1) + "\n")
+            print(f"wrote the weight-gradient tiles of {key} to {output}")
+            continue
         buckets = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
         # claims down to half its own, so smaller counts keep the fallback configs.
         lower = tokens[0] * shape.top_k // 2
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
+            if args.backward:
+                config = tune_weight_grad(shape, num_tokens, jnp.dtype(args.dtype), config)
             upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
             buckets.append(_bucket(lower, upper, config))
             lower = upper + 1 if upper is not None else None
-        key = tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, args.dtype)
         shapes[key] = buckets
         output.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {key} to {output}")

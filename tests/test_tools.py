@@ -39,3 +39,21 @@ def test_block_m_candidates_follow_rows_per_expert():
 def test_tune_says_why_it_cannot_run_here():
     with pytest.raises(SystemExit, match="tuning needs the triton backend"):
         tune.main(["--models", "mixtral-8x7b"])
+
+
+def test_random_inputs_carry_each_familys_extras(key):
+    deepseek = arg_specs.random_inputs(arg_specs.DEEPSEEK_V3.with_experts(16), 2, jnp.bfloat16, key)
+    assert deepseek.extras["selection_bias"].shape == (16,)
+    assert deepseek.extras["shared_w_down"].shape == (1, 2048, 7168)
+    qwen2 = arg_specs.random_inputs(arg_specs.QWEN2_57B_A14B.with_experts(8), 2, jnp.bfloat16, key)
+    assert arg_specs.QWEN2_57B_A14B.num_shared == 8 and qwen2.extras["shared_gate"].shape == (3584,)
+    gpt_oss = arg_specs.random_inputs(arg_specs.GPT_OSS_120B.with_experts(4), 2, jnp.bfloat16, key)
+    assert set(gpt_oss.extras) == {"gate_bias", "up_bias", "down_bias"}
+    assert arg_specs.DEEPSEEK_V3.with_experts(16).static_options()["num_groups"] == 8
+
+
+def test_keep_forward_needs_an_existing_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(backend_triton, "unavailable_reason", lambda: None)
+    output = tmp_path / "table.json"
+    with pytest.raises(SystemExit, match="has no entry for E=8,H=4096,F=14336,k=2,bfloat16"):
+        tune.main(["--models", "mixtral-8x7b", "--tokens", "8", "--backward", "--keep-forward", "--output", str(output)])
