@@ -140,3 +140,57 @@ def test_dot_precision_follows_jax():
         assert api._dot_precision(jnp.float32) == "ieee"
     with jax.default_matmul_precision("tensorfloat32"):
         assert api._dot_precision(jnp.float32) == "tf32"
+
+
+@pytest.mark.parametrize(
+    "options,error,message",
+    [
+        (dict(scoring="relu"), ValueError, r"scoring must be one of \('softmax', 'sigmoid'\); got 'relu'"),
+        (dict(num_groups=3), ValueError, r"num_groups \(3\) must divide the number of experts E=4"),
+        (dict(num_groups=2, top_groups=3), ValueError, r"top_groups must be an int in \[1, num_groups=2\]; got 3"),
+        (dict(num_groups=4, top_groups=1), ValueError, "top_k=2 exceeds the 1 experts of the top_groups=1 kept groups"),
+        (dict(routed_scaling_factor=float("nan")), TypeError, "routed_scaling_factor must be a finite Python number"),
+        (dict(selection_bias=jnp.zeros((E + 1,))), ValueError, r"selection_bias must have shape \[E\] = \[4\]; got \[5\]"),
+        (dict(selection_bias=jnp.zeros((E,), jnp.int32)), TypeError, "selection_bias must have a floating-point dtype"),
+        (dict(gate_bias=jnp.zeros((E, F))), ValueError, r"expert biases come as .* together; missing \['up_bias', 'down_bias'\]"),
+        (dict(gate_bias=jnp.zeros((E, F)), up_bias=jnp.zeros((E, F)), down_bias=jnp.zeros((E, F))),
+         ValueError, r"down_bias must have shape \[E, H\] = \[4, 16\]; got \[4, 24\]"),
+        (dict(activation="gelu"), ValueError, r"activation must be one of \('silu', 'clamped_swiglu'\); got 'gelu'"),
+        (dict(activation=jax_moe.Activation("clamped_swiglu", limit=-1.0)), ValueError, "limit must be positive"),
+        (dict(activation=3), TypeError, "activation must be a name or a jax_moe.Activation; got int"),
+        (dict(shared_w_gate=jnp.zeros((1, H, F))), ValueError, r"missing \['shared_w_up', 'shared_w_down'\]"),
+        (dict(shared_w_gate=jnp.zeros((2, H, F)), shared_w_up=jnp.zeros((2, H, F)), shared_w_down=jnp.zeros((2, H, F))),
+         ValueError, r"shared_w_down must have shape \[S, F, H\] = \[2, 24, 16\] .*got \[2, 16, 24\]"),
+        (dict(shared_w_gate=jnp.zeros((1, H, F), jnp.bfloat16), shared_w_up=jnp.zeros((1, H, F)),
+              shared_w_down=jnp.zeros((1, F, H))), TypeError, r"shared_w_gate must have the dtype of hidden_states \(float32\)"),
+        (dict(shared_gate=jnp.zeros((H,))), ValueError, "shared_gate was given without shared experts"),
+        (dict(shared_w_gate=jnp.zeros((1, H, F)), shared_w_up=jnp.zeros((1, H, F)), shared_w_down=jnp.zeros((1, F, H)),
+              shared_gate=jnp.zeros((H, 1))), ValueError, r"shared_gate must have shape \[H\] = \[16\]; got \[16, 1\]"),
+    ],
+)
+def test_family_option_errors(args, options, error, message):
+    with pytest.raises(error, match=message):
+        jax_moe.fused_moe(*args.values(), top_k=2, backend="interpret", **options)
+
+
+def test_split_shared_expert_pads_and_checks():
+    w_gate, w_up = jnp.ones((H, 50)), jnp.ones((H, 50))
+    w_down = jnp.ones((50, H))
+    gate, up, down = jax_moe.split_shared_expert(w_gate, w_up, w_down, F)
+    assert gate.shape == up.shape == (3, H, F) and down.shape == (3, F, H)
+    assert float(gate[2, :, 2:].sum()) == 0 and float(down[2, 2:].sum()) == 0 and float(gate[2, :, :2].sum()) == 2 * H
+    with pytest.raises(ValueError, match=r"w_gate, w_up must be \[H, F_s\] and w_down \[F_s, H\] alike"):
+        jax_moe.split_shared_expert(w_gate, w_up, w_down.T, F)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_empty_input_with_every_option(args, backend):
+    x = jnp.zeros((0, H), jnp.float32)
+    out = jax_moe.fused_moe(
+        x, jnp.zeros((0, E)), args["w_gate"], args["w_up"], args["w_down"], top_k=2, scoring="sigmoid",
+        selection_bias=jnp.zeros((E,)), num_groups=2, top_groups=1, gate_bias=jnp.zeros((E, F)),
+        up_bias=jnp.zeros((E, F)), down_bias=jnp.zeros((E, H)), activation="clamped_swiglu",
+        shared_w_gate=args["w_gate"][:1], shared_w_up=args["w_up"][:1], shared_w_down=args["w_down"][:1],
+        shared_gate=jnp.ones((H,)), backend=backend,
+    )
+    assert out.shape == (0, H)
