@@ -1,6 +1,7 @@
-"""Flax layers built on jax_moe: ``FusedMoE`` (NNX) and its linen twin ``flax_layers.linen.FusedMoE``."""
+"""Flax layers built on jax_moe: ``FusedMoE`` (NNX), its linen twin ``flax_layers.linen.FusedMoE``,
+and ``flax_layers.checkpoints``, which loads Hugging Face MoE blocks into them."""
 
-from flax_layers import linen
+from flax_layers import checkpoints, linen
 from flax_layers.nnx_moe import FusedMoE
 
-__all__ = ["FusedMoE", "linen"]
+__all__ = ["FusedMoE", "checkpoints", "linen"]
