@@ -245,10 +245,11 @@ def _expert_matrix(routed_ptr, shared_ptr, expert, NUM_ROUTED: tl.constexpr, MAT
 
 @triton.jit
 def _expert_bias(bias_ptr, expert, cols, col_ok, NUM_ROUTED: tl.constexpr, N: tl.constexpr):
-    """[1, BLOCK_N] fp32 slice of a routed expert's [E, N] bias; shared experts have none."""
-    is_routed = expert < NUM_ROUTED
-    bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok & is_routed, other=0.0)
-    return bias.to(tl.float32)[None, :]
+    """[1, BLOCK_N] fp32 slice of a routed expert's [E, N] bias; shared experts have none (their
+    ids are clamped to a real row for the load, whose values are then dropped)."""
+    row = tl.minimum(expert, NUM_ROUTED - 1).to(tl.int64)
+    bias = tl.load(bias_ptr + row * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.where(expert < NUM_ROUTED, bias, 0.0)[None, :]
 
 
 @triton.jit
@@ -675,8 +676,8 @@ def expert_weight_grad_kernel(
         out2_tile = _expert_matrix(out2_ptr, shared_out2_ptr, expert, NUM_ROUTED, matrix_size) + tile_offsets
         tl.store(out2_tile, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
     if BIAS_GRAD:
-        bias_mask = n_ok & (m_tile == 0) & (expert < NUM_ROUTED)
-        bias_offsets = expert.to(tl.int64) * N + ns
-        tl.store(bias_out_ptr + bias_offsets, bias_acc.to(bias_out_ptr.dtype.element_ty), mask=bias_mask)
-        if DUAL:
-            tl.store(bias_out2_ptr + bias_offsets, bias_acc2.to(bias_out2_ptr.dtype.element_ty), mask=bias_mask)
+        if (m_tile == 0) & (expert < NUM_ROUTED):
+            bias_offsets = expert.to(tl.int64) * N + ns
+            tl.store(bias_out_ptr + bias_offsets, bias_acc.to(bias_out_ptr.dtype.element_ty), mask=n_ok)
+            if DUAL:
+                tl.store(bias_out2_ptr + bias_offsets, bias_acc2.to(bias_out2_ptr.dtype.element_ty), mask=n_ok)
