@@ -11,6 +11,8 @@ Vocabulary shared by every kernel:
 * Expert ids ``[0, E)`` are the routed experts; ids ``[E, E + S)`` are ``S`` shared experts that
   every token uses (DeepSeek-V3, Qwen2-MoE), given to the kernels as extra always-chosen slots.
   Their weights stay in arrays of their own; ``_expert_matrix`` picks the array per row block.
+  Past routing, ``TOP_K`` counts those slots too (``k + S``), and ``E`` in the grid sizes below
+  means ``E + S``.
 * A *pair* is one (token, slot) choice, numbered ``pair = token * TOP_K + slot``; there are
   ``NUM_PAIRS = T * TOP_K`` of them.
 * Dispatch sorts the pairs by expert into *rows*. Each expert's segment of rows is padded to a
