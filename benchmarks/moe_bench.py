@@ -64,7 +64,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate) -> list[di
             else:
                 logits = arg_specs.zipf_router_logits(keys[2 * i + 1], num_tokens, shape.num_experts)
             sets.append((x, logits, *w))
-        _, ids = routes._route(shape, sets[0][1], weights.extras)
+        _, ids = routes.route(shape, sets[0][1], weights.extras)
         floor = floor_us(shape, num_tokens, ids, read_bw, gemm_rate)
         dense_seconds = 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
         # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.

@@ -42,7 +42,8 @@ def fused_then_dense_shared(shape: arg_specs.MoeShape):
     return moe
 
 
-def _route(shape, logits, extras):
+def route(shape, logits, extras):
+    """The routing every route shares: ``jax_moe.reference.route`` with the model's options."""
     options = {k: v for k, v in shape.static_options().items() if k in ROUTING_OPTIONS}
     return reference.route(logits, selection_bias=extras.get("selection_bias"), **options)
 
@@ -65,7 +66,7 @@ def dense_einsum(shape: arg_specs.MoeShape):
     activation = as_activation(shape.activation)
 
     def moe(x, logits, w_gate, w_up, w_down, extras):
-        weights, ids = _route(shape, logits, extras)
+        weights, ids = route(shape, logits, extras)
         biases = {k: extras[k] for k in ("gate_bias", "up_bias", "down_bias") if k in extras}
         routed = reference.moe_experts(x, weights, ids, w_gate, w_up, w_down, activation=activation, **biases)
         return (routed.astype(jnp.float32) + _shared_mlp(shape, x, extras)).astype(x.dtype)
@@ -81,7 +82,7 @@ def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot):
     def moe(x, logits, w_gate, w_up, w_down, extras):
         num_tokens = x.shape[0]
         num_experts = w_gate.shape[0]
-        weights, ids = _route(shape, logits, extras)
+        weights, ids = route(shape, logits, extras)
         order = jnp.argsort(ids.reshape(-1), stable=True)
         tokens = order // top_k
         sorted_ids = ids.reshape(-1)[order]

@@ -106,6 +106,11 @@ def read_safetensors(files: str | Iterable[str], prefix: str = "") -> dict:
     return tensors
 
 
+def _expert_names(family: str) -> tuple[str, str, str]:
+    """The gate, up and down projections' names in a per-expert checkpoint."""
+    return ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+
+
 def _stack_experts(tensors: Mapping, prefix: str, num_experts: int, name: str):
     """[E, in, out] from the per-expert [out, in] Linear weights ``experts.{i}.{name}.weight``."""
     return jnp.stack([jnp.asarray(tensors[f"{prefix}experts.{i}.{name}.weight"]).T for i in range(num_experts)])
@@ -138,9 +143,8 @@ def convert_block(family: str, tensors: Mapping, config: Mapping, prefix: str = 
             "wi_1_bias": gate_up_bias[..., 1::2],
             "wo_bias": get("experts.down_proj_bias"),
         }
-    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     params = {"gate/kernel": get("gate.weight").T}
-    for param, name in zip(("wi_0", "wi_1", "wo"), names):
+    for param, name in zip(("wi_0", "wi_1", "wo"), _expert_names(family)):
         params[param] = _stack_experts(tensors, prefix, num_experts, name)
     if family == "deepseek_v3" and kwargs["use_selection_bias"]:
         params["selection_bias"] = get("gate.e_score_correction_bias").astype(jnp.float32)
@@ -160,9 +164,8 @@ def _required_keys(family: str, prefix: str, num_experts: int) -> list[str]:
         names = ("router.weight", "router.bias", "experts.gate_up_proj", "experts.gate_up_proj_bias",
                  "experts.down_proj", "experts.down_proj_bias")
         return [prefix + n for n in names]
-    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     keys = [f"{prefix}gate.weight"]
-    keys += [f"{prefix}experts.{i}.{n}.weight" for i in range(num_experts) for n in names]
+    keys += [f"{prefix}experts.{i}.{n}.weight" for i in range(num_experts) for n in _expert_names(family)]
     return keys
 
 

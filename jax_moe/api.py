@@ -123,6 +123,19 @@ def _check_routing(weights, ids, hidden_states, num_experts: int) -> None:
         )
 
 
+def _checked_expert_params(hidden_states, w_gate, w_up, w_down, gate_bias, up_bias, down_bias,
+                           shared_w_gate, shared_w_up, shared_w_down, shared_gate, activation):
+    """Checks everything ``moe_experts`` and ``fused_moe`` share; returns the expert parameters
+    and the activation."""
+    _check_experts(hidden_states, w_gate, w_up, w_down)
+    _check_biases(gate_bias, up_bias, down_bias, w_gate)
+    _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
+    params = pipeline.ExpertWeights(
+        w_gate, w_up, w_down, gate_bias, up_bias, down_bias, shared_w_gate, shared_w_up, shared_w_down
+    )
+    return params, as_activation(activation)
+
+
 def _check_routing_options(num_experts: int, routing: Routing, selection_bias) -> None:
     if routing.scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}; got {routing.scoring!r}")
@@ -327,19 +340,16 @@ def moe_experts(
     [..., H] in the dtype of ``hidden_states``. Differentiable with respect to everything but
     ``ids``.
     """
-    _check_experts(hidden_states, w_gate, w_up, w_down)
+    params, activation = _checked_expert_params(
+        hidden_states, w_gate, w_up, w_down, gate_bias, up_bias, down_bias,
+        shared_w_gate, shared_w_up, shared_w_down, shared_gate, activation,
+    )
     num_experts = w_gate.shape[0]
     _check_routing(weights, ids, hidden_states, num_experts)
-    _check_biases(gate_bias, up_bias, down_bias, w_gate)
-    _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
-    activation = as_activation(activation)
     backend = _resolve_backend(backend)
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
     ids = jnp.where(valid, ids, 0).astype(jnp.int32)
-    params = pipeline.ExpertWeights(
-        w_gate, w_up, w_down, gate_bias, up_bias, down_bias, shared_w_gate, shared_w_up, shared_w_down
-    )
     return _experts(hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations)
 
 
@@ -409,22 +419,17 @@ def fused_moe(
       experts' weighted outputs; with ``return_routing``, the tuple ``(output, weights, ids)``
       with the routed experts' routing of ``route``.
     """
-    _check_experts(hidden_states, w_gate, w_up, w_down)
-    num_experts = w_gate.shape[0]
-    _check_router_logits(router_logits, hidden_states, num_experts)
-    _check_top_k(top_k, num_experts)
-    _check_biases(gate_bias, up_bias, down_bias, w_gate)
-    _check_shared(hidden_states, w_gate, shared_w_gate, shared_w_up, shared_w_down, shared_gate)
-    activation = as_activation(activation)
+    params, activation = _checked_expert_params(
+        hidden_states, w_gate, w_up, w_down, gate_bias, up_bias, down_bias,
+        shared_w_gate, shared_w_up, shared_w_down, shared_gate, activation,
+    )
+    _check_router_logits(router_logits, hidden_states, w_gate.shape[0])
     weights, ids = route(
         router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring,
         selection_bias=selection_bias, num_groups=num_groups, top_groups=top_groups,
         routed_scaling_factor=routed_scaling_factor, backend=backend,
     )
     backend = _resolve_backend(backend)
-    params = pipeline.ExpertWeights(
-        w_gate, w_up, w_down, gate_bias, up_bias, down_bias, shared_w_gate, shared_w_up, shared_w_down
-    )
     out = _experts(hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations)
     return (out, weights, ids) if return_routing else out
 
