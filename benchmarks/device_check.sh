@@ -5,7 +5,9 @@
 #   bash benchmarks/device_check.sh tests            # all GPU tests but the gradient ones
 #   bash benchmarks/device_check.sh grad-tests bench # ... stages run in the order given
 # Stages: tests, grad-tests, families, demo, example, bench, bench-full, bench-families, train-bench,
-# train-bench-full, tune.
+# train-bench-full, tune, tune-backward, profile.
+# profile: per-kernel times under Nsight Compute for each ';'-separated argument list of
+# benchmarks/kernel_profile.py in $PROFILE_CASES.
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
@@ -34,6 +36,14 @@ for stage in "$@"; do
     train-bench) python3 benchmarks/train_bench.py --quick 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train-quick.* "$OUT/" ;;
     train-bench-full) python3 benchmarks/train_bench.py 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train.* "$OUT/" ;;
     tune) python3 -m jax_moe.tune --models ${TUNE_MODELS:-mixtral-8x7b} --tokens ${TUNE_TOKENS:-1 64 512 4096} 2>&1 | tee "$OUT/tune.log"; cp jax_moe/configs/nvidia-*.json "$OUT/" ;;
+    tune-backward) python3 -m jax_moe.tune --models ${TUNE_MODELS:-mixtral-8x7b} --tokens ${TUNE_TOKENS:-8192} --backward --keep-forward 2>&1 | tee "$OUT/tune-backward.log"; cp jax_moe/configs/nvidia-*.json "$OUT/" ;;
+    profile)
+      IFS=';' read -ra cases <<< "${PROFILE_CASES:---model mixtral-8x7b --tokens 8192 --train}"
+      for i in "${!cases[@]}"; do
+        ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+          --log-file "$OUT/profile-$i.csv" python3 benchmarks/kernel_profile.py ${cases[$i]} > "$OUT/profile-$i.out" 2>&1
+        { echo "## ${cases[$i]}"; python3 benchmarks/kernel_profile.py --report "$OUT/profile-$i.csv"; } 2>&1 | tee -a "$OUT/profile.log"
+      done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -127,13 +127,14 @@ def main(argv=None):
     print(head)
     tokens, skewed = (QUICK_TOKENS, QUICK_SKEWED_TOKENS) if args.quick else (TOKENS, SKEWED_TOKENS)
     rows = []
+    name = common.gpu_slug() + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     for shape in arg_specs.MODELS:
         if shape.name in args.models:
             rows += run_model(shape, tokens, skewed, read_bw, gemm_rate)
-    name = common.gpu_slug() + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    path = common.write(name, head, rows, COLUMNS + ["skipped"])
-    plot(rows, path.with_suffix(".png"))
-    print(f"wrote {path}, .md, .png")
+            # Written after each model, so that a run cut short keeps what it measured.
+            path = common.write(name, head, rows, COLUMNS + ["skipped"])
+            plot(rows, path.with_suffix(".png"))
+            print(f"wrote {path}, .md, .png")
 
 
 if __name__ == "__main__":

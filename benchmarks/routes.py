@@ -21,8 +21,9 @@ from jax_moe.options import as_activation
 ROUTING_OPTIONS = ("top_k", "renormalize", "scoring", "num_groups", "top_groups", "routed_scaling_factor")
 
 
-def fused(shape: arg_specs.MoeShape):
-    options = shape.static_options()
+def fused(shape: arg_specs.MoeShape, **layer_options):
+    """jax_moe.fused_moe with the model's options (and ``layer_options``, e.g. save_activations)."""
+    options = {**shape.static_options(), **layer_options}
     return lambda x, logits, wg, wu, wd, extras: jax_moe.fused_moe(
         x, logits, wg, wu, wd, **extras, **options, backend="triton"
     )

@@ -4,7 +4,8 @@
 
 Times ``value_and_grad`` of ``sum(layer(x, logits, w_gate, w_up, w_down) * cotangent)`` with respect
 to all five inputs, bf16, at T = 2048, 8192, 16384 (or ``--tokens``) for the Mixtral-8x7B,
-DeepSeek-V3 and Qwen3-30B-A3B routed-expert shapes. FLOPs of a step: 3x the forward's 2 * T * k * 3 * H * F
+DeepSeek-V3 and Qwen3-30B-A3B routed-expert shapes; jax_moe both with its default residuals
+(gate/up recomputed in the backward) and with ``save_activations=True``. FLOPs of a step: 3x the forward's 2 * T * k * 3 * H * F
 (the backward's GEMMs are twice the forward's); TFLOP/s and the fraction of the bf16 GEMM rate
 measured in the same run are reported. Writes benchmarks/results/<gpu>-train.json and .md.
 """
@@ -56,7 +57,10 @@ def _train_step(layer):
 def run_model(shape, token_counts, gemm_rate) -> list[dict]:
     weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
     w = (weights.w_gate, weights.w_up, weights.w_down)
-    steps = {name: _train_step(fn) for name, fn in routes.available(shape).items()}
+    layers = routes.available(shape)
+    # The other residual policy: the forward's gate/up pre-activations kept instead of recomputed.
+    layers["jax_moe_saved_activations"] = routes.fused(shape, save_activations=True)
+    steps = {name: _train_step(fn) for name, fn in layers.items()}
     rows = []
     for num_tokens in token_counts:
         keys = jax.random.split(jax.random.key(num_tokens), 3 * common.INPUT_SETS)

@@ -143,12 +143,13 @@ def dispatch_kernel(
     MAX_BLOCKS: tl.constexpr,
     CHUNK: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # = cdiv(NUM_PAIRS, CHUNK)
+    HIST_BLOCK: tl.constexpr,  # expert ids histogrammed per step (a multiple of CHUNK)
 ):
     """Sorts the (token, slot) pairs by expert, padding each expert's rows to ``BLOCK_M``.
 
     Grid: ``(NUM_PROGRAMS,)``, with no communication between programs: each one histograms all
-    ``NUM_PAIRS`` expert ids itself (cheap next to the GEMMs; it costs no host sync and no second
-    launch). Program ``p``
+    ``NUM_PAIRS`` expert ids itself, ``HIST_BLOCK`` at a time (few long steps: the loop's cost is
+    its memory latency per step; it costs no host sync and no second launch). Program ``p``
 
     * places its own ``CHUNK`` pairs ``[p * CHUNK, (p + 1) * CHUNK)``: the row of a pair is its
       expert's padded segment start, plus the pairs of that expert in earlier chunks, plus those
@@ -167,12 +168,12 @@ def dispatch_kernel(
 
     counts = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
     before_me = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
-    for start in range(0, NUM_PAIRS, CHUNK):
-        in_range = start + lanes < NUM_PAIRS
-        ids = tl.load(expert_ids_ptr + start + lanes, mask=in_range, other=0)
-        hist = tl.histogram(ids, EXPERTS_PAD, mask=in_range)
-        counts += hist
-        before_me += tl.where(start < my_start, hist, 0)
+    hist_lanes = tl.arange(0, HIST_BLOCK)
+    for start in range(0, NUM_PAIRS, HIST_BLOCK):
+        in_range = start + hist_lanes < NUM_PAIRS
+        ids = tl.load(expert_ids_ptr + start + hist_lanes, mask=in_range, other=0)
+        counts += tl.histogram(ids, EXPERTS_PAD, mask=in_range)
+        before_me += tl.histogram(ids, EXPERTS_PAD, mask=in_range & (start + hist_lanes < my_start))
 
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     segment_end = tl.cumsum(padded, axis=0)
@@ -211,19 +212,17 @@ def dispatch_kernel(
 
 
 @triton.jit
-def _row_block_and_column_tile(
-    NUM_COL_TILES: tl.constexpr, MAX_BLOCKS: tl.constexpr, GROUP_M: tl.constexpr
-):
-    """Maps the 1-D program id to (row block, column tile), ``GROUP_M`` row blocks at a time so
-    that programs running together share weight tiles in L2 (the Triton matmul tutorial's order).
+def _grouped_tile(tile, NUM_ROW_TILES: tl.constexpr, NUM_COL_TILES: tl.constexpr, GROUP: tl.constexpr):
+    """Maps a linear tile index to (row tile, column tile), ``GROUP`` row tiles at a time (the
+    Triton matmul tutorial's order): programs running together then share both their row and their
+    column operands in L2, instead of sweeping all columns of one row tile at a time.
     """
-    pid = tl.program_id(0)
-    programs_per_group = GROUP_M * NUM_COL_TILES
-    first_block = (pid // programs_per_group) * GROUP_M
-    group_rows = tl.minimum(MAX_BLOCKS - first_block, GROUP_M)
-    block = first_block + (pid % programs_per_group) % group_rows
-    col_tile = (pid % programs_per_group) // group_rows
-    return block, col_tile
+    tiles_per_group = GROUP * NUM_COL_TILES
+    first_row = (tile // tiles_per_group) * GROUP
+    group_rows = tl.minimum(NUM_ROW_TILES - first_row, GROUP)
+    row = first_row + (tile % tiles_per_group) % group_rows
+    col = (tile % tiles_per_group) // group_rows
+    return row, col
 
 
 @triton.jit
@@ -365,7 +364,7 @@ def gate_up_kernel(
     is to reuse them. Unused blocks exit at once.
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
-    block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
+    block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
@@ -439,7 +438,7 @@ def expert_gemm_combine_kernel(
     launch. The rows of one block hold distinct pairs, so their counters are updated once each.
     """
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
+    block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
@@ -509,7 +508,7 @@ def gate_up_backward_kernel(
     up_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved up pre-activations (read only if not RECOMPUTE)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
-    act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] the activation, for the down-projection weight gradient
+    weighted_act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] routing weight * activation, for the down weight gradient
     grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the gate pre-activation
     grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the up pre-activation
     grad_weight_part_ptr,  # out [NUM_PAIRS, cdiv(F, BLOCK_N)] float32, see below
@@ -537,14 +536,15 @@ def gate_up_backward_kernel(
     included, or loaded), and ``g = grad_out[token] @ w_down[e]^T``. Then, with ``w`` the row's
     routing weight and ``act, d/dgate, d/dup = _swiglu(gate, up)``:
 
-    * ``act`` is stored: the down-projection weight gradient needs it;
+    * ``w * act`` is stored: the down-projection weight gradient is ``(w * act)^T @ grad_out``
+      (scaling here, in the epilogue, keeps that kernel's operands straight from memory);
     * ``d_gate = w * g * d/dgate`` and ``d_up = w * g * d/dup``;
     * ``sum(act * g)`` over its columns: the tile's share of the routing weight's gradient
       ``<act @ w_down[e], grad_out[token]>``; the caller adds the shares of all tiles (and the
       down bias's share).
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
-    block, col_tile = _row_block_and_column_tile(num_col_tiles, MAX_BLOCKS, GROUP_M)
+    block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
@@ -581,8 +581,9 @@ def gate_up_backward_kernel(
         tl.sum(act * g, axis=1),
         mask=is_real,
     )
-    d_act = g * tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
-    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
+    routing_weight = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
+    d_act = g * routing_weight
+    tl.store(weighted_act_ptr + offsets, (act * routing_weight).to(weighted_act_ptr.dtype.element_ty), mask=col_ok[None, :])
     tl.store(grad_gate_ptr + offsets, (d_act * act_by_gate).to(grad_gate_ptr.dtype.element_ty), mask=col_ok[None, :])
     tl.store(grad_up_ptr + offsets, (d_act * act_by_up).to(grad_up_ptr.dtype.element_ty), mask=col_ok[None, :])
 
@@ -592,7 +593,7 @@ def expert_weight_grad_kernel(
     a_ptr,  # [T, M] if A_BY_TOKEN else [MAX_BLOCKS * BLOCK_M_ROWS, M]: rows of the left operand
     b_ptr,  # [T, N] if B_BY_TOKEN else [MAX_BLOCKS * BLOCK_M_ROWS, N]: rows of the right operand
     b2_ptr,  # like b_ptr, second right operand (read only if DUAL)
-    routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if SCALE_B)
+    routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if BIAS_GRAD and WEIGHTED_BIAS_GRAD)
     sorted_pairs_ptr,  # [rows] int32, from dispatch_kernel
     expert_row_end_ptr,  # [>= E + S] int32, from dispatch_kernel
     out_ptr,  # out [E, M, N]: sum over the expert's rows of a_row^T b_row
@@ -608,22 +609,25 @@ def expert_weight_grad_kernel(
     N: tl.constexpr,
     A_BY_TOKEN: tl.constexpr,
     B_BY_TOKEN: tl.constexpr,
-    SCALE_B: tl.constexpr,
     DUAL: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    WEIGHTED_BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Per-expert weight gradients: ``out[e] = A_e^T @ B_e`` over expert e's rows only.
 
-    ``dw_down[e] = act_e^T @ (w * grad_out[tokens])_e`` (A by row, B by token, scaled) and
+    ``dw_down[e] = (w * act)_e^T @ grad_out[tokens]_e`` (A by row, B by token) and
     ``dw_gate[e], dw_up[e] = x[tokens]_e^T @ (d_gate_e, d_up_e)`` (A by token, dual B by row).
-    With ``BIAS_GRAD`` the column sums of ``B_e`` (the routed experts' bias gradients) come along:
-    the programs of the first ``M`` tile write them.
+    With ``BIAS_GRAD`` the column sums of ``B_e`` (the routed experts' bias gradients), each row
+    weighted by its routing weight if ``WEIGHTED_BIAS_GRAD`` (the down bias), come along: the
+    programs of the first ``M`` tile write them. Both operands go from memory to the dot untouched.
 
-    Grid: ``((E + S) * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. A program owns one expert and one
+    Grid: ``((E + S) * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``, expert-major, each expert's tiles in
+    ``GROUP_M``-row groups (``_grouped_tile``). A program owns one expert and one
     ``[BLOCK_M, BLOCK_N]`` tile of its gradient, and walks that expert's rows ``BLOCK_K`` at a time
     (the reduction dimension), fp32 accumulation; padding rows contribute zero and an expert
     without rows gets zeros. No dense [E, T, ...] temporary and no atomics: each element is one
@@ -633,8 +637,7 @@ def expert_weight_grad_kernel(
     n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
     expert = pid // (m_tiles * n_tiles)
-    m_tile = (pid % (m_tiles * n_tiles)) // n_tiles
-    n_tile = pid % n_tiles
+    m_tile, n_tile = _grouped_tile(pid % (m_tiles * n_tiles), m_tiles, n_tiles, GROUP_M)
     row_start = tl.load(expert_row_end_ptr + expert - 1, mask=expert > 0, other=0)
     row_end = tl.load(expert_row_end_ptr + expert)
 
@@ -657,12 +660,13 @@ def expert_weight_grad_kernel(
         a_t = tl.load(a_ptr + a_rows[None, :] * M + ms[:, None], mask=is_real[None, :] & m_ok[:, None], other=0.0)
         b_mask = is_real[:, None] & n_ok[None, :]
         b = tl.load(b_ptr + b_rows[:, None] * N + ns[None, :], mask=b_mask, other=0.0)
-        if SCALE_B:
-            scale = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)
-            b = (b.to(tl.float32) * scale[:, None]).to(a_t.dtype)
         acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
         if BIAS_GRAD:
-            bias_acc += tl.sum(b.to(tl.float32), axis=0)
+            if WEIGHTED_BIAS_GRAD:
+                row_weight = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)
+                bias_acc += tl.sum(b.to(tl.float32) * row_weight[:, None], axis=0)
+            else:
+                bias_acc += tl.sum(b.to(tl.float32), axis=0)
         if DUAL:
             b2 = tl.load(b2_ptr + b_rows[:, None] * N + ns[None, :], mask=b_mask, other=0.0)
             acc2 = tl.dot(a_t, b2, acc2, input_precision=DOT_PRECISION)

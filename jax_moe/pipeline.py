@@ -19,12 +19,14 @@ import triton
 
 from jax_moe import kernels, reference
 from jax_moe.options import SILU, Activation, Routing
-from jax_moe.tile_configs import TileConfig
+from jax_moe.tile_configs import TileConfig, WeightGradTiles
 
 Launch = Callable[..., tuple[jax.Array, ...]]
 
 # Pairs placed per dispatch program; its rank computation holds a [CHUNK, CHUNK] comparison.
 DISPATCH_CHUNK = 128
+# Most expert ids a dispatch program histograms per step (of all NUM_PAIRS, in every program).
+DISPATCH_HIST_BLOCK = 4096
 # Smallest padded expert count: keeps the routing and dispatch tiles out of degenerate layouts.
 MIN_EXPERTS_PAD = 16
 # Elements of the [BLOCK_T, EXPERTS_PAD] logits tile of one routing program.
@@ -99,7 +101,8 @@ def route(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routi
     return _differentiable_route(routing, launch)(logits, selection_bias)
 
 
-def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: Launch):
+def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: Launch,
+             hist_block: int = DISPATCH_HIST_BLOCK):
     """[T, top_k] expert ids -> sorted_pairs [MAX_BLOCKS * block_m], block_expert [MAX_BLOCKS],
     expert_row_end [EXPERTS_PAD]. See ``kernels.dispatch_kernel`` for their layout."""
     num_pairs = expert_ids.size
@@ -121,6 +124,7 @@ def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: L
         MAX_BLOCKS=blocks,
         CHUNK=DISPATCH_CHUNK,
         NUM_PROGRAMS=num_programs,
+        HIST_BLOCK=min(hist_block, max(DISPATCH_CHUNK, triton.next_power_of_2(num_pairs))),
     )
 
 
@@ -309,11 +313,11 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     num_pairs = num_tokens * top_k
     rows = sorted_pairs.shape[0]
     blocks = block_expert.shape[0]
-    tiles = plan.config.gate_up
+    tiles = plan.config.gate_up_backward
     f_tiles = triton.cdiv(intermediate, tiles.block_n)
     shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     gate_preact, up_preact = saved if saved is not None else (x, x)  # unread when recomputing
-    act, grad_gate, grad_up, grad_weight_parts = plan.launch(
+    weighted_act, grad_gate, grad_up, grad_weight_parts = plan.launch(
         kernels.gate_up_backward_kernel,
         x, params.w_gate, params.w_up, params.w_down, shared_w_gate, shared_w_up, shared_w_down,
         *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
@@ -341,16 +345,16 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
     )
     common = dict(
-        routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
-        params=params, top_k=top_k,
+        launch=plan.launch, dot_precision=plan.dot_precision, routing_weights=flat_weights,
+        sorted_pairs=sorted_pairs, expert_row_end=expert_row_end, params=params, top_k=top_k,
     )
     grad_w_down, grad_shared_w_down, _, _, grad_down_bias, _ = _weight_grad(
-        plan, act, grad_out, None, m_dim=intermediate, n_dim=hidden,
-        a_by_token=False, b_by_token=True, scale_b=True, **common,
+        plan.config.down_weight_grad, weighted_act, grad_out, None, m_dim=intermediate, n_dim=hidden,
+        a_by_token=False, b_by_token=True, weighted_bias_grad=True, **common,
     )
     grad_w_gate, grad_shared_w_gate, grad_w_up, grad_shared_w_up, grad_gate_bias, grad_up_bias = _weight_grad(
-        plan, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
-        a_by_token=True, b_by_token=False, scale_b=False, **common,
+        plan.config.gate_up_weight_grad, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
+        a_by_token=True, b_by_token=False, weighted_bias_grad=False, **common,
     )
     grad_weights = jnp.sum(grad_weight_parts, axis=1).reshape(num_tokens, top_k)
     if params.has_bias:
@@ -372,13 +376,12 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     return grad_x, grad_weights, None, grad_params
 
 
-def _weight_grad(plan: Plan, a, b, b2, *, routing_weights, sorted_pairs, expert_row_end,
-                 params: ExpertWeights, top_k: int, m_dim: int, n_dim: int,
-                 a_by_token: bool, b_by_token: bool, scale_b: bool):
+def _weight_grad(tiles: WeightGradTiles, a, b, b2, *, launch: Launch, dot_precision: str, routing_weights,
+                 sorted_pairs, expert_row_end, params: ExpertWeights, top_k: int, m_dim: int, n_dim: int,
+                 a_by_token: bool, b_by_token: bool, weighted_bias_grad: bool):
     """One launch of ``expert_weight_grad_kernel``: the routed [E, m_dim, n_dim] and shared
     [S, m_dim, n_dim] gradients for ``b`` and (``DUAL``) ``b2``, and with biases the [E, n_dim]
     bias gradients of both. Outputs that don't apply are 1-element placeholders."""
-    tiles = plan.config.weight_grad
     dual = b2 is not None
     num_routed, num_shared = params.num_routed, params.num_shared
     placeholder = jax.ShapeDtypeStruct((1,), a.dtype)
@@ -389,7 +392,7 @@ def _weight_grad(plan: Plan, a, b, b2, *, routing_weights, sorted_pairs, expert_
     routed = jax.ShapeDtypeStruct((num_routed, m_dim, n_dim), a.dtype)
     shared = maybe(num_shared > 0, (num_shared, m_dim, n_dim))
     bias_dtype = params.gate_bias.dtype if params.has_bias else a.dtype
-    return plan.launch(
+    return launch(
         kernels.expert_weight_grad_kernel,
         a, b, b2 if dual else b, routing_weights, sorted_pairs, expert_row_end,
         out_shapes=(
@@ -414,13 +417,14 @@ def _weight_grad(plan: Plan, a, b, b2, *, routing_weights, sorted_pairs, expert_
         N=n_dim,
         A_BY_TOKEN=a_by_token,
         B_BY_TOKEN=b_by_token,
-        SCALE_B=scale_b,
         DUAL=dual,
         BIAS_GRAD=params.has_bias,
+        WEIGHTED_BIAS_GRAD=weighted_bias_grad,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
-        DOT_PRECISION=plan.dot_precision,
+        GROUP_M=tiles.group_m,
+        DOT_PRECISION=dot_precision,
     )
 
 

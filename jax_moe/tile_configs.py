@@ -20,11 +20,12 @@ class GemmTiles:
 @dataclasses.dataclass(frozen=True)
 class WeightGradTiles:
     """Tiles of the per-expert weight gradients: [block_m, block_n] of a gradient, block_k rows
-    of the expert's tokens per step."""
+    of the expert's tokens per step, programs ordered in groups of group_m row tiles."""
 
     block_m: int
     block_n: int
     block_k: int
+    group_m: int
     num_warps: int
     num_stages: int
 
@@ -32,22 +33,42 @@ class WeightGradTiles:
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """Tiles of one layer call. ``block_m`` is shared by dispatch and the row-block GEMMs (gate/up,
-    down, and their backward): it is the row padding of every expert's segment."""
+    down, and their backward): it is the row padding of every expert's segment.
+
+    ``gate_up``: the forward gate/up projections (two accumulators). ``down``: the down projection
+    and, being the same GEMM shape, the backward's input gradient. ``gate_up_backward``: the
+    backward's recomputed gate/up and ``grad_out @ w_down^T`` (three accumulators, so it wants
+    narrower tiles than ``gate_up``). ``down_weight_grad`` (one product) and
+    ``gate_up_weight_grad`` (two products sharing the left operand) reduce over each expert's rows.
+    """
 
     block_m: int
     group_m: int
     gate_up: GemmTiles
     down: GemmTiles
-    weight_grad: WeightGradTiles
+    gate_up_backward: GemmTiles
+    down_weight_grad: WeightGradTiles
+    gate_up_weight_grad: WeightGradTiles
 
     @classmethod
     def from_dict(cls, d: dict) -> TileConfig:
+        gemm_fields = ("gate_up", "down", "gate_up_backward")
         return cls(
             block_m=d["block_m"],
             group_m=d["group_m"],
-            gate_up=GemmTiles(**d["gate_up"]),
-            down=GemmTiles(**d["down"]),
-            weight_grad=WeightGradTiles(**d["weight_grad"]),
+            **{name: GemmTiles(**d[name]) for name in gemm_fields},
+            **{name: WeightGradTiles(**d[name]) for name in ("down_weight_grad", "gate_up_weight_grad")},
+        )
+
+    def narrowed_k(self, factor: int) -> TileConfig:
+        """The same tiles with K tiles ``factor`` times narrower (for wider operands)."""
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: dataclasses.replace(tiles, block_k=max(16, tiles.block_k // factor))
+                for f in dataclasses.fields(self)
+                if dataclasses.is_dataclass(tiles := getattr(self, f.name))
+            },
         )
 
 
@@ -80,10 +101,6 @@ def _candidate_buckets(table: str, shape: str | None):
     yield _parse_buckets(_table("default")["buckets"])
 
 
-def _narrow_k(tiles, factor: int):
-    return dataclasses.replace(tiles, block_k=max(16, tiles.block_k // factor))
-
-
 def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape: str | None = None) -> TileConfig:
     """The config for ``num_pairs`` (tokens * top_k) from ``configs/<table>.json``.
 
@@ -98,13 +115,7 @@ def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape
     for buckets in _candidate_buckets(table, shape):
         for min_pairs, max_pairs, config in buckets:
             if min_pairs <= num_pairs and (max_pairs is None or num_pairs <= max_pairs):
-                factor = max(1, operand_bytes // 2)
-                return dataclasses.replace(
-                    config,
-                    gate_up=_narrow_k(config.gate_up, factor),
-                    down=_narrow_k(config.down, factor),
-                    weight_grad=_narrow_k(config.weight_grad, factor),
-                )
+                return config.narrowed_k(max(1, operand_bytes // 2))
     raise ValueError(f"configs/default.json has no bucket for {num_pairs} pairs (it needs a null max_pairs)")
 
 

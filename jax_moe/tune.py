@@ -8,8 +8,9 @@ over a small candidate grid: every row-block size that suits T, with the gate/up
 entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
 half the smallest); the file keeps entries it already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
 
-``--backward`` also sweeps the weight-gradient tiles, timing forward + backward; with
-``--keep-forward`` it only does that, updating the existing buckets that hold each T:
+``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``down_weight_grad``,
+``gate_up_weight_grad``, one after the other), timing forward + backward; with ``--keep-forward``
+it only does that, updating the existing buckets that hold each T:
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 8192 --backward --keep-forward
 """
@@ -39,14 +40,28 @@ GEMM_CANDIDATES = (
     GemmTiles(block_n=32, block_k=256, num_warps=4, num_stages=3),
 )
 BLOCK_M_CANDIDATES = (16, 32, 64, 128)
-WEIGHT_GRAD_CANDIDATES = (
-    WeightGradTiles(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
-    WeightGradTiles(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+# Three fp32 accumulators: narrower tiles than the forward's keep them out of local memory.
+GATE_UP_BACKWARD_CANDIDATES = (
+    GemmTiles(block_n=64, block_k=64, num_warps=8, num_stages=4),
+    GemmTiles(block_n=64, block_k=128, num_warps=8, num_stages=3),
+    GemmTiles(block_n=128, block_k=64, num_warps=8, num_stages=3),
+    GemmTiles(block_n=64, block_k=64, num_warps=4, num_stages=4),
+    GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
 )
+WEIGHT_GRAD_CANDIDATES = (
+    WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4),
+    WeightGradTiles(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
+    WeightGradTiles(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4),
+    WeightGradTiles(block_m=128, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4),
+)
+BACKWARD_SWEEP = (
+    ("gate_up_backward", GATE_UP_BACKWARD_CANDIDATES),
+    ("down_weight_grad", WEIGHT_GRAD_CANDIDATES),
+    ("gate_up_weight_grad", WEIGHT_GRAD_CANDIDATES),
+)
+BACKWARD_FIELDS = tuple(field for field, _ in BACKWARD_SWEEP)
 
 
 def _block_m_candidates(num_pairs: int, num_experts: int):
@@ -55,8 +70,10 @@ def _block_m_candidates(num_pairs: int, num_experts: int):
     return [m for m in BLOCK_M_CANDIDATES if m <= limit]
 
 
-def _layer(shape: arg_specs.MoeShape, config: TileConfig):
-    plan = pipeline.Plan(config=config, dot_precision="tf32", launch=backend_triton.launch)
+def _layer(shape: arg_specs.MoeShape, config: TileConfig, save_activations: bool = False):
+    plan = pipeline.Plan(
+        config=config, dot_precision="tf32", launch=backend_triton.launch, save_activations=save_activations
+    )
 
     def layer(x, logits, w_gate, w_up, w_down):
         weights, ids = pipeline.route(logits, None, routing=Routing(shape.top_k), launch=backend_triton.launch)
@@ -65,13 +82,13 @@ def _layer(shape: arg_specs.MoeShape, config: TileConfig):
     return layer
 
 
-def _train_step(shape: arg_specs.MoeShape, config: TileConfig):
+def _train_step(shape: arg_specs.MoeShape, config: TileConfig, save_activations: bool = False):
     """Forward and backward: <layer(x), cotangent> and its gradients with respect to every input.
 
     ``value_and_grad``, not ``grad``: without the value XLA drops the forward's GEMMs (the
     backward recomputes what it needs), and the step would time the backward alone.
     """
-    layer = _layer(shape, config)
+    layer = _layer(shape, config, save_activations)
 
     def loss(x, logits, w_gate, w_up, w_down, cotangent):
         return jnp.sum(layer(x, logits, w_gate, w_up, w_down).astype(jnp.float32) * cotangent)
@@ -98,18 +115,20 @@ def _input_sets(shape, num_tokens: int, dtype, with_cotangent: bool = False):
     ]
 
 
-def tune_weight_grad(shape, num_tokens: int, dtype, config: TileConfig) -> TileConfig:
-    """The weight-gradient tiles that make the forward + backward step fastest, other tiles fixed."""
+def tune_backward(shape, num_tokens: int, dtype, config: TileConfig) -> TileConfig:
+    """The backward's tiles that make the forward + backward step fastest, the forward's fixed."""
     input_sets = _input_sets(shape, num_tokens, dtype, with_cotangent=True)
     best, best_us = config, _time(shape, config, input_sets, _train_step)
     start_us = best_us
-    for tiles in WEIGHT_GRAD_CANDIDATES:
-        candidate = dataclasses.replace(config, weight_grad=tiles)
-        us = _time(shape, candidate, input_sets, _train_step)
-        print(f"    weight_grad {tiles}: {us:.1f} us")
-        if us < best_us:
-            best, best_us = candidate, us
-    print(f"  {shape.name} T={num_tokens} forward+backward: {best_us:.1f} us (was {start_us:.1f} us): {best.weight_grad}")
+    for field, candidates in BACKWARD_SWEEP:
+        for tiles in candidates:
+            candidate = dataclasses.replace(best, **{field: tiles})
+            us = _time(shape, candidate, input_sets, _train_step)
+            print(f"    {field} {tiles}: {us:.1f} us")
+            if us < best_us:
+                best, best_us = candidate, us
+    chosen = {field: getattr(best, field) for field in BACKWARD_FIELDS}
+    print(f"  {shape.name} T={num_tokens} forward+backward: {best_us:.1f} us (was {start_us:.1f} us): {chosen}")
     return best
 
 
@@ -143,7 +162,7 @@ def main(argv=None) -> None:
     parser.add_argument("--backward", action="store_true", help="also tune the weight-gradient tiles (training)")
     parser.add_argument(
         "--keep-forward", action="store_true",
-        help="with --backward: keep the table's forward tiles and only update the weight-gradient "
+        help="with --backward: keep the table's forward tiles and only update the backward's "
         "tiles of the buckets holding each T",
     )
     args = parser.parse_args(argv)
@@ -166,10 +185,10 @@ def main(argv=None) -> None:
             for num_tokens in tokens:
                 pairs = num_tokens * shape.top_k
                 bucket = next(b for b in shapes[key] if (b["min_pairs"] or 0) <= pairs <= (b["max_pairs"] or math.inf))
-                config = TileConfig.from_dict(bucket)
-                bucket["weight_grad"] = dataclasses.asdict(tune_weight_grad(shape, num_tokens, jnp.dtype(args.dtype), config).weight_grad)
+                tuned = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), TileConfig.from_dict(bucket))
+                bucket.update({field: dataclasses.asdict(getattr(tuned, field)) for field in BACKWARD_FIELDS})
             output.write_text(json.dumps(table, indent=1) + "\n")
-            print(f"wrote the weight-gradient tiles of {key} to {output}")
+            print(f"wrote the backward tiles of {key} to {output}")
             continue
         buckets = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
@@ -178,7 +197,7 @@ def main(argv=None) -> None:
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
             if args.backward:
-                config = tune_weight_grad(shape, num_tokens, jnp.dtype(args.dtype), config)
+                config = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), config)
             upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
             buckets.append(_bucket(lower, upper, config))
             lower = upper + 1 if upper is not None else None

@@ -28,16 +28,19 @@ def routings(draw):
         )
     )
     block_m = draw(st.sampled_from([16, 32, 64, 128]))
-    return np.array(ids, np.int32).reshape(num_tokens, top_k), num_experts, block_m
+    # Small histogram steps make several steps of the dispatch loop at these sizes.
+    hist_block = draw(st.sampled_from([128, 256, pipeline.DISPATCH_HIST_BLOCK]))
+    return np.array(ids, np.int32).reshape(num_tokens, top_k), num_experts, block_m, hist_block
 
 
 @settings(max_examples=40, deadline=None)
 @given(routings())
 def test_dispatch_metadata(routing):
-    ids, num_experts, block_m = routing
+    ids, num_experts, block_m, hist_block = routing
     num_pairs = ids.size
     sorted_pairs, block_expert, expert_row_end = map(np.asarray, pipeline.dispatch(
-        jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch
+        jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch,
+        hist_block=hist_block,
     ))
     max_blocks = min(num_experts, num_pairs) + -(-num_pairs // block_m)
     assert sorted_pairs.shape == (max_blocks * block_m,) and block_expert.shape == (max_blocks,)
@@ -80,7 +83,7 @@ def test_dispatch_metadata(routing):
 def test_padding_rows_never_reach_the_output(routing, seed):
     """Padding rows carry the sentinel pair NUM_PAIRS, i.e. token T: give the output a guard row T
     and check the kernels leave it poisoned while writing every real row."""
-    ids, num_experts, block_m = routing
+    ids, num_experts, block_m, _ = routing
     num_tokens, top_k = ids.shape
     hidden, intermediate = 24, 20
     rng = np.random.default_rng(seed)

@@ -9,8 +9,11 @@ SHAPE = "E=8,H=64,F=96,k=2,bfloat16"
 
 def _bucket(max_pairs, block_m):
     gemm = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
-    grad = {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3}
-    return {"max_pairs": max_pairs, "block_m": block_m, "group_m": 1, "gate_up": gemm, "down": gemm, "weight_grad": grad}
+    grad = {"block_m": 64, "block_n": 64, "block_k": 32, "group_m": 8, "num_warps": 4, "num_stages": 3}
+    return {
+        "max_pairs": max_pairs, "block_m": block_m, "group_m": 1, "gate_up": gemm, "down": gemm,
+        "gate_up_backward": gemm, "down_weight_grad": grad, "gate_up_weight_grad": grad,
+    }
 
 
 @pytest.fixture
@@ -36,9 +39,10 @@ def test_tuned_shape_first_then_table_then_default(tables):
 def test_wider_operands_get_narrower_k_tiles():
     narrow = tile_configs.select(10_000, operand_bytes=4)
     wide = tile_configs.select(10_000, operand_bytes=2)
-    assert narrow.gate_up.block_k == wide.gate_up.block_k // 2
-    assert narrow.down.block_k == wide.down.block_k // 2
+    for field in ("gate_up", "down", "gate_up_backward", "down_weight_grad", "gate_up_weight_grad"):
+        assert getattr(narrow, field).block_k == getattr(wide, field).block_k // 2, field
     assert narrow.gate_up.block_n == wide.gate_up.block_n
+    assert narrow.down_weight_grad.block_m == wide.down_weight_grad.block_m
 
 
 def test_names():
@@ -53,3 +57,13 @@ def test_tuned_buckets_claim_only_their_range(monkeypatch):
     assert tile_configs.select(50, table="gpu", shape=SHAPE).block_m == 128
     assert tile_configs.select(49, table="gpu", shape=SHAPE) == tile_configs.select(49)
     assert tile_configs.select(101, table="gpu", shape=SHAPE) == tile_configs.select(101)
+
+
+def test_every_shipped_table_parses():
+    for path in tile_configs.CONFIG_DIR.iterdir():
+        if path.name.endswith(".json"):
+            data = tile_configs._table(path.name.removesuffix(".json"))
+            buckets = [*data.get("buckets", []), *(b for entry in data.get("shapes", {}).values() for b in entry)]
+            assert buckets, path.name
+            for bucket in buckets:
+                tile_configs.TileConfig.from_dict(bucket)

@@ -57,3 +57,24 @@ def test_keep_forward_needs_an_existing_entry(tmp_path, monkeypatch):
     output = tmp_path / "table.json"
     with pytest.raises(SystemExit, match="has no entry for E=8,H=4096,F=14336,k=2,bfloat16"):
         tune.main(["--models", "mixtral-8x7b", "--tokens", "8", "--backward", "--keep-forward", "--output", str(output)])
+
+
+def test_kernel_profile_report_sums_ncu_durations(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import kernel_profile
+
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [
+        '"0","gate_up_kernel","gpu__time_duration.sum","us","1,000.5"',
+        '"1","loop_fusion","gpu__time_duration.sum","ns","2500"',
+        '"2","gate_up_kernel","gpu__time_duration.sum","ms","0.5"',
+    ]
+    log = tmp_path / "profile.csv"
+    log.write_text("\n".join(["==PROF== Connected to process 1", header, *rows]) + "\n")
+    kernel_profile.report(str(log))
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["gate_up_kernel"][:2] == ["2", "1500.5"]
+    assert lines["loop_fusion"][:2] == ["1", "2.5"]
+    assert lines["total"] == ["3", "1503.0"]
