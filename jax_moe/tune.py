@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 512, 4096])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--output", type=pathlib.Path, help="default: jax_moe/configs/<gpu>.json")
-    parser.add_argument("--backward", action="store_true", help="also tune the weight-gradient tiles (training)")
+    parser.add_argument("--backward", action="store_true", help="also tune the backward's tiles (training)")
     parser.add_argument(
         "--keep-forward", action="store_true",
         help="with --backward: keep the table's forward tiles and only update the backward's "
