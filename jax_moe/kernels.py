@@ -143,7 +143,7 @@ def dispatch_kernel(
     MAX_BLOCKS: tl.constexpr,
     CHUNK: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,  # = cdiv(NUM_PAIRS, CHUNK)
-    HIST_BLOCK: tl.constexpr,  # expert ids histogrammed per step (a multiple of CHUNK)
+    HIST_BLOCK: tl.constexpr,  # expert ids histogrammed per step (a power of two)
 ):
     """Sorts the (token, slot) pairs by expert, padding each expert's rows to ``BLOCK_M``.
 
