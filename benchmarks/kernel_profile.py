@@ -103,6 +103,8 @@ def main(argv=None):
     parser.add_argument("--time", action="store_true", help="time the call per --tiles instead of profiling")
     parser.add_argument("--report", metavar="CSV", help="summarize an ncu CSV log instead of running")
     args = parser.parse_args(argv)
+    if not args.time and not args.report and len(args.tiles or []) > 1:
+        parser.error("several --tiles need --time: a profile records one call")
     report(args.report) if args.report else run(args)
 
 

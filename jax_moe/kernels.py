@@ -323,6 +323,28 @@ def _gathered_gemm(
 
 
 @triton.jit
+def _gate_up_preactivations(
+    x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
+    gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
+    NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr, INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """fp32 ``x[tokens] @ w_gate[e] (+ gate_bias[e])`` and the same for up, for one row block and
+    column tile: what the forward computes and the backward recomputes."""
+    matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
+    gate, up = _gathered_dual_gemm(
+        x_ptr, tokens, is_real,
+        _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size),
+        _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size),
+        cols, col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )
+    if HAS_BIAS:
+        gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
+        up += _expert_bias(up_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
+    return gate, up
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr,  # [T, H] activations, row-major
     w_gate_ptr,  # [E, H, F] row-major
@@ -371,16 +393,11 @@ def gate_up_kernel(
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
-    matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
-    gate, up = _gathered_dual_gemm(
-        x_ptr, tokens, is_real,
-        _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size),
-        _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size),
-        cols, col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    gate, up = _gate_up_preactivations(
+        x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
+        gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
+        NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, HAS_BIAS,
     )
-    if HAS_BIAS:
-        gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
-        up += _expert_bias(up_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
     act, _, _ = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
     tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
@@ -555,15 +572,11 @@ def gate_up_backward_kernel(
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
 
     if RECOMPUTE:
-        gate, up = _gathered_dual_gemm(
-            x_ptr, tokens, is_real,
-            _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size),
-            _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size),
-            cols, col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        gate, up = _gate_up_preactivations(
+            x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
+            gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
+            NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, HAS_BIAS,
         )
-        if HAS_BIAS:
-            gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
-            up += _expert_bias(up_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
     else:
         gate = tl.load(gate_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
         up = tl.load(up_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
