@@ -119,6 +119,12 @@ def available(shape: arg_specs.MoeShape) -> dict:
     except Exception as e:  # not installed, or its dependencies are not
         print(f"tokamax routes left out: {type(e).__name__}: {e}")
         return routes
+    from absl import flags
+
+    # tokamax reads its absl flags on first use and parses sys.argv then, which fails on this
+    # script's own arguments: leave them at their defaults instead.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     for implementation in ("mosaic", "triton"):
         ragged = functools.partial(tokamax.ragged_dot, implementation=implementation)
         routes[f"tokamax_{implementation}"] = sorted_ragged(shape, ragged)

@@ -78,3 +78,22 @@ def test_kernel_profile_report_sums_ncu_durations(tmp_path, capsys):
     assert lines["gate_up_kernel"][:2] == ["2", "1500.5"]
     assert lines["loop_fusion"][:2] == ["1", "2.5"]
     assert lines["total"] == ["3", "1503.0"]
+
+
+def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic():
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import train_bench
+
+    read_bw, gemm_rate = 3e12, 7e14
+    # Mixtral at T = 8192: 6 GEMM-equivalents of 2 * 16384 * 4096 * 14336 FLOPs, compute-bound.
+    mixtral = arg_specs.MoeShape("m", 8, 2, 4096, 14336)
+    assert train_bench.floor_us(mixtral, 8192, read_bw, gemm_rate) == pytest.approx(
+        9 * 2 * 16384 * 4096 * 14336 / gemm_rate * 1e6
+    )
+    # DeepSeek-V3's routed experts at T = 2048: 256 x 3 x 7168 x 2048 bf16 weights, read twice, written once.
+    deepseek = arg_specs.MoeShape("d", 256, 8, 7168, 2048)
+    assert train_bench.floor_us(deepseek, 2048, read_bw, gemm_rate) == pytest.approx(
+        3 * 256 * 3 * 7168 * 2048 * 2 / read_bw * 1e6
+    )
