@@ -19,7 +19,7 @@ import triton
 
 from jax_moe import kernels, reference
 from jax_moe.options import SILU, Activation, Routing
-from jax_moe.tile_configs import TileConfig, WeightGradTiles
+from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
 Launch = Callable[..., tuple[jax.Array, ...]]
 
@@ -223,11 +223,10 @@ def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: in
     )
 
 
-def _combine(plan: Plan, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights, sorted_pairs,
-             block_expert, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int, n_dim: int,
+def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights,
+             sorted_pairs, block_expert, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int, n_dim: int,
              transposed_b: bool, second_term: bool, scale: bool, out_dtype):
     """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``."""
-    tiles = plan.config.down
     blocks = block_expert.shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
@@ -292,7 +291,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
     )
     flat_weights = weights.reshape(-1)
     out = _combine(
-        plan, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down, params.down_bias,
+        plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down, params.down_bias,
         flat_weights, sorted_pairs, block_expert,
         num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
         n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
@@ -339,7 +338,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         ),
     )
     grad_x = _combine(
-        plan, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up, None,
+        plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up, None,
         flat_weights, sorted_pairs, block_expert,
         num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
         transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,

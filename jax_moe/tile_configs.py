@@ -35,8 +35,10 @@ class TileConfig:
     """Tiles of one layer call. ``block_m`` is shared by dispatch and the row-block GEMMs (gate/up,
     down, and their backward): it is the row padding of every expert's segment.
 
-    ``gate_up``: the forward gate/up projections (two accumulators). ``down``: the down projection
-    and, being the same GEMM shape, the backward's input gradient. ``gate_up_backward``: the
+    ``gate_up``: the forward gate/up projections (two accumulators). ``down``: the down projection.
+    ``input_grad``: the backward's input gradient, the same kernel and GEMM shape as ``down`` but
+    with two terms and transposed weights (more registers: the forward's tiles can spill there).
+    ``gate_up_backward``: the
     backward's recomputed gate/up and ``grad_out @ w_down^T`` (three accumulators, so it wants
     narrower tiles than ``gate_up``). ``down_weight_grad`` (one product) and
     ``gate_up_weight_grad`` (two products sharing the left operand) reduce over each expert's rows.
@@ -46,13 +48,14 @@ class TileConfig:
     group_m: int
     gate_up: GemmTiles
     down: GemmTiles
+    input_grad: GemmTiles
     gate_up_backward: GemmTiles
     down_weight_grad: WeightGradTiles
     gate_up_weight_grad: WeightGradTiles
 
     @classmethod
     def from_dict(cls, d: dict) -> TileConfig:
-        gemm_fields = ("gate_up", "down", "gate_up_backward")
+        gemm_fields = ("gate_up", "down", "input_grad", "gate_up_backward")
         return cls(
             block_m=d["block_m"],
             group_m=d["group_m"],

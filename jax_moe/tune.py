@@ -8,9 +8,9 @@ over a small candidate grid: every row-block size that suits T, with the gate/up
 entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
 half the smallest); the file keeps entries it already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
 
-``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``down_weight_grad``,
-``gate_up_weight_grad``, one after the other), timing forward + backward; with ``--keep-forward``
-it only does that, updating the existing buckets that hold each T:
+``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``input_grad``,
+``down_weight_grad``, ``gate_up_weight_grad``, one after the other), timing forward + backward;
+with ``--keep-forward`` it only does that, updating the existing buckets that hold each T:
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 8192 --backward --keep-forward
 """
@@ -58,6 +58,7 @@ WEIGHT_GRAD_CANDIDATES = (
 )
 BACKWARD_SWEEP = (
     ("gate_up_backward", GATE_UP_BACKWARD_CANDIDATES),
+    ("input_grad", GEMM_CANDIDATES),
     ("down_weight_grad", WEIGHT_GRAD_CANDIDATES),
     ("gate_up_weight_grad", WEIGHT_GRAD_CANDIDATES),
 )

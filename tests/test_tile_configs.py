@@ -12,7 +12,7 @@ def _bucket(max_pairs, block_m):
     grad = {"block_m": 64, "block_n": 64, "block_k": 32, "group_m": 8, "num_warps": 4, "num_stages": 3}
     return {
         "max_pairs": max_pairs, "block_m": block_m, "group_m": 1, "gate_up": gemm, "down": gemm,
-        "gate_up_backward": gemm, "down_weight_grad": grad, "gate_up_weight_grad": grad,
+        "input_grad": gemm, "gate_up_backward": gemm, "down_weight_grad": grad, "gate_up_weight_grad": grad,
     }
 
 
@@ -39,7 +39,7 @@ def test_tuned_shape_first_then_table_then_default(tables):
 def test_wider_operands_get_narrower_k_tiles():
     narrow = tile_configs.select(10_000, operand_bytes=4)
     wide = tile_configs.select(10_000, operand_bytes=2)
-    for field in ("gate_up", "down", "gate_up_backward", "down_weight_grad", "gate_up_weight_grad"):
+    for field in ("gate_up", "down", "input_grad", "gate_up_backward", "down_weight_grad", "gate_up_weight_grad"):
         assert getattr(narrow, field).block_k == getattr(wide, field).block_k // 2, field
     assert narrow.gate_up.block_n == wide.gate_up.block_n
     assert narrow.down_weight_grad.block_m == wide.down_weight_grad.block_m
@@ -67,3 +67,51 @@ def test_every_shipped_table_parses():
             assert buckets, path.name
             for bucket in buckets:
                 tile_configs.TileConfig.from_dict(bucket)
+
+
+def test_every_launch_takes_its_own_fields_tiles():
+    """Each kernel of the forward and backward launches with the tiles of its own config field
+    (traced only: a launcher that records and returns placeholders)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_moe import pipeline
+
+    launches = []
+
+    def record(kernel, *inputs, out_shapes, grid, zeroed_outputs=(), num_warps=None, num_stages=None, **constexprs):
+        launches.append((kernel.__name__, num_warps, num_stages, constexprs.get("BLOCK_N")))
+        return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
+
+    def gemm(block_n, num_warps):
+        return {"block_n": block_n, "block_k": 32, "num_warps": num_warps, "num_stages": num_warps + 1}
+
+    def grad(block_n, num_warps):
+        return {"block_m": 32, "block_n": block_n, "block_k": 16, "group_m": 2, "num_warps": num_warps,
+                "num_stages": num_warps + 1}
+
+    config = tile_configs.TileConfig.from_dict({
+        "block_m": 16, "group_m": 1, "gate_up": gemm(16, 1), "down": gemm(32, 2), "input_grad": gemm(64, 4),
+        "gate_up_backward": gemm(128, 8), "down_weight_grad": grad(16, 16), "gate_up_weight_grad": grad(32, 32),
+    })
+    plan = pipeline.Plan(config=config, dot_precision="ieee", launch=record)
+    num_tokens, hidden, intermediate, num_experts, top_k = 8, 24, 40, 4, 2
+    params = pipeline.ExpertWeights(
+        jnp.ones((num_experts, hidden, intermediate)), jnp.ones((num_experts, hidden, intermediate)),
+        jnp.ones((num_experts, intermediate, hidden)),
+    )
+
+    def loss(x, params):
+        ids = jnp.zeros((num_tokens, top_k), jnp.int32)
+        return jnp.sum(pipeline.experts(x, jnp.ones((num_tokens, top_k)), ids, params, plan=plan))
+
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1)), jnp.ones((num_tokens, hidden)), params)
+    tiled = [(name, warps, stages, block_n) for name, warps, stages, block_n in launches if name != "dispatch_kernel"]
+    assert tiled == [
+        ("gate_up_kernel", 1, 2, 16),
+        ("expert_gemm_combine_kernel", 2, 3, 32),
+        ("gate_up_backward_kernel", 8, 9, 128),
+        ("expert_gemm_combine_kernel", 4, 5, 64),
+        ("expert_weight_grad_kernel", 16, 17, 16),
+        ("expert_weight_grad_kernel", 32, 33, 32),
+    ]
