@@ -23,6 +23,11 @@ def gpu_slug() -> str:
     return tile_configs.gpu_table_name(jax.devices()[0].device_kind)
 
 
+def results_name(kind: str = "", quick: bool = False, tag: str = "") -> str:
+    """``<gpu>[-kind][-quick][-tag]``: a results file's name without its suffix."""
+    return "-".join(part for part in (gpu_slug(), kind, "quick" if quick else "", tag) if part)
+
+
 def measure_read_bandwidth() -> float:
     """Bytes/s of a large reduction (4 GiB of bf16 read once)."""
     data = jax.random.normal(jax.random.key(0), (1 << 31,), jnp.bfloat16)

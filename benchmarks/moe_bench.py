@@ -127,7 +127,7 @@ def main(argv=None):
     print(head)
     tokens, skewed = (QUICK_TOKENS, QUICK_SKEWED_TOKENS) if args.quick else (TOKENS, SKEWED_TOKENS)
     rows = []
-    name = common.gpu_slug() + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    name = common.results_name(quick=args.quick, tag=args.tag)
     for shape in arg_specs.MODELS:
         if shape.name in args.models:
             rows += run_model(shape, tokens, skewed, read_bw, gemm_rate)

@@ -54,7 +54,7 @@ def floor_us(shape, num_tokens: int, read_bw: float, gemm_rate: float) -> float:
     """The step's lower bound: its GEMMs at the GEMM rate, or every expert's three bf16 matrices
     read by the forward, read by the backward and their gradients written, at the read bandwidth
     (every expert gets tokens at these T). Activations and recomputation are left out."""
-    weight_bytes = shape.num_experts * 3 * shape.hidden * shape.intermediate * 2
+    weight_bytes = shape.weight_bytes(jnp.bfloat16)
     return max(step_flops(shape, num_tokens) / gemm_rate, 3 * weight_bytes / read_bw) * 1e6
 
 
@@ -134,7 +134,7 @@ def main(argv=None):
     head = common.header(read_bw, gemm_rate)
     print(head)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-    name = common.gpu_slug() + "-train" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    name = common.results_name("train", quick=args.quick, tag=args.tag)
     rows = []
     for shape in MODELS:
         if shape.name in args.models:

@@ -596,7 +596,9 @@ def gate_up_backward_kernel(
     )
     routing_weight = tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
     d_act = g * routing_weight
-    tl.store(weighted_act_ptr + offsets, (act * routing_weight).to(weighted_act_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(
+        weighted_act_ptr + offsets, (act * routing_weight).to(weighted_act_ptr.dtype.element_ty), mask=col_ok[None, :]
+    )
     tl.store(grad_gate_ptr + offsets, (d_act * act_by_gate).to(grad_gate_ptr.dtype.element_ty), mask=col_ok[None, :])
     tl.store(grad_up_ptr + offsets, (d_act * act_by_up).to(grad_up_ptr.dtype.element_ty), mask=col_ok[None, :])
 

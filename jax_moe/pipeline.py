@@ -224,8 +224,8 @@ def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: in
 
 
 def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights,
-             sorted_pairs, block_expert, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int, n_dim: int,
-             transposed_b: bool, second_term: bool, scale: bool, out_dtype):
+             sorted_pairs, block_expert, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int,
+             n_dim: int, transposed_b: bool, second_term: bool, scale: bool, out_dtype):
     """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``."""
     blocks = block_expert.shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
@@ -291,8 +291,8 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
     )
     flat_weights = weights.reshape(-1)
     out = _combine(
-        plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down, params.down_bias,
-        flat_weights, sorted_pairs, block_expert,
+        plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down,
+        params.down_bias, flat_weights, sorted_pairs, block_expert,
         num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
         n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
     )
@@ -338,21 +338,21 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         ),
     )
     grad_x = _combine(
-        plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up, None,
-        flat_weights, sorted_pairs, block_expert,
+        plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up,
+        None, flat_weights, sorted_pairs, block_expert,
         num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
         transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
     )
     common = dict(
-        launch=plan.launch, dot_precision=plan.dot_precision, routing_weights=flat_weights,
-        sorted_pairs=sorted_pairs, expert_row_end=expert_row_end, params=params, top_k=top_k,
+        routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
+        params=params, top_k=top_k,
     )
     grad_w_down, grad_shared_w_down, _, _, grad_down_bias, _ = _weight_grad(
-        plan.config.down_weight_grad, weighted_act, grad_out, None, m_dim=intermediate, n_dim=hidden,
+        plan, plan.config.down_weight_grad, weighted_act, grad_out, None, m_dim=intermediate, n_dim=hidden,
         a_by_token=False, b_by_token=True, weighted_bias_grad=True, **common,
     )
     grad_w_gate, grad_shared_w_gate, grad_w_up, grad_shared_w_up, grad_gate_bias, grad_up_bias = _weight_grad(
-        plan.config.gate_up_weight_grad, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
+        plan, plan.config.gate_up_weight_grad, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
         a_by_token=True, b_by_token=False, weighted_bias_grad=False, **common,
     )
     grad_weights = jnp.sum(grad_weight_parts, axis=1).reshape(num_tokens, top_k)
@@ -375,9 +375,9 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     return grad_x, grad_weights, None, grad_params
 
 
-def _weight_grad(tiles: WeightGradTiles, a, b, b2, *, launch: Launch, dot_precision: str, routing_weights,
-                 sorted_pairs, expert_row_end, params: ExpertWeights, top_k: int, m_dim: int, n_dim: int,
-                 a_by_token: bool, b_by_token: bool, weighted_bias_grad: bool):
+def _weight_grad(plan: Plan, tiles: WeightGradTiles, a, b, b2, *, routing_weights, sorted_pairs, expert_row_end,
+                 params: ExpertWeights, top_k: int, m_dim: int, n_dim: int, a_by_token: bool, b_by_token: bool,
+                 weighted_bias_grad: bool):
     """One launch of ``expert_weight_grad_kernel``: the routed [E, m_dim, n_dim] and shared
     [S, m_dim, n_dim] gradients for ``b`` and (``DUAL``) ``b2``, and with biases the [E, n_dim]
     bias gradients of both. Outputs that don't apply are 1-element placeholders."""
@@ -391,7 +391,7 @@ def _weight_grad(tiles: WeightGradTiles, a, b, b2, *, launch: Launch, dot_precis
     routed = jax.ShapeDtypeStruct((num_routed, m_dim, n_dim), a.dtype)
     shared = maybe(num_shared > 0, (num_shared, m_dim, n_dim))
     bias_dtype = params.gate_bias.dtype if params.has_bias else a.dtype
-    return launch(
+    return plan.launch(
         kernels.expert_weight_grad_kernel,
         a, b, b2 if dual else b, routing_weights, sorted_pairs, expert_row_end,
         out_shapes=(
@@ -423,7 +423,7 @@ def _weight_grad(tiles: WeightGradTiles, a, b, b2, *, launch: Launch, dot_precis
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         GROUP_M=tiles.group_m,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=plan.dot_precision,
     )
 
 

@@ -38,10 +38,10 @@ class TileConfig:
     ``gate_up``: the forward gate/up projections (two accumulators). ``down``: the down projection.
     ``input_grad``: the backward's input gradient, the same kernel and GEMM shape as ``down`` but
     with two terms and transposed weights (more registers: the forward's tiles can spill there).
-    ``gate_up_backward``: the
-    backward's recomputed gate/up and ``grad_out @ w_down^T`` (three accumulators, so it wants
-    narrower tiles than ``gate_up``). ``down_weight_grad`` (one product) and
-    ``gate_up_weight_grad`` (two products sharing the left operand) reduce over each expert's rows.
+    ``gate_up_backward``: the backward's recomputed gate/up and ``grad_out @ w_down^T`` (three
+    accumulators, so it wants narrower tiles than ``gate_up``). ``down_weight_grad`` (one product)
+    and ``gate_up_weight_grad`` (two products sharing the left operand) reduce over each expert's
+    rows.
     """
 
     block_m: int

@@ -1,4 +1,7 @@
+import importlib
 import os
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -33,3 +36,12 @@ def key(seed) -> jax.Array:
 @pytest.fixture
 def rng(seed) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def benchmark_module():
+    """Imports a script of ``benchmarks/`` by name (they import each other as top-level modules)."""
+    path = str(pathlib.Path(__file__).parents[1] / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jax_moe import tile_configs
+from jax_moe import arg_specs, tile_configs
 
 SHAPE = "E=8,H=64,F=96,k=2,bfloat16"
 
@@ -69,19 +69,9 @@ def test_every_shipped_table_parses():
                 tile_configs.TileConfig.from_dict(bucket)
 
 
-def test_every_launch_takes_its_own_fields_tiles():
+def test_every_launch_takes_its_own_fields_tiles(benchmark_module):
     """Each kernel of the forward and backward launches with the tiles of its own config field
-    (traced only: a launcher that records and returns placeholders)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jax_moe import pipeline
-
-    launches = []
-
-    def record(kernel, *inputs, out_shapes, grid, zeroed_outputs=(), num_warps=None, num_stages=None, **constexprs):
-        launches.append((kernel.__name__, num_warps, num_stages, constexprs.get("BLOCK_N")))
-        return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
+    (the training step traced with kernel_resources' recording launcher: nothing runs)."""
 
     def gemm(block_n, num_warps):
         return {"block_n": block_n, "block_k": 32, "num_warps": num_warps, "num_stages": num_warps + 1}
@@ -94,19 +84,12 @@ def test_every_launch_takes_its_own_fields_tiles():
         "block_m": 16, "group_m": 1, "gate_up": gemm(16, 1), "down": gemm(32, 2), "input_grad": gemm(64, 4),
         "gate_up_backward": gemm(128, 8), "down_weight_grad": grad(16, 16), "gate_up_weight_grad": grad(32, 32),
     })
-    plan = pipeline.Plan(config=config, dot_precision="ieee", launch=record)
-    num_tokens, hidden, intermediate, num_experts, top_k = 8, 24, 40, 4, 2
-    params = pipeline.ExpertWeights(
-        jnp.ones((num_experts, hidden, intermediate)), jnp.ones((num_experts, hidden, intermediate)),
-        jnp.ones((num_experts, intermediate, hidden)),
-    )
-
-    def loss(x, params):
-        ids = jnp.zeros((num_tokens, top_k), jnp.int32)
-        return jnp.sum(pipeline.experts(x, jnp.ones((num_tokens, top_k)), ids, params, plan=plan))
-
-    jax.eval_shape(jax.grad(loss, argnums=(0, 1)), jnp.ones((num_tokens, hidden)), params)
-    tiled = [(name, warps, stages, block_n) for name, warps, stages, block_n in launches if name != "dispatch_kernel"]
+    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=24, intermediate=40)
+    records = benchmark_module("kernel_resources").trace(shape, 8, True, config)
+    tiled = [
+        (r.kernel.__name__, r.num_warps, r.num_stages, r.constexprs["BLOCK_N"])
+        for r in records if r.kernel.__name__ not in ("route_kernel", "dispatch_kernel")
+    ]
     assert tiled == [
         ("gate_up_kernel", 1, 2, 16),
         ("expert_gemm_combine_kernel", 2, 3, 32),

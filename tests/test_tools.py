@@ -59,12 +59,8 @@ def test_keep_forward_needs_an_existing_entry(tmp_path, monkeypatch):
         tune.main(["--models", "mixtral-8x7b", "--tokens", "8", "--backward", "--keep-forward", "--output", str(output)])
 
 
-def test_kernel_profile_report_sums_ncu_durations(tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
-    import kernel_profile
-
+def test_kernel_profile_report_sums_ncu_durations(tmp_path, capsys, benchmark_module):
+    kernel_profile = benchmark_module("kernel_profile")
     header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
     rows = [
         '"0","gate_up_kernel","gpu__time_duration.sum","us","1,000.5"',
@@ -80,14 +76,11 @@ def test_kernel_profile_report_sums_ncu_durations(tmp_path, capsys):
     assert lines["total"] == ["3", "1503.0"]
 
 
-def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic():
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
-    import train_bench
-
+def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic(benchmark_module):
+    train_bench = benchmark_module("train_bench")
     read_bw, gemm_rate = 3e12, 7e14
-    # Mixtral at T = 8192: 6 GEMM-equivalents of 2 * 16384 * 4096 * 14336 FLOPs, compute-bound.
+    # Mixtral at T = 8192, compute-bound: the forward's three GEMMs of 2 * 16384 * 4096 * 14336
+    # FLOPs each, and the backward's six.
     mixtral = arg_specs.MoeShape("m", 8, 2, 4096, 14336)
     assert train_bench.floor_us(mixtral, 8192, read_bw, gemm_rate) == pytest.approx(
         9 * 2 * 16384 * 4096 * 14336 / gemm_rate * 1e6
@@ -97,3 +90,11 @@ def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic():
     assert train_bench.floor_us(deepseek, 2048, read_bw, gemm_rate) == pytest.approx(
         3 * 256 * 3 * 7168 * 2048 * 2 / read_bw * 1e6
     )
+
+
+def test_results_names(benchmark_module, monkeypatch):
+    common = benchmark_module("common")
+    monkeypatch.setattr(common, "gpu_slug", lambda: "nvidia-h100-80gb-hbm3")
+    assert common.results_name(quick=True) == "nvidia-h100-80gb-hbm3-quick"
+    assert common.results_name("train", tag="session4") == "nvidia-h100-80gb-hbm3-train-session4"
+    assert common.results_name("train", quick=True, tag="x") == "nvidia-h100-80gb-hbm3-train-quick-x"
