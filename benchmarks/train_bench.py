@@ -25,7 +25,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jax_moe import arg_specs
+from jax_moe import arg_specs, timing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import common  # noqa: E402
@@ -59,21 +59,10 @@ def floor_us(shape, num_tokens: int, read_bw: float, gemm_rate: float) -> float:
 
 
 def _train_step(layer):
-    """Loss and every gradient, each reduced to a few of its elements at once.
-
-    The layer computes every gradient in full (a kernel's output can't be computed in part); the
-    tiny slice sums keep them from piling up over back-to-back calls (2 x 21 GB of weight
-    gradients for DeepSeek-V3) without adding passes over them to the timed step.
-    """
-
     def loss(x, logits, wg, wu, wd, cotangent):
         return jnp.sum(layer(x, logits, wg, wu, wd, {}).astype(jnp.float32) * cotangent)
 
-    def step(x, logits, wg, wu, wd, cotangent):
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, logits, wg, wu, wd, cotangent)
-        return value, grads[0], grads[1], jnp.stack([jnp.sum(g[..., :8].astype(jnp.float32)) for g in grads[2:]])
-
-    return jax.jit(step)
+    return timing.train_step(loss)
 
 
 def run_model(shape, token_counts, read_bw, gemm_rate) -> list[dict]:

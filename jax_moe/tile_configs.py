@@ -20,7 +20,11 @@ class GemmTiles:
 @dataclasses.dataclass(frozen=True)
 class WeightGradTiles:
     """Tiles of the per-expert weight gradients: [block_m, block_n] of a gradient, block_k rows
-    of the expert's tokens per step, programs ordered in groups of group_m row tiles."""
+    of the expert's tokens per step, programs ordered in groups of group_m row tiles.
+
+    Each step loads its rows' token ids before gathering through them, and Triton's pipeliner
+    gives that chain two of the num_stages: 5 keeps three tiles of rows in flight (what 3 gives a
+    forward GEMM), 3 and 4 only two."""
 
     block_m: int
     block_n: int

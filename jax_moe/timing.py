@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 METHOD = (
     "jit-compiled; {warmup} warm-up calls; then {repeats} repeats of {calls} back-to-back calls "
@@ -33,6 +34,25 @@ def median_call_us(
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(samples)
+
+
+def train_step(loss: Callable) -> Callable:
+    """``loss(x, logits, w_gate, w_up, w_down, cotangent)``'s value and gradients with respect to its
+    first five arguments, jitted, each weight gradient reduced to the sum of a few of its elements.
+
+    ``value_and_grad``, not ``grad``: without the value XLA drops the forward's GEMMs (the
+    backward recomputes what it needs), and a step would time the backward alone. The layer still
+    computes every gradient in full (a kernel's output can't be computed in part); the tiny slice
+    sums keep them from piling up over back-to-back calls (2 x 21 GB of weight gradients for
+    DeepSeek-V3) without adding passes over them to the timed step.
+    """
+
+    def step(x, logits, w_gate, w_up, w_down, cotangent):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, logits, w_gate, w_up, w_down, cotangent)
+        weight_grad_sums = jnp.stack([jnp.sum(g[..., :8].astype(jnp.float32)) for g in grads[2:]])
+        return value, grads[0], grads[1], weight_grad_sums
+
+    return jax.jit(step)
 
 
 def describe(*, calls: int = 20, repeats: int = 7, warmup: int = 3, sets: int = 1) -> str:

@@ -48,13 +48,15 @@ GATE_UP_BACKWARD_CANDIDATES = (
     GemmTiles(block_n=64, block_k=64, num_warps=4, num_stages=4),
     GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
 )
+# num_stages 5 and 7: the token-id load takes two stages (see WeightGradTiles).
 WEIGHT_GRAD_CANDIDATES = (
     WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4),
-    WeightGradTiles(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
-    WeightGradTiles(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4),
-    WeightGradTiles(block_m=128, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4),
+    WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=5),
+    WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=16, num_warps=8, num_stages=5),
+    WeightGradTiles(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=7),
+    WeightGradTiles(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=5),
+    WeightGradTiles(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=5),
+    WeightGradTiles(block_m=128, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=5),
 )
 BACKWARD_SWEEP = (
     ("gate_up_backward", GATE_UP_BACKWARD_CANDIDATES),
@@ -84,17 +86,13 @@ def _layer(shape: arg_specs.MoeShape, config: TileConfig, save_activations: bool
 
 
 def _train_step(shape: arg_specs.MoeShape, config: TileConfig, save_activations: bool = False):
-    """Forward and backward: <layer(x), cotangent> and its gradients with respect to every input.
-
-    ``value_and_grad``, not ``grad``: without the value XLA drops the forward's GEMMs (the
-    backward recomputes what it needs), and the step would time the backward alone.
-    """
+    """Forward and backward: <layer(x), cotangent> and its gradients (``timing.train_step``)."""
     layer = _layer(shape, config, save_activations)
 
     def loss(x, logits, w_gate, w_up, w_down, cotangent):
         return jnp.sum(layer(x, logits, w_gate, w_up, w_down).astype(jnp.float32) * cotangent)
 
-    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+    return timing.train_step(loss)
 
 
 def _time(shape, config, input_sets, build=_layer) -> float:

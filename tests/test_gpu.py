@@ -121,6 +121,9 @@ GRAD_CASES = [
     (arg_specs.DEEPSEEK_V3.with_experts(32), 128, "bfloat16", 2e-2),
     (arg_specs.QWEN3_30B_A3B, 256, "bfloat16", 2e-2),
     (arg_specs.QWEN3_30B_A3B.with_experts(16), 64, "float32", 1e-4),
+    # Prefill sizes: the tuned tables' largest buckets (deep weight-gradient pipelines).
+    (arg_specs.MIXTRAL_8X7B, 2048, "bfloat16", 2e-2),
+    (arg_specs.QWEN3_30B_A3B, 2048, "bfloat16", 2e-2),
 ]
 
 
