@@ -48,7 +48,8 @@ GATE_UP_BACKWARD_CANDIDATES = (
     GemmTiles(block_n=64, block_k=64, num_warps=4, num_stages=4),
     GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
 )
-# num_stages 5 and 7: the token-id load takes two stages (see WeightGradTiles).
+# num_stages 5 and 7: the token-id load takes two stages (see WeightGradTiles). 128 x 256 fits
+# the single down-projection gradient only; the gate/up one exceeds shared memory and is skipped.
 WEIGHT_GRAD_CANDIDATES = (
     WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
     WeightGradTiles(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=5),
