@@ -407,8 +407,7 @@ def fused_moe(
       save_activations: for the backward pass of the kernel backends, keep the gate and up
         pre-activations (``2 * rows * F`` elements, rows ~ T*top_k) instead of recomputing them;
         see ``pipeline.Plan``. The default saves only the dispatch metadata. Saving skips two of
-        the backward's eight GEMM-equivalents (Mixtral, T = 8192, H100: a training step 46.3 ->
-        41.6 ms for 0.94 GB more residuals per layer).
+        the backward's eight GEMM-equivalents (measured trade-off: benchmarks/README.md).
       return_routing: also return the routing, for auxiliary losses or logging.
 
     Differentiable once with respect to hidden_states, router_logits (through the routing
