@@ -26,6 +26,33 @@ import triton
 import triton.language as tl
 
 
+# Below every key _ranking_keys makes (the high half of -NaN's), so an excluded entry never wins.
+NO_KEY = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _ranking_keys(values, ids, IDS_PAD: tl.constexpr):
+    """int64 keys that order like the fp32 ``values`` in ``jax.lax.top_k``'s total order (-0.0
+    below 0.0, NaN above inf), ties going to the lower id: the value's bits, made to order as
+    integers, then ``IDS_PAD - 1 - id``. One max reduction finds the best value and its id."""
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (IDS_PAD - 1 - ids).to(tl.int64)
+
+
+@triton.jit
+def _key_id(keys, IDS_PAD: tl.constexpr):
+    """The id a key was made with."""
+    return IDS_PAD - 1 - keys.to(tl.int32)
+
+
+@triton.jit
+def _key_value(keys):
+    """The fp32 value a key was made with."""
+    ordered = (keys >> 32).to(tl.int32)
+    return tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def route_kernel(
     logits_ptr,  # [T, E] any float dtype, row-major
@@ -60,6 +87,10 @@ def route_kernel(
     * picks the ``TOP_K`` best experts left (ties go to the lower index, like ``jax.lax.top_k``) and
       writes their unbiased scores, divided by their sum when ``RENORMALIZE``, times
       ``SCALING_FACTOR``, with their expert ids.
+
+    Every pick is one max reduction over int64 keys that pack a value with its id
+    (``_ranking_keys``): the latency of one token's ~30 dependent picks (DeepSeek-V3) is what
+    routing costs at decode sizes.
     """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     experts = tl.arange(0, EXPERTS_PAD)
@@ -85,43 +116,36 @@ def route_kernel(
     if HAS_SELECTION_BIAS:
         bias = tl.load(selection_bias_ptr + experts, mask=experts < NUM_EXPERTS, other=0.0)
         ranking = scores + bias[None, :]
-    ranking = tl.where(available, ranking, -float("inf"))
+
+    keys = tl.where(available, _ranking_keys(ranking, experts[None, :], EXPERTS_PAD), NO_KEY)
 
     if NUM_GROUPS > 1:
+        # Group scores live beside the experts, each expert holding its group's: everything stays
+        # in the [BLOCK_T, EXPERTS_PAD] layout, with no layout conversions between the steps.
         group_size: tl.constexpr = NUM_EXPERTS // NUM_GROUPS
-        group_of = experts // group_size
-        groups = tl.arange(0, GROUPS_PAD)
-        group_scores = tl.full([BLOCK_T, GROUPS_PAD], -float("inf"), tl.float32)
+        group_of = (experts // group_size)[None, :]
+        group_scores = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.float32)
         for group in tl.static_range(NUM_GROUPS):
-            members = available & (group_of == group)[None, :]
-            best = tl.max(tl.where(members, ranking, -float("inf")), axis=1)
-            group_score = best
+            member_keys = tl.where(group_of == group, keys, NO_KEY)
+            best = tl.max(member_keys, axis=1)
+            group_score = _key_value(best)
             if group_size > 1:
-                best_at = tl.min(tl.where(members & (ranking == best[:, None]), experts[None, :], EXPERTS_PAD), axis=1)
-                others = members & (experts[None, :] != best_at[:, None])
-                group_score += tl.max(tl.where(others, ranking, -float("inf")), axis=1)
-            group_scores = tl.where(groups[None, :] == group, group_score[:, None], group_scores)
-        open_groups = token_ok[:, None] & (groups < NUM_GROUPS)[None, :]
+                group_score += _key_value(tl.max(tl.where(member_keys == best[:, None], NO_KEY, member_keys), axis=1))
+            group_scores = tl.where(group_of == group, group_score[:, None], group_scores)
+        group_keys = tl.where(available, _ranking_keys(group_scores, group_of, GROUPS_PAD), NO_KEY)
         kept = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.int1)
         for _ in tl.static_range(TOP_GROUPS):
-            best = tl.max(tl.where(open_groups, group_scores, -float("inf")), axis=1)
-            is_best = open_groups & (group_scores == best[:, None])
-            choice = tl.min(tl.where(is_best, groups[None, :], GROUPS_PAD), axis=1)
-            open_groups = open_groups & (groups[None, :] != choice[:, None])
-            kept = kept | (group_of[None, :] == choice[:, None])
-        available = available & kept
+            chosen_group = group_of == _key_id(tl.max(group_keys, axis=1), GROUPS_PAD)[:, None]
+            kept = kept | chosen_group
+            group_keys = tl.where(chosen_group, NO_KEY, group_keys)
+        keys = tl.where(kept, keys, NO_KEY)
 
-    chosen_scores = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.float32)
     chosen_ids = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
     for slot in tl.static_range(TOP_K):
-        best = tl.max(tl.where(available, ranking, -float("inf")), axis=1)
-        is_best = available & (ranking == best[:, None])
-        choice = tl.min(tl.where(is_best, experts[None, :], EXPERTS_PAD), axis=1)
-        is_choice = experts[None, :] == choice[:, None]
-        chosen = tl.sum(tl.where(is_choice, scores, 0.0), axis=1)
-        chosen_scores = tl.where(slots[None, :] == slot, chosen[:, None], chosen_scores)
+        choice = _key_id(tl.max(keys, axis=1), EXPERTS_PAD)
         chosen_ids = tl.where(slots[None, :] == slot, choice[:, None], chosen_ids)
-        available = available & ~is_choice
+        keys = tl.where(experts[None, :] == choice[:, None], NO_KEY, keys)
+    chosen_scores = tl.where(slots[None, :] < TOP_K, tl.gather(scores, chosen_ids, 1), 0.0)
 
     if RENORMALIZE:
         chosen_scores = chosen_scores / tl.sum(chosen_scores, axis=1)[:, None]
@@ -141,8 +165,9 @@ def dispatch_kernel(
     EXPERTS_PAD: tl.constexpr,  # next power of two >= E
     BLOCK_M: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
-    CHUNK: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,  # = cdiv(NUM_PAIRS, CHUNK)
+    CHUNK: tl.constexpr,  # pairs placed per program (a power of two)
+    BLOCKS_PER_STEP: tl.constexpr,  # row blocks described per step (a power of two)
+    NUM_PROGRAMS: tl.constexpr,  # >= cdiv(NUM_PAIRS, CHUNK)
     HIST_BLOCK: tl.constexpr,  # expert ids histogrammed per step (a power of two)
 ):
     """Sorts the (token, slot) pairs by expert, padding each expert's rows to ``BLOCK_M``.
@@ -151,15 +176,17 @@ def dispatch_kernel(
     ``NUM_PAIRS`` expert ids itself, ``HIST_BLOCK`` at a time (few long steps: the loop's cost is
     its memory latency per step; it costs no host sync and no second launch). Program ``p``
 
-    * places its own ``CHUNK`` pairs ``[p * CHUNK, (p + 1) * CHUNK)``: the row of a pair is its
-      expert's padded segment start, plus the pairs of that expert in earlier chunks, plus those
-      earlier in this chunk. The order is therefore stable (by pair index within an expert);
-    * marks its grid-stride share of the rows that hold no pair (each segment's padding and every row
-      past the last segment) with the sentinel ``NUM_PAIRS``;
-    * writes its grid-stride share of the block -> expert map;
+    * places its own ``CHUNK`` pairs ``[p * CHUNK, (p + 1) * CHUNK)`` (none when that lies past
+      the pairs): the row of a pair is its expert's padded segment start, plus the pairs of that
+      expert in earlier chunks, plus those earlier in this chunk. The order is therefore stable
+      (by pair index within an expert);
+    * describes its grid-stride share of the row blocks, ``BLOCKS_PER_STEP`` at a time: writes
+      each block's expert (-1 past the last segment) and marks the block's rows that hold no pair
+      (a segment's padding, every row of an unused block) with the sentinel ``NUM_PAIRS``;
     * program 0 also writes where each expert's rows end (the start is the previous expert's end).
 
-    Every row and every block is written by exactly one program.
+    Every row and every block is written by exactly one program. Small layers get more programs
+    than chunks of pairs, so that describing the blocks is spread over the chip too.
     """
     pid = tl.program_id(0)
     lanes = tl.arange(0, CHUNK)
@@ -182,33 +209,31 @@ def dispatch_kernel(
     if pid == 0:
         tl.store(expert_row_end_ptr + experts, segment_end)
 
-    pairs = my_start + lanes
-    in_range = pairs < NUM_PAIRS
-    ids = tl.load(expert_ids_ptr + pairs, mask=in_range, other=0)
-    same_expert_earlier = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
-    rank_in_chunk = tl.sum(same_expert_earlier.to(tl.int32), axis=1)
-    row = tl.gather(segment_start + before_me, ids, 0) + rank_in_chunk
-    tl.store(sorted_pairs_ptr + row, pairs, mask=in_range)
+    if my_start < NUM_PAIRS:
+        pairs = my_start + lanes
+        in_range = pairs < NUM_PAIRS
+        ids = tl.load(expert_ids_ptr + pairs, mask=in_range, other=0)
+        same_expert_earlier = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
+        rank_in_chunk = tl.sum(same_expert_earlier.to(tl.int32), axis=1)
+        row = tl.gather(segment_start + before_me, ids, 0) + rank_in_chunk
+        tl.store(sorted_pairs_ptr + row, pairs, mask=in_range)
 
-    for row_start in range(my_start, MAX_BLOCKS * BLOCK_M, NUM_PROGRAMS * CHUNK):
-        rows = row_start + lanes
-        # The segment holding a row is the first whose end lies beyond it.
-        owner = tl.sum((rows[:, None] >= segment_end[None, :]).to(tl.int32), axis=1)
-        owner_clamped = tl.minimum(owner, EXPERTS_PAD - 1)
-        real_end = tl.gather(segment_start + counts, owner_clamped, 0)
-        is_filler = (rows >= real_end) | (rows >= rows_in_use)
+    block_lanes = tl.arange(0, BLOCKS_PER_STEP)
+    for block_start in range(pid * BLOCKS_PER_STEP, MAX_BLOCKS, NUM_PROGRAMS * BLOCKS_PER_STEP):
+        blocks = block_start + block_lanes
+        first_rows = blocks * BLOCK_M
+        # Segments are padded to whole blocks: a block's segment is the first ending beyond it.
+        owner = tl.sum((first_rows[:, None] >= segment_end[None, :]).to(tl.int32), axis=1)
+        in_use = first_rows < rows_in_use
+        tl.store(block_expert_ptr + blocks, tl.where(in_use, owner, -1), mask=blocks < MAX_BLOCKS)
+        # Past the last segment owner is EXPERTS_PAD: clamped, its real end lies below every row.
+        real_end = tl.gather(segment_start + counts, tl.minimum(owner, EXPERTS_PAD - 1), 0)
+        rows = first_rows[:, None] + tl.arange(0, BLOCK_M)[None, :]
         tl.store(
             sorted_pairs_ptr + rows,
-            tl.full([CHUNK], NUM_PAIRS, tl.int32),
-            mask=(rows < MAX_BLOCKS * BLOCK_M) & is_filler,
+            tl.full([BLOCKS_PER_STEP, BLOCK_M], NUM_PAIRS, tl.int32),
+            mask=(blocks < MAX_BLOCKS)[:, None] & (rows >= real_end[:, None]),
         )
-
-    for block_start in range(my_start, MAX_BLOCKS, NUM_PROGRAMS * CHUNK):
-        blocks = block_start + lanes
-        first_rows = blocks * BLOCK_M
-        owner = tl.sum((first_rows[:, None] >= segment_end[None, :]).to(tl.int32), axis=1)
-        expert = tl.where(first_rows < rows_in_use, owner, -1)
-        tl.store(block_expert_ptr + blocks, expert, mask=blocks < MAX_BLOCKS)
 
 
 @triton.jit
@@ -419,7 +444,7 @@ def expert_gemm_combine_kernel(
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
     out_ptr,  # out [T, N]
-    partial_ptr,  # out (scratch) [NUM_PAIRS, N] float32, one row per pair (TOP_K > 1)
+    partial_ptr,  # out (scratch) [NUM_PAIRS, N] float32 or bfloat16, one row per pair (TOP_K > 1)
     arrivals_ptr,  # out (scratch, zeroed before launch) [T, cdiv(N, BLOCK_N)] int32 (TOP_K > 1)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -449,8 +474,9 @@ def expert_gemm_combine_kernel(
     tile of ``BLOCK_N`` output columns and computes its rows' products in fp32.
 
     With ``TOP_K == 1`` a row is its token's result. Otherwise each pair's row goes to ``partial``
-    and the program counts one arrival per (token, column tile); the program that brings a token's
-    count to ``TOP_K`` sums the token's ``TOP_K`` partial rows in slot order and writes the result.
+    (rounded to its dtype) and the program counts one arrival per (token, column tile); the program
+    that brings a token's count to ``TOP_K`` sums the token's ``TOP_K`` partial rows in fp32, in
+    slot order, and writes the result.
     The sum's order never depends on scheduling, so every run gives the same bits, with no extra
     launch. The rows of one block hold distinct pairs, so their counters are updated once each.
     """
@@ -485,7 +511,7 @@ def expert_gemm_combine_kernel(
         tl.store(out_ptrs, acc.to(out_dtype), mask=is_real[:, None] & col_ok[None, :])
     else:
         partial_rows = partial_ptr + pairs.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(partial_rows, acc, mask=is_real[:, None] & col_ok[None, :])
+        tl.store(partial_rows, acc.to(partial_ptr.dtype.element_ty), mask=is_real[:, None] & col_ok[None, :])
         # Every thread's partial stores must be done before any thread announces the arrival;
         # the acq_rel atomic then publishes them to the program that finishes the token.
         tl.debug_barrier()
@@ -503,7 +529,7 @@ def expert_gemm_combine_kernel(
                 mask=finishes[:, None] & col_ok[None, :],
                 other=0.0,
                 cache_modifier=".cg",
-            )
+            ).to(tl.float32)
         out_ptrs = out_ptr + tokens[:, None] * N + cols[None, :]
         tl.store(out_ptrs, total.to(out_dtype), mask=finishes[:, None] & col_ok[None, :])
 

@@ -6,7 +6,11 @@ For each model and token count T it times the fused forward (route + dispatch + 
 over a small candidate grid: every row-block size that suits T, with the gate/up tiles chosen first
 (down tiles at the default) and then the down tiles. The winners become buckets of that shape's
 entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
-half the smallest); the file keeps entries it already had for other shapes. ``jax_moe`` picks the file up by the GPU's name at trace time.
+half the smallest). The file keeps entries it already had for other shapes, and this shape's
+buckets that hold none of the tuned counts: tuning decode sizes leaves the prefill buckets alone,
+
+    python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
+ ``jax_moe`` picks the file up by the GPU's name at trace time.
 
 ``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``input_grad``,
 ``down_weight_grad``, ``gate_up_weight_grad``, one after the other), timing forward + backward;
@@ -31,10 +35,15 @@ from jax_moe import arg_specs, backend_triton, pipeline, timing, tile_configs
 from jax_moe.options import Routing
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
+# The 4-warp narrow tiles are for decode, where every program streams weights: more, smaller
+# programs even out the last wave, a deeper K tile keeps more bytes in flight per program.
 GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
+    GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
+    GemmTiles(block_n=64, block_k=256, num_warps=4, num_stages=3),
     GemmTiles(block_n=128, block_k=64, num_warps=4, num_stages=4),
     GemmTiles(block_n=128, block_k=64, num_warps=8, num_stages=3),
+    GemmTiles(block_n=128, block_k=64, num_warps=8, num_stages=4),
     GemmTiles(block_n=64, block_k=64, num_warps=4, num_stages=5),
     GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3),
     GemmTiles(block_n=32, block_k=256, num_warps=4, num_stages=3),
@@ -153,6 +162,26 @@ def _bucket(min_pairs: int, max_pairs: int | None, config: TileConfig) -> dict:
     return {"min_pairs": min_pairs, "max_pairs": max_pairs, **dataclasses.asdict(config)}
 
 
+def _pair_range(bucket: dict) -> tuple[int, float]:
+    return bucket.get("min_pairs") or 0, math.inf if bucket["max_pairs"] is None else bucket["max_pairs"]
+
+
+def merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]:
+    """``old`` buckets that hold none of the tuned pair counts, and each ``(pairs, bucket)`` of
+    ``tuned`` cut back to the part of its range around ``pairs`` that no kept bucket claims."""
+    kept = [b for b in old if not any(lo <= p <= hi for p, _ in tuned for lo, hi in [_pair_range(b)])]
+    merged = list(kept)
+    for pairs, bucket in tuned:
+        lo, hi = _pair_range(bucket)
+        for kept_lo, kept_hi in map(_pair_range, kept):
+            if kept_hi < pairs:
+                lo = max(lo, kept_hi + 1)
+            elif kept_lo > pairs:
+                hi = min(hi, kept_lo - 1)
+        merged.append({**bucket, "min_pairs": lo, "max_pairs": None if hi == math.inf else hi})
+    return sorted(merged, key=lambda b: b.get("min_pairs") or 0)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, choices=[m.name for m in arg_specs.MODELS])
@@ -190,7 +219,7 @@ def main(argv=None) -> None:
             output.write_text(json.dumps(table, indent=1) + "\n")
             print(f"wrote the backward tiles of {key} to {output}")
             continue
-        buckets = []
+        tuned = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
         # claims down to half its own, so smaller counts keep the fallback configs.
         lower = tokens[0] * shape.top_k // 2
@@ -199,9 +228,9 @@ def main(argv=None) -> None:
             if args.backward:
                 config = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), config)
             upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
-            buckets.append(_bucket(lower, upper, config))
+            tuned.append((num_tokens * shape.top_k, _bucket(lower, upper, config)))
             lower = upper + 1 if upper is not None else None
-        shapes[key] = buckets
+        shapes[key] = merge_buckets(shapes.get(key, []), tuned)
         output.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {key} to {output}")
 

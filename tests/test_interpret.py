@@ -53,14 +53,16 @@ def test_route_kernel_matches_numpy(key, renormalize):
 
 
 def test_route_kernel_breaks_ties_like_lax_top_k():
-    # bf16 logits collide often; -inf logits must still yield distinct experts.
+    # bf16 logits collide often; -inf logits must still yield distinct experts; lax.top_k puts
+    # 0.0 above -0.0.
     logits = jnp.array(
-        [[1.0, 3.0, 3.0, 0.5, 3.0], [-jnp.inf, 2.0, -jnp.inf, -jnp.inf, -jnp.inf]], jnp.bfloat16
+        [[1.0, 3.0, 3.0, 0.5, 3.0], [-jnp.inf, 2.0, -jnp.inf, -jnp.inf, -jnp.inf], [-1.0, -0.0, 0.0, -0.0, -2.0]],
+        jnp.bfloat16,
     )
     _, ids = jax_moe.route(logits, top_k=3, backend="interpret")
     _, ref_ids = jax.lax.top_k(logits.astype(jnp.float32), 3)
     np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_array_equal(ids, [[1, 2, 4], [1, 0, 2]])
+    np.testing.assert_array_equal(ids, [[1, 2, 4], [1, 0, 2], [2, 1, 3]])
 
 
 def test_leading_dims_and_jit(key):
