@@ -1,8 +1,11 @@
 """Tile configs as data: lookup order, buckets, dtype adjustment."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from jax_moe import arg_specs, tile_configs
+from jax_moe import arg_specs, pipeline, tile_configs
+from jax_moe.options import Routing
 
 SHAPE = "E=8,H=64,F=96,k=2,bfloat16"
 
@@ -98,3 +101,26 @@ def test_every_launch_takes_its_own_fields_tiles(benchmark_module):
         ("expert_weight_grad_kernel", 16, 17, 16),
         ("expert_weight_grad_kernel", 32, 33, 32),
     ]
+
+
+@pytest.mark.parametrize("dtype, partial_dtype", [("bfloat16", "bfloat16"), ("float16", "float32"), ("float32", "float32")])
+def test_top_k_combines_keep_partial_rows_in_bf16_only_for_bf16(benchmark_module, dtype, partial_dtype):
+    """The forward's and the input gradient's combines write their partial rows in bf16 for bf16
+    layers (half the traffic), in fp32 otherwise (fp16 terms could overflow where their sum does not)."""
+    records = []
+    plan = pipeline.Plan(
+        config=tile_configs.select(16), dot_precision="tf32",
+        launch=benchmark_module("kernel_resources").recording_launcher(records),
+    )
+    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=24, intermediate=40)
+    inputs = arg_specs.random_inputs(shape, 8, dtype, jax.random.key(0))
+
+    def loss(x, w_gate, w_up, w_down):
+        weights, ids = pipeline.route(inputs.router_logits, None, routing=Routing(2), launch=plan.launch)
+        out = pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
+        return jnp.sum(out.astype(jnp.float32))
+
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), inputs.hidden_states, inputs.w_gate, inputs.w_up, inputs.w_down)
+    combines = [r for r in records if r.kernel.__name__ == "expert_gemm_combine_kernel"]
+    # Operands, then the outputs: the result, the partial rows, the arrival counters.
+    assert [r.pointer_dtypes[-3:] for r in combines] == [[dtype, partial_dtype, "int32"]] * 2
