@@ -7,10 +7,13 @@ over a small candidate grid: every row-block size that suits T, with the gate/up
 (down tiles at the default) and then the down tiles. The winners become buckets of that shape's
 entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
 half the smallest). The file keeps entries it already had for other shapes, and this shape's
-buckets that hold none of the tuned counts: tuning decode sizes leaves the prefill buckets alone,
+buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart:
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
- ``jax_moe`` picks the file up by the GPU's name at trace time.
+
+``jax_moe`` picks the file up by the GPU's name at trace time. A bucket's tiles are measured at its
+own T only: tune the token counts you serve (small row blocks chosen at T = 32 ran 1.2-1.3x slower at T = 64
+for Mixtral, where an expert's rows span several blocks that each stream its weights).
 
 ``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``input_grad``,
 ``down_weight_grad``, ``gate_up_weight_grad``, one after the other), timing forward + backward;
@@ -35,8 +38,9 @@ from jax_moe import arg_specs, backend_triton, pipeline, timing, tile_configs
 from jax_moe.options import Routing
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
-# The 4-warp narrow tiles are for decode, where every program streams weights: more, smaller
-# programs even out the last wave, a deeper K tile keeps more bytes in flight per program.
+# Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
+# and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
+# for mid-size T.
 GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
     GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
