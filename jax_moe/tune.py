@@ -12,8 +12,8 @@ buckets that hold none of the tuned counts, so decode and prefill sizes can be t
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
 
 ``jax_moe`` picks the file up by the GPU's name at trace time. A bucket's tiles are measured at its
-own T only: tune the token counts you serve (small row blocks chosen at T = 32 ran 1.2-1.3x slower at T = 64
-for Mixtral, where an expert's rows span several blocks that each stream its weights).
+own T only: tune the token counts you serve (Mixtral's small row blocks chosen at T = 32 ran
+1.2-1.3x slower at T = 64, where an expert's rows span several blocks that each stream its weights).
 
 ``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``input_grad``,
 ``down_weight_grad``, ``gate_up_weight_grad``, one after the other), timing forward + backward;
