@@ -103,7 +103,9 @@ def test_every_launch_takes_its_own_fields_tiles(benchmark_module):
     ]
 
 
-@pytest.mark.parametrize("dtype, partial_dtype", [("bfloat16", "bfloat16"), ("float16", "float32"), ("float32", "float32")])
+@pytest.mark.parametrize(
+    "dtype, partial_dtype", [("bfloat16", "bfloat16"), ("float16", "float32"), ("float32", "float32")]
+)
 def test_top_k_combines_keep_partial_rows_in_bf16_only_for_bf16(benchmark_module, dtype, partial_dtype):
     """The forward's and the input gradient's combines write their partial rows in bf16 for bf16
     layers (half the traffic), in fp32 otherwise (fp16 terms could overflow where their sum does not)."""
@@ -120,7 +122,8 @@ def test_top_k_combines_keep_partial_rows_in_bf16_only_for_bf16(benchmark_module
         out = pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
         return jnp.sum(out.astype(jnp.float32))
 
-    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), inputs.hidden_states, inputs.w_gate, inputs.w_up, inputs.w_down)
+    weights = (inputs.w_gate, inputs.w_up, inputs.w_down)
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), inputs.hidden_states, *weights)
     combines = [r for r in records if r.kernel.__name__ == "expert_gemm_combine_kernel"]
     # Operands, then the outputs: the result, the partial rows, the arrival counters.
     assert [r.pointer_dtypes[-3:] for r in combines] == [[dtype, partial_dtype, "int32"]] * 2
