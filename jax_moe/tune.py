@@ -170,7 +170,7 @@ def _pair_range(bucket: dict) -> tuple[int, float]:
     return bucket.get("min_pairs") or 0, math.inf if bucket["max_pairs"] is None else bucket["max_pairs"]
 
 
-def merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]:
+def _merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]:
     """``old`` buckets that hold none of the tuned pair counts, and each ``(pairs, bucket)`` of
     ``tuned`` cut back to the part of its range around ``pairs`` that no kept bucket claims."""
     kept = [b for b in old if not any(lo <= p <= hi for p, _ in tuned for lo, hi in [_pair_range(b)])]
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
             upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
             tuned.append((num_tokens * shape.top_k, _bucket(lower, upper, config)))
             lower = upper + 1 if upper is not None else None
-        shapes[key] = merge_buckets(shapes.get(key, []), tuned)
+        shapes[key] = _merge_buckets(shapes.get(key, []), tuned)
         output.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {key} to {output}")
 

@@ -59,12 +59,12 @@ def test_tuning_new_token_counts_keeps_the_buckets_that_hold_none_of_them():
 
     prefill = [bucket(512, 2896, "old 512"), bucket(2897, None, "old 8192")]
     decode = [(2, bucket(1, 4, "new 1")), (16, bucket(5, 44, "new 8")), (128, bucket(45, None, "new 64"))]
-    merged = tune.merge_buckets(prefill, decode)
+    merged = tune._merge_buckets(prefill, decode)
     assert [(b["min_pairs"], b["max_pairs"], b["tag"]) for b in merged] == [
         (1, 4, "new 1"), (5, 44, "new 8"), (45, 511, "new 64"), (512, 2896, "old 512"), (2897, None, "old 8192"),
     ]
     # A tuned count inside an old bucket replaces it; one kept between two tuned counts splits them.
-    merged = tune.merge_buckets(prefill + [bucket(0, 100, "old decode")], [(128, bucket(64, 1024, "new 64")),
+    merged = tune._merge_buckets(prefill + [bucket(0, 100, "old decode")], [(128, bucket(64, 1024, "new 64")),
                                                                            (8192, bucket(1025, None, "new 4096"))])
     assert [(b["min_pairs"], b["max_pairs"], b["tag"]) for b in merged] == [
         (0, 100, "old decode"), (101, 511, "new 64"), (512, 2896, "old 512"), (2897, None, "new 4096"),
