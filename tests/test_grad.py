@@ -127,4 +127,7 @@ def test_reference_matches_finite_differences(key):
     # Logits far apart: a finite-difference step must not change which experts are chosen.
     logits = jnp.array([[2.0, 0.0, -2.0], [-2.0, 0.0, 2.0]])
     f = lambda x, l, *ws: jax_moe.reference.fused_moe(x, l, *ws, top_k=2)
-    check_grads(f, (inputs.hidden_states, logits, *inputs.as_args()[2:]), order=1, modes=("rev",), eps=1e-2, atol=5e-3, rtol=5e-3)
+    # The layer is about cubic in a joint step of x and the three weights, so central differences
+    # are off by ~eps^2 / 6 times its third derivative along check_grads' unnormalized random
+    # direction: eps = 1e-2 failed 14 of 201 seeds, 1e-3 none (float32 rounding stays well inside).
+    check_grads(f, (inputs.hidden_states, logits, *inputs.as_args()[2:]), order=1, modes=("rev",), eps=1e-3, atol=5e-3, rtol=5e-3)
