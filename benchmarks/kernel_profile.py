@@ -45,24 +45,25 @@ def run(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jax_moe import arg_specs, tile_configs, timing, tune
+    from jax_moe import arg_specs, tile_configs, tune
 
     shape = next(m for m in arg_specs.MODELS if m.name == args.model)
-    pairs = args.tokens * shape.top_k
     selected = tile_configs.select(
-        pairs, 2, tile_configs.gpu_table_name(jax.devices()[0].device_kind),
-        tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, "bfloat16"),
+        args.tokens * (shape.top_k + shape.num_shared), 2,
+        tile_configs.gpu_table_name(jax.devices()[0].device_kind), shape.tile_key(jnp.bfloat16),
     )
     build = tune._train_step if args.train else tune._layer
-    input_sets = tune._input_sets(shape, args.tokens, jnp.bfloat16, with_cotangent=args.train)
-    for tiles in args.tiles or ["{}"]:
-        config = tile_configs.TileConfig.from_dict({**dataclasses.asdict(selected), **json.loads(tiles)})
-        step = jax.jit(build(shape, config, save_activations=args.save_activations))
-        if args.time:
-            us = timing.median_call_us(step, input_sets, calls=10, repeats=3, warmup=1)
-            print(f"{us:10.1f} us  {tiles}", flush=True)
+    input_sets = tune._input_sets(shape, args.tokens, jnp.bfloat16, with_cotangent=args.train, routing=args.routing)
+    overrides = args.tiles or ["{}"]
+    configs = [
+        tile_configs.TileConfig.from_dict({**dataclasses.asdict(selected), **json.loads(tiles)}) for tiles in overrides
+    ]
     if args.time:
+        for tiles, us in zip(overrides, tune.time_configs(shape, configs, input_sets, build, args.save_activations)):
+            print(f"{us:10.1f} us  {tiles}", flush=True)
         return
+    config = configs[0]
+    step = jax.jit(tune._with_tiles(build, shape, config, args.save_activations))
     print(config)
     inputs = input_sets[0]
     jax.block_until_ready(step(*inputs))
@@ -95,6 +96,7 @@ def main(argv=None):
     parser.add_argument("--model", default="mixtral-8x7b")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--routing", default="uniform", choices=["uniform", "zipf"], help="router logits")
     parser.add_argument("--save-activations", action="store_true")
     parser.add_argument(
         "--tiles", action="append",

@@ -15,14 +15,15 @@ and floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_moe
-from jax_moe import arg_specs
+from jax_moe import arg_specs, timing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import common  # noqa: E402
@@ -32,6 +33,7 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SKEWED_TOKENS = (32, 512, 4096)
 QUICK_TOKENS = (1, 8, 64, 512, 4096)
 QUICK_SKEWED_TOKENS = (512,)
+DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b"]
 # Routes whose cost grows with every expert (not only the chosen ones) are skipped beyond this.
 MAX_DENSE_SECONDS = 0.05
 PARITY_TOKENS = 64
@@ -46,42 +48,68 @@ def floor_us(shape, num_tokens, ids, read_bw, gemm_rate) -> float:
     return max((weight_bytes + activation_bytes) / read_bw, flops / gemm_rate) * 1e6
 
 
-def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate) -> list[dict]:
-    key = jax.random.key(0)
-    weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, key)
+def _case_inputs(shape, num_tokens, routing, w):
+    keys = jax.random.split(jax.random.key(num_tokens), 2 * common.INPUT_SETS)
+    sets = []
+    for i in range(common.INPUT_SETS):
+        x = jax.random.normal(keys[2 * i], (num_tokens, shape.hidden), jnp.bfloat16)
+        if routing == "uniform":
+            logits = jax.random.normal(keys[2 * i + 1], (num_tokens, shape.num_experts))
+        else:
+            logits = arg_specs.zipf_router_logits(keys[2 * i + 1], num_tokens, shape.num_experts)
+        sets.append((x, logits, *w))
+    return sets
+
+
+def _skip_reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error)[:160]}"
+
+
+def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -> list[dict]:
+    weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
     w = (weights.w_gate, weights.w_up, weights.w_down, weights.extras)
-    layers = {name: jax.jit(fn) for name, fn in routes.available(shape).items()}
-    reference = layers["dense_einsum"]
-    rows = []
+    layers = routes.available(shape)
     cases = [(t, "uniform") for t in token_counts] + [(t, "zipf1.2") for t in skewed_counts]
-    for num_tokens, routing in cases:
-        keys = jax.random.split(jax.random.key(num_tokens), 2 * common.INPUT_SETS)
-        sets = []
-        for i in range(common.INPUT_SETS):
-            x = jax.random.normal(keys[2 * i], (num_tokens, shape.hidden), jnp.bfloat16)
-            if routing == "uniform":
-                logits = jax.random.normal(keys[2 * i + 1], (num_tokens, shape.num_experts))
-            else:
-                logits = arg_specs.zipf_router_logits(keys[2 * i + 1], num_tokens, shape.num_experts)
-            sets.append((x, logits, *w))
+    inputs = {case: _case_inputs(shape, *case, w) for case in cases}
+
+    def costs_every_expert(num_tokens):
+        return 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
+
+    programs = {}
+    for case, sets in inputs.items():
+        # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
+        parity_args = (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *w)
+        programs[("reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
+        for name, fn in layers.items():
+            if not (name in ("dense_einsum", "ragged_dot") and costs_every_expert(case[0]) > MAX_DENSE_SECONDS):
+                programs[(name, *case)] = (fn, sets[0])
+    start = time.perf_counter()
+    compiled = timing.compile_all(programs, threads)
+    print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s ({threads} threads)")
+
+    rows = []
+    for case, sets in inputs.items():
+        num_tokens, routing = case
         _, ids = routes.route(shape, sets[0][1], weights.extras)
         floor = floor_us(shape, num_tokens, ids, read_bw, gemm_rate)
-        dense_seconds = 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
-        # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
-        x0, logits0 = sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS]
-        ref_out = reference(x0, logits0, *w)
+        parity_args = (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *w)
+        ref_out = compiled[("reference", parity_args[0].shape[0])](*parity_args)
         case_rows = []
-        for name, layer in layers.items():
+        for name in layers:
             row = {"model": shape.name, "T": num_tokens, "routing": routing, "route": name, "floor_us": floor}
-            if name in ("dense_einsum", "ragged_dot") and dense_seconds > MAX_DENSE_SECONDS:
-                row["skipped"] = f"costs every expert: ~{dense_seconds * 1e3:.0f} ms of GEMM at the measured rate"
+            executable = compiled.get((name, *case))
+            if executable is None:
+                dense_ms = costs_every_expert(num_tokens) * 1e3
+                row["skipped"] = f"costs every expert: ~{dense_ms:.0f} ms of GEMM at the measured rate"
+            elif isinstance(executable, Exception):
+                row["skipped"] = _skip_reason(executable)
             else:
                 try:
-                    row["rel_err"] = common.rel_error(layer(*sets[0])[:PARITY_TOKENS], ref_out)
-                    row["time_us"] = common.time_route(layer, sets)
+                    row["rel_err"] = common.rel_error(executable(*sets[0])[:PARITY_TOKENS], ref_out)
+                    row["time_us"] = common.time_route(executable, sets)
                     row["floor_fraction"] = floor / row["time_us"]
-                except Exception as e:  # a third-party route that can't take this shape
-                    row["skipped"] = f"{type(e).__name__}: {str(e)[:160]}"
+                except Exception as e:
+                    row["skipped"] = _skip_reason(e)
             case_rows.append(row)
         common.add_speedup(case_rows)
         common.print_table(case_rows, COLUMNS)
@@ -119,8 +147,14 @@ def plot(rows, path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer token counts (about 3 minutes)")
-    parser.add_argument("--models", nargs="+", default=[m.name for m in arg_specs.MODELS])
+    parser.add_argument(
+        "--models", nargs="+", default=DEFAULT_MODELS, choices=[m.name for m in arg_specs.MODELS],
+        help=f"default: {' '.join(DEFAULT_MODELS)}",
+    )
     parser.add_argument("--tag", default="", help="appended to the results' file name")
+    parser.add_argument(
+        "--compile-threads", type=int, default=min(16, os.cpu_count() or 1), help="XLA compiles run at a time"
+    )
     args = parser.parse_args(argv)
     read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
     head = common.header(read_bw, gemm_rate)
@@ -130,7 +164,7 @@ def main(argv=None):
     name = common.results_name(quick=args.quick, tag=args.tag)
     for shape in arg_specs.MODELS:
         if shape.name in args.models:
-            rows += run_model(shape, tokens, skewed, read_bw, gemm_rate)
+            rows += run_model(shape, tokens, skewed, read_bw, gemm_rate, args.compile_threads)
             # Written after each model, so that a run cut short keeps what it measured.
             path = common.write(name, head, rows, COLUMNS + ["skipped"])
             plot(rows, path.with_suffix(".png"))

@@ -249,11 +249,12 @@ def _launcher(backend: str):
     return backend_interpret.launch
 
 
-def _tile_config(backend: str, num_pairs: int, w_gate, top_k: int) -> tile_configs.TileConfig:
-    """Tuned tiles for this GPU and layer shape where configs/ has them, else the fallbacks."""
+def _tile_config(backend: str, num_pairs: int, w_gate, top_k: int, num_shared: int) -> tile_configs.TileConfig:
+    """Tuned tiles for this GPU and layer shape where configs/ has them, else the fallbacks.
+    ``num_pairs`` counts the shared experts' rows too; ``top_k`` only the routed choices."""
     num_experts, hidden, intermediate = w_gate.shape
     dtype = jnp.dtype(w_gate.dtype)
-    shape = tile_configs.shape_key(num_experts, hidden, intermediate, top_k, dtype.name)
+    shape = tile_configs.shape_key(num_experts, hidden, intermediate, top_k, dtype.name, num_shared)
     if backend == "triton":
         table = tile_configs.gpu_table_name(jax.devices()[0].device_kind)
         return tile_configs.select(num_pairs, dtype.itemsize, table=table, shape=shape)
@@ -456,7 +457,9 @@ def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared
         ids.reshape(num_tokens, slots),
         params,
         plan=pipeline.Plan(
-            config=_tile_config(backend, num_tokens * slots, params.w_gate, slots),
+            config=_tile_config(
+                backend, num_tokens * slots, params.w_gate, slots - params.num_shared, params.num_shared
+            ),
             dot_precision=_dot_precision(hidden_states.dtype),
             launch=_launcher(backend),
             save_activations=bool(save_activations),

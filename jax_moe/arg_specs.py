@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax_moe import tile_configs
+
 
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
@@ -39,6 +41,12 @@ class MoeShape:
             top_k=self.top_k, renormalize=self.renormalize, scoring=self.scoring,
             num_groups=self.num_groups, top_groups=self.top_groups,
             routed_scaling_factor=self.routed_scaling_factor, activation=self.activation,
+        )
+
+    def tile_key(self, dtype) -> str:
+        """The name of this layer's entry in a tuned tile table (``tile_configs.shape_key``)."""
+        return tile_configs.shape_key(
+            self.num_experts, self.hidden, self.intermediate, self.top_k, jnp.dtype(dtype).name, self.num_shared
         )
 
     def with_experts(self, num_experts: int) -> MoeShape:

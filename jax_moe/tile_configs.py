@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -82,9 +84,26 @@ class TileConfig:
 CONFIG_DIR = resources.files("jax_moe").joinpath("configs")
 
 
-def shape_key(num_experts: int, hidden: int, intermediate: int, top_k: int, dtype) -> str:
-    """How a tuned table names a layer shape, e.g. ``E=8,H=4096,F=14336,k=2,bfloat16``."""
-    return f"E={num_experts},H={hidden},F={intermediate},k={top_k},{dtype}"
+_FORCED = contextvars.ContextVar("jax_moe_forced_tile_config", default=None)
+
+
+def shape_key(num_experts: int, hidden: int, intermediate: int, top_k: int, dtype, num_shared: int = 0) -> str:
+    """How a tuned table names a layer shape: ``E=8,H=4096,F=14336,k=2,bfloat16``, or with
+    ``num_shared`` shared experts ``E=256,H=7168,F=2048,k=8,S=1,bfloat16`` (their rows, T per
+    shared expert, change which tiles win)."""
+    shared = f"S={num_shared}," if num_shared else ""
+    return f"E={num_experts},H={hidden},F={intermediate},k={top_k},{shared}{dtype}"
+
+
+@contextlib.contextmanager
+def use(config: TileConfig):
+    """Layers traced inside this context take ``config`` (narrowed for wider operands as
+    ``select`` narrows), whatever the tables say: how the tuner and A/B scripts try tiles."""
+    token = _FORCED.set(config)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def _parse_buckets(buckets: list[dict]) -> tuple[tuple[int, int | None, TileConfig], ...]:
@@ -118,7 +137,10 @@ def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape
 
     Configs are written for 2-byte operands; wider operands get proportionally narrower K tiles,
     which keeps every pipeline stage's shared memory (and so the fit on the chip) unchanged.
+    Inside ``use(config)`` that config is returned instead.
     """
+    if (forced := _FORCED.get()) is not None:
+        return forced.narrowed_k(max(1, operand_bytes // 2))
     for buckets in _candidate_buckets(table, shape):
         for min_pairs, max_pairs, config in buckets:
             if min_pairs <= num_pairs and (max_pairs is None or num_pairs <= max_pairs):

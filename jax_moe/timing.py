@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,36 @@ def median_call_us(
     return statistics.median(samples)
 
 
+def compile_all(programs: Mapping[Hashable, tuple[Callable, tuple]], threads: int) -> dict:
+    """``{key: (fn, args)}`` -> ``{key: jit(fn) compiled for args, or the exception that stopped it}``.
+
+    Lowering runs in the calling thread, one program after another: tracing (and the Triton
+    compiles that jax-triton does while lowering) is Python. XLA's compiles release the GIL and run
+    ``threads`` at a time. XLA autotunes GEMMs on the GPU while compiling, and concurrent autotuning
+    can run out of GPU memory: a compile that fails in the pool is retried alone. Everything is
+    compiled before this returns, so that no compile competes with a timed call for the host.
+    """
+    results, lowered, futures = {}, {}, {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        for key, (fn, args) in programs.items():
+            try:
+                lowered[key] = jax.jit(fn).lower(*args)
+            except Exception as e:  # e.g. a route that can't take this shape
+                results[key] = e
+                continue
+            futures[key] = pool.submit(lowered[key].compile)
+        concurrent.futures.wait(futures.values())
+    for key, future in futures.items():
+        try:
+            results[key] = future.result() if future.exception() is None else lowered[key].compile()
+        except Exception as e:  # e.g. tiles that need more shared memory than the chip has
+            results[key] = e
+    return results
+
+
 def train_step(loss: Callable) -> Callable:
-    """``loss(x, logits, w_gate, w_up, w_down, cotangent)``'s value and gradients with respect to its
-    first five arguments, jitted, each weight gradient reduced to the sum of a few of its elements.
+    """``loss(x, logits, w_gate, w_up, w_down, cotangent, *rest)``'s value and gradients with respect
+    to its first five arguments (``rest``, e.g. a family's extra arrays, gets none), jitted, each weight gradient reduced to the sum of a few of its elements.
 
     ``value_and_grad``, not ``grad``: without the value XLA drops the forward's GEMMs (the
     backward recomputes what it needs), and a step would time the backward alone. The layer still
@@ -47,8 +75,10 @@ def train_step(loss: Callable) -> Callable:
     DeepSeek-V3) without adding passes over them to the timed step.
     """
 
-    def step(x, logits, w_gate, w_up, w_down, cotangent):
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, logits, w_gate, w_up, w_down, cotangent)
+    def step(x, logits, w_gate, w_up, w_down, cotangent, *rest):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(
+            x, logits, w_gate, w_up, w_down, cotangent, *rest
+        )
         weight_grad_sums = jnp.stack([jnp.sum(g[..., :8].astype(jnp.float32)) for g in grads[2:]])
         return value, grads[0], grads[1], weight_grad_sums
 

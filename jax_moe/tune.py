@@ -2,10 +2,12 @@
 
     python -m jax_moe.tune --models mixtral-8x7b qwen3-30b-a3b --tokens 1 16 64 512 4096
 
-For each model and token count T it times the fused forward (route + dispatch + gate/up + down)
-over a small candidate grid: every row-block size that suits T, with the gate/up tiles chosen first
-(down tiles at the default) and then the down tiles. The winners become buckets of that shape's
-entry, split at the geometric midpoints between the tuned token counts (and claiming nothing below
+For each model and token count T it times the layer as its users run it (``fused_moe`` with the
+family's routing, biases, activation and shared experts; random router logits) over a small
+candidate grid: every row-block size that suits T with every gate/up candidate (down tiles as the
+table has them), then every down candidate with the winner. Each grid is compiled first, several
+programs at a time, then timed one program after another. The winners become buckets of that
+shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split at the geometric midpoints between the tuned token counts (and claiming nothing below
 half the smallest). The file keeps entries it already had for other shapes, and this shape's
 buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart:
 
@@ -28,15 +30,21 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import triton
 
-from jax_moe import arg_specs, backend_triton, pipeline, timing, tile_configs
-from jax_moe.options import Routing
+import jax_moe
+from jax_moe import arg_specs, backend_triton, timing, tile_configs
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
+
+COMPILE_THREADS = min(16, os.cpu_count() or 1)
+# Row tiles grouped 8 at a time: where an expert's rows span several blocks (large T, or skewed
+# routing at small T), the programs that read the same weight tile run together and share it in L2.
+GROUP_M = 8
 
 # Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
@@ -87,78 +95,123 @@ def _block_m_candidates(num_pairs: int, num_experts: int):
     return [m for m in BLOCK_M_CANDIDATES if m <= limit]
 
 
-def _layer(shape: arg_specs.MoeShape, config: TileConfig, save_activations: bool = False):
-    plan = pipeline.Plan(
-        config=config, dot_precision="tf32", launch=backend_triton.launch, save_activations=save_activations
-    )
+def _layer(shape: arg_specs.MoeShape, save_activations: bool = False):
+    """The model's layer as its users run it: ``fused_moe`` with the family's routing, biases,
+    activation and shared experts (``extras``), on the triton backend."""
+    options = {**shape.static_options(), "save_activations": save_activations}
 
-    def layer(x, logits, w_gate, w_up, w_down):
-        weights, ids = pipeline.route(logits, None, routing=Routing(shape.top_k), launch=backend_triton.launch)
-        return pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
+    def layer(x, logits, w_gate, w_up, w_down, extras):
+        return jax_moe.fused_moe(x, logits, w_gate, w_up, w_down, **extras, **options, backend="triton")
 
     return layer
 
 
-def _train_step(shape: arg_specs.MoeShape, config: TileConfig, save_activations: bool = False):
+def _train_step(shape: arg_specs.MoeShape, save_activations: bool = False):
     """Forward and backward: <layer(x), cotangent> and its gradients (``timing.train_step``)."""
-    layer = _layer(shape, config, save_activations)
+    layer = _layer(shape, save_activations)
 
-    def loss(x, logits, w_gate, w_up, w_down, cotangent):
-        return jnp.sum(layer(x, logits, w_gate, w_up, w_down).astype(jnp.float32) * cotangent)
+    def loss(x, logits, w_gate, w_up, w_down, cotangent, extras):
+        return jnp.sum(layer(x, logits, w_gate, w_up, w_down, extras).astype(jnp.float32) * cotangent)
 
     return timing.train_step(loss)
 
 
-def _time(shape, config, input_sets, build=_layer) -> float:
-    try:
-        return timing.median_call_us(jax.jit(build(shape, config)), input_sets, calls=10, repeats=3, warmup=1)
-    except Exception as e:  # a config the compiler or the chip refuses (shared memory, registers)
-        print(f"    skipped {config}: {type(e).__name__}: {str(e)[:100]}")
-        return math.inf
+def _with_tiles(build, shape, config: TileConfig, save_activations: bool = False):
+    """``build(shape)``'s function, traced with ``config``'s tiles. A new function per config:
+    a jitted function shared between configs would keep the tiles of its first trace."""
+    fn = build(shape, save_activations)
+
+    def with_tiles(*args):
+        with tile_configs.use(config):
+            return fn(*args)
+
+    return with_tiles
 
 
-def _input_sets(shape, num_tokens: int, dtype, with_cotangent: bool = False):
+def time_configs(
+    shape, configs, input_sets, build=_layer, save_activations: bool = False, threads: int = COMPILE_THREADS
+) -> list[float]:
+    """Microseconds per call of ``build(shape)`` with each config (inf where it fails to compile
+    or run); all are compiled first, several at a time, then timed one after another."""
+    programs = {i: (_with_tiles(build, shape, c, save_activations), input_sets[0]) for i, c in enumerate(configs)}
+    compiled = timing.compile_all(programs, threads)
+    times = []
+    for i, config in enumerate(configs):
+        try:
+            if isinstance(compiled[i], Exception):
+                raise compiled[i]
+            times.append(timing.median_call_us(compiled[i], input_sets, calls=10, repeats=3, warmup=1))
+        except Exception as e:  # a config the compiler or the chip refuses (shared memory, registers)
+            print(f"    skipped {config}: {type(e).__name__}: {str(e)[:100]}")
+            times.append(math.inf)
+    return times
+
+
+def _input_sets(shape, num_tokens: int, dtype, with_cotangent: bool = False, routing: str = "uniform"):
+    """Three sets of (x, logits, w_gate, w_up, w_down[, cotangent], extras): fresh activations and
+    router logits per set (standard normal, or with ``routing="zipf"`` Zipf(1.2)-popular experts),
+    one set of weights."""
     keys = jax.random.split(jax.random.key(num_tokens), 4)
     weights = arg_specs.random_inputs(shape, num_tokens, dtype, keys[0])
+
+    def logits(k):
+        if routing == "zipf":
+            return arg_specs.zipf_router_logits(k, num_tokens, shape.num_experts)
+        return jax.random.normal(k, (num_tokens, shape.num_experts))
+
     return [
-        (jax.random.normal(k, (num_tokens, shape.hidden), dtype), jax.random.normal(k, (num_tokens, shape.num_experts)),
+        (jax.random.normal(k, (num_tokens, shape.hidden), dtype), logits(jax.random.fold_in(k, 1)),
          weights.w_gate, weights.w_up, weights.w_down)
-        + ((jax.random.normal(k, (num_tokens, shape.hidden)),) if with_cotangent else ())
+        + ((jax.random.normal(jax.random.fold_in(k, 2), (num_tokens, shape.hidden)),) if with_cotangent else ())
+        + (weights.extras,)
         for k in keys[1:]
     ]
+
+
+def _best(configs, times):
+    i = min(range(len(configs)), key=times.__getitem__)
+    return configs[i], times[i]
 
 
 def tune_backward(shape, num_tokens: int, dtype, config: TileConfig) -> TileConfig:
     """The backward's tiles that make the forward + backward step fastest, the forward's fixed."""
     input_sets = _input_sets(shape, num_tokens, dtype, with_cotangent=True)
-    best, best_us = config, _time(shape, config, input_sets, _train_step)
-    start_us = best_us
+    (start_us,) = time_configs(shape, [config], input_sets, _train_step)
+    best, best_us = config, start_us
     for field, candidates in BACKWARD_SWEEP:
-        for tiles in candidates:
-            candidate = dataclasses.replace(best, **{field: tiles})
-            us = _time(shape, candidate, input_sets, _train_step)
+        configs = [dataclasses.replace(best, **{field: tiles}) for tiles in candidates]
+        times = time_configs(shape, configs, input_sets, _train_step)
+        for tiles, us in zip(candidates, times):
             print(f"    {field} {tiles}: {us:.1f} us")
-            if us < best_us:
-                best, best_us = candidate, us
+        if min(times) < best_us:
+            best, best_us = _best(configs, times)
     chosen = {field: getattr(best, field) for field in BACKWARD_FIELDS}
     print(f"  {shape.name} T={num_tokens} forward+backward: {best_us:.1f} us (was {start_us:.1f} us): {chosen}")
     return best
 
 
 def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
+    """The forward's tiles: every row-block size that suits T with every gate/up candidate (the
+    down tiles as selected now), then every down candidate with the winner."""
     input_sets = _input_sets(shape, num_tokens, dtype)
-    base = tile_configs.select(num_tokens * shape.top_k, jnp.dtype(dtype).itemsize)
-    best, best_us = base, _time(shape, base, input_sets)
-    for block_m in _block_m_candidates(num_tokens * shape.top_k, shape.num_experts):
-        config = dataclasses.replace(base, block_m=block_m, group_m=8 if block_m >= 64 else 1)
-        for field in ("gate_up", "down"):
-            for tiles in GEMM_CANDIDATES:
-                candidate = dataclasses.replace(config, **{field: tiles})
-                us = _time(shape, candidate, input_sets)
-                if us < best_us:
-                    best, best_us = candidate, us
-                    config = candidate
-    print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (default {_time(shape, base, input_sets):.1f} us): {best}")
+    pairs = num_tokens * (shape.top_k + shape.num_shared)
+    base = tile_configs.select(
+        pairs, jnp.dtype(dtype).itemsize, tile_configs.gpu_table_name(jax.devices()[0].device_kind),
+        shape.tile_key(dtype),
+    )
+    configs = [base] + [
+        dataclasses.replace(base, block_m=block_m, group_m=GROUP_M, gate_up=tiles)
+        for block_m in _block_m_candidates(pairs, shape.num_experts + shape.num_shared)
+        for tiles in GEMM_CANDIDATES
+    ]
+    times = time_configs(shape, configs, input_sets)
+    base_us = times[0]
+    best, best_us = _best(configs, times)
+    configs = [dataclasses.replace(best, down=tiles) for tiles in GEMM_CANDIDATES]
+    times = time_configs(shape, configs, input_sets)
+    if min(times) < best_us:
+        best, best_us = _best(configs, times)
+    print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (table's tiles {base_us:.1f} us): {best}")
     return best, best_us
 
 
@@ -211,12 +264,12 @@ def main(argv=None) -> None:
     for shape in arg_specs.MODELS:
         if shape.name not in args.models:
             continue
-        key = tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, args.dtype)
+        key = shape.tile_key(args.dtype)
         if args.keep_forward:
             if key not in shapes:
                 raise SystemExit(f"--keep-forward: {output} has no entry for {key}; tune its forward first")
             for num_tokens in tokens:
-                pairs = num_tokens * shape.top_k
+                pairs = num_tokens * (shape.top_k + shape.num_shared)
                 bucket = next(b for b in shapes[key] if (b["min_pairs"] or 0) <= pairs <= (b["max_pairs"] or math.inf))
                 tuned = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), TileConfig.from_dict(bucket))
                 bucket.update({field: dataclasses.asdict(getattr(tuned, field)) for field in BACKWARD_FIELDS})
@@ -226,13 +279,14 @@ def main(argv=None) -> None:
         tuned = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
         # claims down to half its own, so smaller counts keep the fallback configs.
-        lower = tokens[0] * shape.top_k // 2
+        slots = shape.top_k + shape.num_shared
+        lower = tokens[0] * slots // 2
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
             if args.backward:
                 config = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), config)
-            upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.top_k
-            tuned.append((num_tokens * shape.top_k, _bucket(lower, upper, config)))
+            upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * slots
+            tuned.append((num_tokens * slots, _bucket(lower, upper, config)))
             lower = upper + 1 if upper is not None else None
         shapes[key] = _merge_buckets(shapes.get(key, []), tuned)
         output.write_text(json.dumps(table, indent=1) + "\n")

@@ -47,9 +47,9 @@ def _swiglu_mlp(x, tensors, prefix, names=("gate_proj", "up_proj", "down_proj"))
 
 def _routed_sum(x, ids, weights, expert_fn):
     out = np.zeros_like(x)
-    for t in range(len(x)):
-        for slot, e in enumerate(ids[t]):
-            out[t] += weights[t, slot] * expert_fn(int(e), x[t : t + 1])[0]
+    for e in np.unique(ids):
+        tokens, slots = np.nonzero(ids == e)  # a token picks an expert at most once
+        out[tokens] += weights[tokens, slots][:, None] * expert_fn(int(e), x[tokens])
     return out
 
 

@@ -1,7 +1,7 @@
 """Every model family on the GPU (marked ``gpu``): a random checkpoint with the family's key names,
 at its real expert count and routing with a reduced hidden size, loaded into ``FusedMoE`` in bf16.
-The triton layer must match the reference backend on every token and the family's float64 numpy
-block on a sample; its gradients must match the reference's."""
+The triton layer must match the reference backend and the family's float64 numpy block on every
+token whose routing is not within rounding of a tie; its gradients must match the reference's."""
 
 import dataclasses
 
@@ -31,7 +31,7 @@ CONFIGS = {
     "gpt_oss": dict(hidden_size=H, intermediate_size=512, num_local_experts=128, num_experts_per_tok=4,
                     swiglu_limit=7.0),
 }
-NUM_TOKENS, NUMPY_TOKENS = 300, 24
+NUM_TOKENS = 300
 
 
 def _layers(family, rng):
@@ -56,12 +56,15 @@ def test_family_block_on_gpu(rng, family):
     ref = nnx.jit(lambda layer, x: layer(x))(layers["reference"], x)
     out64 = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.isfinite(out64).all()
-    assert numpy_moe.rel_error(out64, np.asarray(ref.astype(jnp.float32), np.float64)) <= 1e-2
-    sample = np.asarray(x[:NUMPY_TOKENS].astype(jnp.float32))
-    numpy_ref, margin = numpy_families.BLOCKS[family](sample, bf16, "", config)
+    numpy_ref, margin = numpy_families.BLOCKS[family](np.asarray(x.astype(jnp.float32)), bf16, "", config)
+    # Each backend computes the router logits in its own XLA program (float32 dots may take
+    # different algorithms there): a token this close to a tie may get other experts, and one
+    # such token moves the error of 300 by about 1%.
     decisive = margin > 1e-4
     assert decisive.mean() >= 0.75
-    assert numpy_moe.rel_error(out64[:NUMPY_TOKENS][decisive], numpy_ref[decisive]) <= 1e-2
+    ref64 = np.asarray(ref.astype(jnp.float32), np.float64)
+    assert numpy_moe.rel_error(out64[decisive], ref64[decisive]) <= 1e-2
+    assert numpy_moe.rel_error(out64[decisive], numpy_ref[decisive]) <= 1e-2
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen2_moe"])

@@ -1,9 +1,12 @@
 """Tile configs as data: lookup order, buckets, dtype adjustment."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+import jax_moe
 from jax_moe import arg_specs, pipeline, tile_configs
 from jax_moe.options import Routing
 
@@ -51,6 +54,37 @@ def test_wider_operands_get_narrower_k_tiles():
 def test_names():
     assert tile_configs.gpu_table_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert tile_configs.shape_key(8, 4096, 14336, 2, "bfloat16") == "E=8,H=4096,F=14336,k=2,bfloat16"
+    assert arg_specs.DEEPSEEK_V3.tile_key(jnp.bfloat16) == "E=256,H=7168,F=2048,k=8,S=1,bfloat16"
+
+
+def test_layers_with_shared_experts_look_up_their_own_entry(monkeypatch):
+    """The shared experts' rows (T each) change which tiles win: their entry is not the routed
+    experts' one, and the bucket is chosen by all the rows, shared ones included."""
+    looked_up = []
+    select = tile_configs.select
+
+    def recording_select(num_pairs, *args, **kwargs):
+        looked_up.append((num_pairs, kwargs["shape"]))
+        return select(num_pairs, *args, **kwargs)
+
+    monkeypatch.setattr(tile_configs, "select", recording_select)
+    shape = arg_specs.MoeShape("s", num_experts=4, top_k=2, hidden=24, intermediate=40, shared_intermediate=40)
+    inputs = arg_specs.random_inputs(shape, 8, jnp.float32, jax.random.key(0))
+
+    def layer(*args):
+        return jax_moe.fused_moe(*args, **inputs.extras, **shape.static_options(), backend="interpret")
+
+    jax.eval_shape(layer, *inputs.as_args())
+    assert looked_up == [(8 * 3, "E=4,H=24,F=40,k=2,S=1,float32")]
+
+
+def test_use_forces_its_tiles_on_every_lookup():
+    table_tiles = tile_configs.select(16)
+    forced = dataclasses.replace(table_tiles, block_m=2 * table_tiles.block_m)
+    with tile_configs.use(forced):
+        assert tile_configs.select(16, table="nvidia-h100-80gb-hbm3", shape="E=8,H=4096,F=14336,k=2,bfloat16") == forced
+        assert tile_configs.select(16, operand_bytes=4) == forced.narrowed_k(2)
+    assert tile_configs.select(16) == table_tiles
 
 
 def test_tuned_buckets_claim_only_their_range(monkeypatch):

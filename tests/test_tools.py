@@ -134,3 +134,27 @@ def test_results_names(benchmark_module, monkeypatch):
     assert common.results_name(quick=True) == "nvidia-h100-80gb-hbm3-quick"
     assert common.results_name("train", tag="session4") == "nvidia-h100-80gb-hbm3-train-session4"
     assert common.results_name("train", quick=True, tag="x") == "nvidia-h100-80gb-hbm3-train-quick-x"
+
+
+def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark_module):
+    moe_bench = benchmark_module("moe_bench")
+    tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
+    rows = moe_bench.run_model(tiny, (1, 8), (8,), read_bw=1e11, gemm_rate=1e12, threads=2)
+    assert {(r["T"], r["routing"]) for r in rows} == {(1, "uniform"), (8, "uniform"), (8, "zipf1.2")}
+    for row in rows:
+        assert row["floor_us"] > 0
+        if row["route"] == "jax_moe" and backend_triton.unavailable_reason() is not None:
+            assert "can't run here" in row["skipped"]
+        elif row["route"] in ("jax_moe", "dense_einsum", "ragged_dot"):
+            assert row["rel_err"] <= 1e-2 and row["time_us"] > 0, row
+
+
+def test_compile_all_keeps_the_error_of_a_program_that_fails():
+    def refuses(x):
+        raise NotImplementedError("no such route here")
+
+    compiled = timing.compile_all(
+        {"double": (lambda x: 2 * x, (jnp.arange(3.0),)), "refuses": (refuses, (jnp.arange(3.0),))}, threads=2
+    )
+    np.testing.assert_array_equal(compiled["double"](jnp.arange(3.0)), [0.0, 2.0, 4.0])
+    assert isinstance(compiled["refuses"], NotImplementedError)
