@@ -4,8 +4,9 @@
         --log-file prof.csv python benchmarks/kernel_profile.py --model mixtral-8x7b --tokens 8192 --train
     python benchmarks/kernel_profile.py --report prof.csv
 
-The first command compiles and runs the call (the forward, or with ``--train`` the forward and
-backward step the tuner times), then runs it once more between ``cudaProfilerStart`` and
+The first command compiles and runs the call (the model's layer with its family's routing and
+shared experts, or with ``--train`` the forward and backward step, as the tuner times them;
+``--routing zipf`` for skewed router logits), then runs it once more between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so ncu records exactly one call's kernels. ncu runs them one at a time, so
 the sum leaves out launch gaps and any overlap. ``--tiles`` overrides fields of the tile config
 the layer would pick (JSON, e.g. ``'{"gate_up_backward": {"block_n": 64, ...}}'``);

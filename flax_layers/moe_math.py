@@ -109,7 +109,11 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     and the shared gate stay in their parameter dtype.
     """
     compute_dtype = options.dtype or jnp.result_type(x.dtype, experts["wi_0"].dtype)
-    logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32))
+    # HIGHEST: on GPUs a float32 dot may otherwise round its inputs to tf32 (~1e-3), enough to
+    # flip experts whose scores are that close; the router is a small GEMM beside the experts.
+    logits = jnp.dot(
+        x.astype(jnp.float32), router_kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     if router_bias is not None:
         logits = logits + router_bias.astype(jnp.float32)
     matrices = {"wi_0", "wi_1", "wo", "shared_wi_0", "shared_wi_1", "shared_wo"}

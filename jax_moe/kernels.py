@@ -251,11 +251,28 @@ def _grouped_tile(tile, NUM_ROW_TILES: tl.constexpr, NUM_COL_TILES: tl.constexpr
 
 
 @triton.jit
-def _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of one row block, their pairs, which rows are real (not padding), and their tokens."""
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+def _block_pairs(
+    sorted_pairs_ptr, block, NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """The first ``ROWS`` rows of one row block, their pairs, which rows are real (not padding),
+    and their tokens."""
+    rows = block * BLOCK_M + tl.arange(0, ROWS)
     pairs = tl.load(sorted_pairs_ptr + rows)
     return rows.to(tl.int64), pairs, pairs < NUM_PAIRS, (pairs // TOP_K).to(tl.int64)
+
+
+@triton.jit
+def _second_half_is_padding(
+    sorted_pairs_ptr, block, NUM_PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, HALF_BLOCKS: tl.constexpr
+):
+    """Whether the block's second half holds only padding rows (always False without
+    ``HALF_BLOCKS``). A block's real rows come first (segments fill their blocks from the start),
+    so one row tells."""
+    if HALF_BLOCKS:
+        return tl.load(sorted_pairs_ptr + block * BLOCK_M + BLOCK_M // 2) == NUM_PAIRS
+    else:
+        return False
 
 
 @triton.jit
@@ -399,6 +416,7 @@ def gate_up_kernel(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     SAVE_PREACTIVATIONS: tl.constexpr,
+    HALF_BLOCKS: tl.constexpr,  # compute only the first half of blocks whose second half is padding
 ):
     """Grouped gate and up projections with the gated activation in the epilogue.
 
@@ -408,20 +426,48 @@ def gate_up_kernel(
     activation tile once for both projections, accumulates both in fp32, adds the expert's biases
     (``HAS_BIAS``), and writes the activation (``_swiglu``) for its rows (padding rows get that of
     zero inputs, which nothing reads), plus ``gate`` and ``up`` themselves when the backward pass
-    is to reuse them. Unused blocks exit at once.
+    is to reuse them. Unused blocks exit at once. With ``HALF_BLOCKS`` a block whose second half is
+    padding (often an expert's last block) computes its first half only: at ``BLOCK_M = 128`` that
+    is still one whole 64-row warpgroup MMA, at half the cost; those padding rows stay unwritten.
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
-    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
+    if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
+        _gate_up_rows(
+            x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
+            sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert,
+            NUM_PAIRS, TOP_K, NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+            DOT_PRECISION, HAS_BIAS, ACTIVATION, ALPHA, LIMIT, SAVE_PREACTIVATIONS,
+        )
+    else:
+        _gate_up_rows(
+            x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
+            sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert,
+            NUM_PAIRS, TOP_K, NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
+            DOT_PRECISION, HAS_BIAS, ACTIVATION, ALPHA, LIMIT, SAVE_PREACTIVATIONS,
+        )
+
+
+@triton.jit
+def _gate_up_rows(
+    x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
+    sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert,
+    NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr,
+    INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr, LIMIT: tl.constexpr, SAVE_PREACTIVATIONS: tl.constexpr,
+):
+    """``gate_up_kernel``'s work on the first ``ROWS`` rows of a row block."""
+    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, ROWS)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
     gate, up = _gate_up_preactivations(
         x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
         gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
-        NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, HAS_BIAS,
+        NUM_ROUTED, HIDDEN, INTERMEDIATE, ROWS, BLOCK_N, BLOCK_K, DOT_PRECISION, HAS_BIAS,
     )
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
     act, _, _ = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
@@ -462,6 +508,7 @@ def expert_gemm_combine_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HALF_BLOCKS: tl.constexpr,  # compute only the first half of blocks whose second half is padding
 ):
     """Grouped GEMM over the sorted rows with a deterministic per-token top-k combine.
 
@@ -471,7 +518,8 @@ def expert_gemm_combine_kernel(
     (two terms, transposed weights through the strides, unscaled).
 
     Grid: ``(MAX_BLOCKS * cdiv(N, BLOCK_N),)``. A program owns one row block (one expert) and one
-    tile of ``BLOCK_N`` output columns and computes its rows' products in fp32.
+    tile of ``BLOCK_N`` output columns and computes its rows' products in fp32 (only the first half
+    of the rows with ``HALF_BLOCKS``, as in ``gate_up_kernel``, when the rest is padding).
 
     With ``TOP_K == 1`` a row is its token's result. Otherwise each pair's row goes to ``partial``
     (rounded to its dtype) and the program counts one arrival per (token, column tile); the program
@@ -485,12 +533,39 @@ def expert_gemm_combine_kernel(
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
-    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
+    if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
+        _gemm_combine_rows(
+            a_ptr, b_ptr, shared_b_ptr, a2_ptr, b2_ptr, shared_b2_ptr, bias_ptr, routing_weights_ptr, sorted_pairs_ptr,
+            out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, NUM_PAIRS, TOP_K, NUM_ROUTED, K, N,
+            STRIDE_BK, STRIDE_BN, SECOND_TERM, HAS_BIAS, SCALE_BY_ROUTING_WEIGHT, BLOCK_M, BLOCK_M // 2, BLOCK_N,
+            BLOCK_K, DOT_PRECISION,
+        )
+    else:
+        _gemm_combine_rows(
+            a_ptr, b_ptr, shared_b_ptr, a2_ptr, b2_ptr, shared_b2_ptr, bias_ptr, routing_weights_ptr, sorted_pairs_ptr,
+            out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, NUM_PAIRS, TOP_K, NUM_ROUTED, K, N,
+            STRIDE_BK, STRIDE_BN, SECOND_TERM, HAS_BIAS, SCALE_BY_ROUTING_WEIGHT, BLOCK_M, BLOCK_M, BLOCK_N,
+            BLOCK_K, DOT_PRECISION,
+        )
+
+
+@triton.jit
+def _gemm_combine_rows(
+    a_ptr, b_ptr, shared_b_ptr, a2_ptr, b2_ptr, shared_b2_ptr, bias_ptr, routing_weights_ptr, sorted_pairs_ptr,
+    out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr,
+    NUM_ROUTED: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
+    SECOND_TERM: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``expert_gemm_combine_kernel``'s work on the first ``ROWS`` rows of a row block."""
+    num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, ROWS)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     matrix_size: tl.constexpr = K * N
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     acc = _gathered_gemm(
         acc, a_ptr, rows, is_real, _expert_matrix(b_ptr, shared_b_ptr, expert, NUM_ROUTED, matrix_size),
         cols, col_ok, K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
@@ -520,7 +595,7 @@ def expert_gemm_combine_kernel(
         )
         finishes = is_real & (arrived_before == TOP_K - 1)
         tl.debug_barrier()
-        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        total = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         first_pair = tokens * TOP_K
         for slot in tl.static_range(TOP_K):
             # .cg: read from L2, where other programs' partial rows landed, not from a stale L1.
@@ -591,7 +666,7 @@ def gate_up_backward_kernel(
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
-    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M)
+    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
     matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE

@@ -214,6 +214,12 @@ class Plan:
         )
 
 
+def _half_blocks(plan: Plan) -> bool:
+    """Whether the forward GEMMs compute only the first half of a row block whose second half is
+    padding: where that half is still at least one warpgroup's 64-row MMA."""
+    return plan.config.block_m >= 128
+
+
 def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: int, num_routed: int) -> dict:
     """Launch options and constexprs shared by the kernels that work per row block."""
     return dict(
@@ -260,6 +266,7 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
         SECOND_TERM=second_term,
         HAS_BIAS=bias is not None,
         SCALE_BY_ROUTING_WEIGHT=scale,
+        HALF_BLOCKS=_half_blocks(plan),
         **_row_block_args(
             plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks, num_routed=num_routed
         ),
@@ -295,6 +302,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
         INTERMEDIATE=intermediate,
         HAS_BIAS=params.has_bias,
         SAVE_PREACTIVATIONS=plan.save_activations,
+        HALF_BLOCKS=_half_blocks(plan),
         **plan.activation_args(),
         **_row_block_args(
             plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks,

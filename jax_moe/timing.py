@@ -66,7 +66,8 @@ def compile_all(programs: Mapping[Hashable, tuple[Callable, tuple]], threads: in
 
 def train_step(loss: Callable) -> Callable:
     """``loss(x, logits, w_gate, w_up, w_down, cotangent, *rest)``'s value and gradients with respect
-    to its first five arguments (``rest``, e.g. a family's extra arrays, gets none), jitted, each weight gradient reduced to the sum of a few of its elements.
+    to its first five arguments (``rest``, e.g. a family's extra arrays, gets none), jitted, each
+    weight gradient reduced to the sum of a few of its elements.
 
     ``value_and_grad``, not ``grad``: without the value XLA drops the forward's GEMMs (the
     backward recomputes what it needs), and a step would time the backward alone. The layer still

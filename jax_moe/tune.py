@@ -5,10 +5,11 @@
 For each model and token count T it times the layer as its users run it (``fused_moe`` with the
 family's routing, biases, activation and shared experts; random router logits) over a small
 candidate grid: every row-block size that suits T with every gate/up candidate (down tiles as the
-table has them), then every down candidate with the winner. Each grid is compiled first, several
-programs at a time, then timed one program after another. The winners become buckets of that
-shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split at the geometric midpoints between the tuned token counts (and claiming nothing below
-half the smallest). The file keeps entries it already had for other shapes, and this shape's
+table has them), then every down candidate with each row-block size's best. Each grid is compiled
+first, several programs at a time, then timed one program after another. The winners become
+buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split
+at the geometric midpoints between the tuned token counts (and claiming nothing below half the
+smallest). The file keeps entries it already had for other shapes, and this shape's
 buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart:
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
@@ -192,25 +193,29 @@ def tune_backward(shape, num_tokens: int, dtype, config: TileConfig) -> TileConf
 
 def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     """The forward's tiles: every row-block size that suits T with every gate/up candidate (the
-    down tiles as selected now), then every down candidate with the winner."""
+    down tiles as selected now), then, for each row-block size's best, every down candidate (the
+    best down tiles differ between row-block sizes)."""
     input_sets = _input_sets(shape, num_tokens, dtype)
     pairs = num_tokens * (shape.top_k + shape.num_shared)
     base = tile_configs.select(
         pairs, jnp.dtype(dtype).itemsize, tile_configs.gpu_table_name(jax.devices()[0].device_kind),
         shape.tile_key(dtype),
     )
+    block_ms = _block_m_candidates(pairs, shape.num_experts + shape.num_shared)
     configs = [base] + [
         dataclasses.replace(base, block_m=block_m, group_m=GROUP_M, gate_up=tiles)
-        for block_m in _block_m_candidates(pairs, shape.num_experts + shape.num_shared)
+        for block_m in block_ms
         for tiles in GEMM_CANDIDATES
     ]
     times = time_configs(shape, configs, input_sets)
     base_us = times[0]
-    best, best_us = _best(configs, times)
-    configs = [dataclasses.replace(best, down=tiles) for tiles in GEMM_CANDIDATES]
+    best_per_block_m = [
+        _best(*zip(*[(c, t) for c, t in zip(configs, times) if c.block_m == block_m])) for block_m in block_ms
+    ]
+    configs = [dataclasses.replace(c, down=tiles) for c, _ in best_per_block_m for tiles in GEMM_CANDIDATES]
     times = time_configs(shape, configs, input_sets)
-    if min(times) < best_us:
-        best, best_us = _best(configs, times)
+    finalists = [(base, base_us), *best_per_block_m, *zip(configs, times)]
+    best, best_us = _best(*zip(*finalists))
     print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (table's tiles {base_us:.1f} us): {best}")
     return best, best_us
 

@@ -4,13 +4,15 @@ The interpret backend poisons every kernel output before the kernel runs (NaN fo
 element that no program writes reaches the result as NaN, and ``rel_error`` fails on it.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_moe
-from jax_moe import arg_specs
+from jax_moe import arg_specs, tile_configs
 
 import numpy_moe
 
@@ -86,6 +88,37 @@ def test_moe_experts_with_custom_routing(key, rng):
     args = (inputs.hidden_states, weights, ids, inputs.w_gate, inputs.w_up, inputs.w_down)
     out = jax_moe.moe_experts(*args, backend="interpret")
     assert numpy_moe.rel_error(out, numpy_moe.experts(*args)) <= 1e-5
+
+
+@pytest.mark.parametrize("save_activations", [False, True])
+def test_128_row_blocks_skip_a_second_half_of_padding(key, save_activations):
+    """Experts with 140, 100, 40 and 20 rows in 128-row blocks: expert 0's second block (12 rows)
+    and experts 2 and 3 compute their first 64 rows only, expert 1 (100 rows) its whole block.
+    The forward and the gradients (whose input-gradient combine halves blocks too) must match the
+    reference, with the rows left unwritten never read (the interpreter poisons them)."""
+    shape = _shape(4, 2)
+    inputs = arg_specs.random_inputs(shape, 150, "float32", key)
+    first = np.repeat([0, 1], [140, 10])
+    second = np.repeat([1, 2, 3, 3], [90, 40, 10, 10])
+    ids = jnp.asarray(np.stack([first, second], axis=1), jnp.int32)
+    assert np.bincount(np.asarray(ids).ravel()).tolist() == [140, 100, 40, 20]
+    weights = jax.random.uniform(jax.random.fold_in(key, 1), (150, 2), jnp.float32, 0.1, 1.0)
+
+    def loss(backend, x, w_gate, w_up, w_down):
+        out = jax_moe.moe_experts(
+            x, weights, ids, w_gate, w_up, w_down, backend=backend, save_activations=save_activations
+        )
+        return jnp.sum(out * jnp.cos(out)), out
+
+    args = (inputs.hidden_states, inputs.w_gate, inputs.w_up, inputs.w_down)
+    config = dataclasses.replace(tile_configs.select(300, table="interpret"), block_m=128)
+    with tile_configs.use(config):
+        (_, out), grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)("interpret", *args)
+    (_, ref), ref_grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4), has_aux=True)("reference", *args)
+    assert numpy_moe.rel_error(out, numpy_moe.experts(inputs.hidden_states, weights, ids, *args[1:])) <= 1e-5
+    assert numpy_moe.rel_error(out, ref) <= 1e-5
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert numpy_moe.rel_error(grad, ref_grad) <= 1e-5
 
 
 def test_out_of_range_ids_under_jit_poison_their_token(key):

@@ -158,3 +158,20 @@ def test_compile_all_keeps_the_error_of_a_program_that_fails():
     )
     np.testing.assert_array_equal(compiled["double"](jnp.arange(3.0)), [0.0, 2.0, 4.0])
     assert isinstance(compiled["refuses"], NotImplementedError)
+
+
+def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
+    """A row-block size that loses with the table's down tiles can win with its own."""
+    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
+    winning_down = tune.GEMM_CANDIDATES[3]
+
+    def fake_times(shape, configs, input_sets, *args, **kwargs):
+        return [
+            {16: 10.0, 32: 11.0}.get(c.block_m, 20.0) - (6.0 if (c.block_m, c.down) == (32, winning_down) else 0.0)
+            for c in configs
+        ]
+
+    monkeypatch.setattr(tune, "time_configs", fake_times)
+    monkeypatch.setattr(tune, "_block_m_candidates", lambda pairs, experts: [16, 32])
+    best, us = tune.tune_one(shape, 8, jnp.float32)
+    assert (best.block_m, best.down, us) == (32, winning_down, 5.0)
