@@ -20,8 +20,18 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import jax, jaxlib, triton, jax_triton, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax-triton', jax_triton.__version__, 'flax', flax.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-# GPU tests under tests/ (or the paths given first), with extra pytest arguments.
-pytest() { python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 "$@"; }
+# GPU tests under tests/ (or the paths given first), with extra pytest arguments. With
+# PYTEST_WORKERS=N (pytest-xdist, e.g. carried in .whl/) N processes share the GPU, none
+# preallocating: compiling is most of the tests' time, and 4 of them ran the whole GPU suite in 7.5
+# minutes on an H100 (a run with 6 failed 4 tests, cause not recorded). Under a time limit, stop
+# pytest with SIGINT (`timeout -s INT`): it still prints its summary.
+pytest() {
+  if [ -n "${PYTEST_WORKERS:-}" ]; then
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider -m gpu -rfE -n "$PYTEST_WORKERS" "$@"
+  else
+    python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 "$@"
+  fi
+}
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
@@ -31,7 +41,8 @@ for stage in "$@"; do
     demo) python3 -m jax_moe.demo 2>&1 | tee "$OUT/demo.log" ;;
     example) python3 examples/train_tiny_moe.py --backend triton 2>&1 | tee "$OUT/example.log" ;;
     bench) python3 benchmarks/moe_bench.py --quick 2>&1 | tee "$OUT/bench.log"; cp benchmarks/results/*-quick.* "$OUT/" ;;
-    bench-full) python3 benchmarks/moe_bench.py 2>&1 | tee "$OUT/bench.log"; cp benchmarks/results/*.* "$OUT/" ;;
+    bench-full) python3 benchmarks/moe_bench.py 2>&1 | tee "$OUT/bench.log"
+      newest=$(ls -t benchmarks/results/*.json | head -1); cp "${newest%.json}".* "$OUT/" ;;
     bench-families) python3 benchmarks/moe_bench.py --quick --models deepseek-v3 gpt-oss-120b qwen2-57b-a14b --tag families 2>&1 | tee "$OUT/bench-families.log"; cp benchmarks/results/*-families.* "$OUT/" ;;
     train-bench) python3 benchmarks/train_bench.py --quick 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train-quick.* "$OUT/" ;;
     train-bench-full) python3 benchmarks/train_bench.py 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train.* "$OUT/" ;;
