@@ -215,8 +215,9 @@ class Plan:
 
 
 def _half_blocks(plan: Plan) -> bool:
-    """Whether the forward GEMMs compute only the first half of a row block whose second half is
-    padding: where that half is still at least one warpgroup's 64-row MMA."""
+    """Whether the gate/up and down/combine kernels (forward, and the input gradient's combine)
+    compute only the first half of a row block whose second half is padding: where that half is
+    still at least one warpgroup's 64-row MMA."""
     return plan.config.block_m >= 128
 
 
