@@ -33,6 +33,8 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SKEWED_TOKENS = (32, 512, 4096)
 QUICK_TOKENS = (1, 8, 64, 512, 4096)
 QUICK_SKEWED_TOKENS = (512,)
+# Rows name the Zipf exponent of arg_specs.zipf_router_logits.
+ROUTING_LABELS = {"uniform": "uniform", "zipf": "zipf1.2"}
 DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b"]
 # Routes whose cost grows with every expert (not only the chosen ones) are skipped beyond this.
 MAX_DENSE_SECONDS = 0.05
@@ -44,21 +46,8 @@ def floor_us(shape, num_tokens, ids, read_bw, gemm_rate) -> float:
     experts = len(np.unique(np.asarray(ids))) + shape.num_shared
     weight_bytes = experts * 3 * shape.hidden * shape.intermediate * 2
     activation_bytes = 2 * num_tokens * shape.hidden * 2
-    flops = 2 * num_tokens * (shape.top_k + shape.num_shared) * 3 * shape.hidden * shape.intermediate
+    flops = 2 * num_tokens * shape.slots * 3 * shape.hidden * shape.intermediate
     return max((weight_bytes + activation_bytes) / read_bw, flops / gemm_rate) * 1e6
-
-
-def _case_inputs(shape, num_tokens, routing, w):
-    keys = jax.random.split(jax.random.key(num_tokens), 2 * common.INPUT_SETS)
-    sets = []
-    for i in range(common.INPUT_SETS):
-        x = jax.random.normal(keys[2 * i], (num_tokens, shape.hidden), jnp.bfloat16)
-        if routing == "uniform":
-            logits = jax.random.normal(keys[2 * i + 1], (num_tokens, shape.num_experts))
-        else:
-            logits = arg_specs.zipf_router_logits(keys[2 * i + 1], num_tokens, shape.num_experts)
-        sets.append((x, logits, *w))
-    return sets
 
 
 def _skip_reason(error: Exception) -> str:
@@ -67,18 +56,25 @@ def _skip_reason(error: Exception) -> str:
 
 def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -> list[dict]:
     weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
-    w = (weights.w_gate, weights.w_up, weights.w_down, weights.extras)
     layers = routes.available(shape)
-    cases = [(t, "uniform") for t in token_counts] + [(t, "zipf1.2") for t in skewed_counts]
-    inputs = {case: _case_inputs(shape, *case, w) for case in cases}
+    cases = [(t, "uniform") for t in token_counts] + [(t, "zipf") for t in skewed_counts]
+    inputs = {
+        (t, routing): arg_specs.input_sets(
+            shape, weights, t, jax.random.key(t), count=common.INPUT_SETS, routing=routing
+        )
+        for t, routing in cases
+    }
+    # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
+    parity_inputs = {
+        case: (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *sets[0][2:]) for case, sets in inputs.items()
+    }
 
     def costs_every_expert(num_tokens):
         return 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
 
     programs = {}
     for case, sets in inputs.items():
-        # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
-        parity_args = (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *w)
+        parity_args = parity_inputs[case]
         programs[("reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
         for name, fn in layers.items():
             if not (name in ("dense_einsum", "ragged_dot") and costs_every_expert(case[0]) > MAX_DENSE_SECONDS):
@@ -92,11 +88,14 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
         num_tokens, routing = case
         _, ids = routes.route(shape, sets[0][1], weights.extras)
         floor = floor_us(shape, num_tokens, ids, read_bw, gemm_rate)
-        parity_args = (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *w)
+        parity_args = parity_inputs[case]
         ref_out = compiled[("reference", parity_args[0].shape[0])](*parity_args)
         case_rows = []
         for name in layers:
-            row = {"model": shape.name, "T": num_tokens, "routing": routing, "route": name, "floor_us": floor}
+            row = {
+                "model": shape.name, "T": num_tokens, "routing": ROUTING_LABELS[routing], "route": name,
+                "floor_us": floor,
+            }
             executable = compiled.get((name, *case))
             if executable is None:
                 dense_ms = costs_every_expert(num_tokens) * 1e3

@@ -35,6 +35,11 @@ class MoeShape:
     def num_shared(self) -> int:
         return -(-self.shared_intermediate // self.intermediate)
 
+    @property
+    def slots(self) -> int:
+        """Expert rows per token in the kernels: the routed top-k plus the shared experts."""
+        return self.top_k + self.num_shared
+
     def static_options(self) -> dict:
         """The keyword arguments of ``jax_moe.fused_moe`` that are not arrays."""
         return dict(
@@ -146,3 +151,26 @@ def zipf_router_logits(key: jax.Array, num_tokens: int, num_experts: int, s: flo
     """
     log_p = -s * jnp.log(jnp.arange(1, num_experts + 1, dtype=jnp.float32))
     return log_p + jax.random.gumbel(key, (num_tokens, num_experts), jnp.float32)
+
+
+def input_sets(
+    shape: MoeShape, weights: MoeInputs, num_tokens: int, key: jax.Array, *, count: int = 3,
+    routing: str = "uniform", with_cotangent: bool = False,
+) -> list[tuple]:
+    """``count`` argument tuples ``(x, logits, w_gate, w_up, w_down[, cotangent], extras)`` for
+    timing: fresh activations (in the weights' dtype) and router logits per tuple (standard normal,
+    or with ``routing="zipf"`` Zipf(1.2)-popular experts), ``weights``' arrays in every one. Cycling
+    over several keeps a call's activations out of L2 when the next call starts."""
+    if routing not in ("uniform", "zipf"):
+        raise ValueError(f'routing must be "uniform" or "zipf"; got {routing!r}')
+    sets = []
+    for k in jax.random.split(key, count):
+        x_key, logits_key, cotangent_key = jax.random.split(k, 3)
+        if routing == "zipf":
+            logits = zipf_router_logits(logits_key, num_tokens, shape.num_experts)
+        else:
+            logits = jax.random.normal(logits_key, (num_tokens, shape.num_experts))
+        x = jax.random.normal(x_key, (num_tokens, shape.hidden), weights.w_gate.dtype)
+        cotangent = (jax.random.normal(cotangent_key, (num_tokens, shape.hidden)),) if with_cotangent else ()
+        sets.append((x, logits, weights.w_gate, weights.w_up, weights.w_down, *cotangent, weights.extras))
+    return sets

@@ -99,6 +99,8 @@ def shape_key(num_experts: int, hidden: int, intermediate: int, top_k: int, dtyp
 def use(config: TileConfig):
     """Layers traced inside this context take ``config`` (narrowed for wider operands as
     ``select`` narrows), whatever the tables say: how the tuner and A/B scripts try tiles."""
+    if not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a TileConfig (e.g. TileConfig.from_dict); got {type(config).__name__}")
     token = _FORCED.set(config)
     try:
         yield

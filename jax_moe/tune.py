@@ -149,24 +149,10 @@ def time_configs(
 
 
 def _input_sets(shape, num_tokens: int, dtype, with_cotangent: bool = False, routing: str = "uniform"):
-    """Three sets of (x, logits, w_gate, w_up, w_down[, cotangent], extras): fresh activations and
-    router logits per set (standard normal, or with ``routing="zipf"`` Zipf(1.2)-popular experts),
-    one set of weights."""
-    keys = jax.random.split(jax.random.key(num_tokens), 4)
-    weights = arg_specs.random_inputs(shape, num_tokens, dtype, keys[0])
-
-    def logits(k):
-        if routing == "zipf":
-            return arg_specs.zipf_router_logits(k, num_tokens, shape.num_experts)
-        return jax.random.normal(k, (num_tokens, shape.num_experts))
-
-    return [
-        (jax.random.normal(k, (num_tokens, shape.hidden), dtype), logits(jax.random.fold_in(k, 1)),
-         weights.w_gate, weights.w_up, weights.w_down)
-        + ((jax.random.normal(jax.random.fold_in(k, 2), (num_tokens, shape.hidden)),) if with_cotangent else ())
-        + (weights.extras,)
-        for k in keys[1:]
-    ]
+    """Three argument sets of ``build(shape)`` at T = ``num_tokens`` (``arg_specs.input_sets``)."""
+    weights_key, key = jax.random.split(jax.random.key(num_tokens))
+    weights = arg_specs.random_inputs(shape, 1, dtype, weights_key)
+    return arg_specs.input_sets(shape, weights, num_tokens, key, routing=routing, with_cotangent=with_cotangent)
 
 
 def _best(configs, times):
@@ -196,7 +182,7 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     down tiles as selected now), then, for each row-block size's best, every down candidate (the
     best down tiles differ between row-block sizes)."""
     input_sets = _input_sets(shape, num_tokens, dtype)
-    pairs = num_tokens * (shape.top_k + shape.num_shared)
+    pairs = num_tokens * shape.slots
     base = tile_configs.select(
         pairs, jnp.dtype(dtype).itemsize, tile_configs.gpu_table_name(jax.devices()[0].device_kind),
         shape.tile_key(dtype),
@@ -274,7 +260,7 @@ def main(argv=None) -> None:
             if key not in shapes:
                 raise SystemExit(f"--keep-forward: {output} has no entry for {key}; tune its forward first")
             for num_tokens in tokens:
-                pairs = num_tokens * (shape.top_k + shape.num_shared)
+                pairs = num_tokens * shape.slots
                 bucket = next(b for b in shapes[key] if (b["min_pairs"] or 0) <= pairs <= (b["max_pairs"] or math.inf))
                 tuned = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), TileConfig.from_dict(bucket))
                 bucket.update({field: dataclasses.asdict(getattr(tuned, field)) for field in BACKWARD_FIELDS})
@@ -284,14 +270,13 @@ def main(argv=None) -> None:
         tuned = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
         # claims down to half its own, so smaller counts keep the fallback configs.
-        slots = shape.top_k + shape.num_shared
-        lower = tokens[0] * slots // 2
+        lower = tokens[0] * shape.slots // 2
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
             if args.backward:
                 config = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), config)
-            upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * slots
-            tuned.append((num_tokens * slots, _bucket(lower, upper, config)))
+            upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.slots
+            tuned.append((num_tokens * shape.slots, _bucket(lower, upper, config)))
             lower = upper + 1 if upper is not None else None
         shapes[key] = _merge_buckets(shapes.get(key, []), tuned)
         output.write_text(json.dumps(table, indent=1) + "\n")

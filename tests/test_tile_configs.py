@@ -85,6 +85,9 @@ def test_use_forces_its_tiles_on_every_lookup():
         assert tile_configs.select(16, table="nvidia-h100-80gb-hbm3", shape="E=8,H=4096,F=14336,k=2,bfloat16") == forced
         assert tile_configs.select(16, operand_bytes=4) == forced.narrowed_k(2)
     assert tile_configs.select(16) == table_tiles
+    with pytest.raises(TypeError, match="config must be a TileConfig.*got dict"):
+        with tile_configs.use(dataclasses.asdict(table_tiles)):
+            pass
 
 
 def test_tuned_buckets_claim_only_their_range(monkeypatch):

@@ -175,3 +175,17 @@ def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
     monkeypatch.setattr(tune, "_block_m_candidates", lambda pairs, experts: [16, 32])
     best, us = tune.tune_one(shape, 8, jnp.float32)
     assert (best.block_m, best.down, us) == (32, winning_down, 5.0)
+
+
+def test_input_sets_share_the_weights_and_draw_fresh_activations(key):
+    shape = arg_specs.MoeShape("s", num_experts=8, top_k=2, hidden=16, intermediate=8, shared_intermediate=8)
+    weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, key)
+    assert shape.slots == 3
+    sets = arg_specs.input_sets(shape, weights, 5, key, count=2, routing="zipf", with_cotangent=True)
+    assert len(sets) == 2
+    (x0, logits0, *rest0), (x1, *_) = sets
+    assert x0.shape == (5, 16) and x0.dtype == jnp.bfloat16 and logits0.shape == (5, 8)
+    assert not np.array_equal(x0, x1)
+    assert rest0[0] is weights.w_gate and rest0[3].shape == (5, 16) and rest0[4] is weights.extras
+    with pytest.raises(ValueError, match='routing must be "uniform" or "zipf"; got \'skewed\''):
+        arg_specs.input_sets(shape, weights, 5, key, routing="skewed")
