@@ -97,10 +97,10 @@ def header(read_bw: float, gemm_rate: float) -> dict:
     }
 
 
-def write(name: str, head: dict, rows: list[dict], columns: list[str]) -> pathlib.Path:
-    """results/<name>.json and .md; returns the JSON path."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write(name: str, head: dict, rows: list[dict], columns: list[str], directory: pathlib.Path = RESULTS) -> pathlib.Path:
+    """<directory>/<name>.json and .md (directory: results/); returns the JSON path."""
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps({"header": head, "rows": rows}, indent=1) + "\n")
     lines = [f"# {name}", ""] + [f"- {k}: {v}" for k, v in head.items()] + [""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

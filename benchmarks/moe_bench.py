@@ -9,13 +9,23 @@ hardware floor measured in the same run,
     floor(T) = max(bytes of the selected and shared experts / read bandwidth,
                    layer FLOPs (2 * T * (k + S) * 3 * H * F) / bf16 GEMM rate),
 
-and floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and .png.
+averaged over the input sets the timing cycles through (each selects its own experts), and
+floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and .png.
+
+    python benchmarks/moe_bench.py --refloor benchmarks/results/<name>.json
+
+recomputes the floors of recorded results from their header's bandwidth and GEMM rate and the
+routing of the same input sets, drawn alone (no GPU needed; runs before 2026-11-27 21:00 UTC
+took the floor of the first input set only).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import pathlib
 import sys
 import time
 
@@ -39,15 +49,41 @@ DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "gpt-oss-120b"
 # Routes whose cost grows with every expert (not only the chosen ones) are skipped beyond this.
 MAX_DENSE_SECONDS = 0.05
 PARITY_TOKENS = 64
+# jax_moe with the shared experts as a separate dense MLP doubles the triton programs to compile
+# for a model that has them: the full grid times that comparison at the quick grid's T only.
+SHARED_COMPARISON_TOKENS = QUICK_TOKENS
+FLOOR_METHOD = (
+    "mean over the input sets of max((bytes of the experts the set selects, shared ones included) / read_bw, "
+    "FLOPs / gemm_rate)"
+)
 COLUMNS = ["model", "T", "routing", "route", "time_us", "floor_us", "floor_fraction", "rel_err", "speedup_vs_best_other"]
 
 
-def floor_us(shape, num_tokens, ids, read_bw, gemm_rate) -> float:
-    experts = len(np.unique(np.asarray(ids))) + shape.num_shared
-    weight_bytes = experts * 3 * shape.hidden * shape.intermediate * 2
+def floor_us(shape, num_tokens, ids_per_set, read_bw, gemm_rate) -> float:
+    """The floor of a case whose time is the mean over input sets with these expert ids."""
     activation_bytes = 2 * num_tokens * shape.hidden * 2
     flops = 2 * num_tokens * shape.slots * 3 * shape.hidden * shape.intermediate
-    return max((weight_bytes + activation_bytes) / read_bw, flops / gemm_rate) * 1e6
+    floors = []
+    for ids in ids_per_set:
+        experts = len(np.unique(np.asarray(ids))) + shape.num_shared
+        weight_bytes = experts * 3 * shape.hidden * shape.intermediate * 2
+        floors.append(max((weight_bytes + activation_bytes) / read_bw, flops / gemm_rate) * 1e6)
+    return float(np.mean(floors))
+
+
+def case_inputs(shape, weights, num_tokens: int, routing: str) -> list[tuple]:
+    """The input sets one case's timing cycles through."""
+    return arg_specs.input_sets(
+        shape, weights, num_tokens, jax.random.key(num_tokens), count=common.INPUT_SETS, routing=routing
+    )
+
+
+def model_weights(shape):
+    return arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
+
+
+def expert_ids_per_set(shape, weights, sets) -> list:
+    return [routes.route(shape, s[1], weights.extras)[1] for s in sets]
 
 
 def _skip_reason(error: Exception) -> str:
@@ -55,15 +91,10 @@ def _skip_reason(error: Exception) -> str:
 
 
 def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -> list[dict]:
-    weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
+    weights = model_weights(shape)
     layers = routes.available(shape)
     cases = [(t, "uniform") for t in token_counts] + [(t, "zipf") for t in skewed_counts]
-    inputs = {
-        (t, routing): arg_specs.input_sets(
-            shape, weights, t, jax.random.key(t), count=common.INPUT_SETS, routing=routing
-        )
-        for t, routing in cases
-    }
+    inputs = {(t, routing): case_inputs(shape, weights, t, routing) for t, routing in cases}
     # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
     parity_inputs = {
         case: (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *sets[0][2:]) for case, sets in inputs.items()
@@ -77,8 +108,11 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
         parity_args = parity_inputs[case]
         programs[("reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
         for name, fn in layers.items():
-            if not (name in ("dense_einsum", "ragged_dot") and costs_every_expert(case[0]) > MAX_DENSE_SECONDS):
-                programs[(name, *case)] = (fn, sets[0])
+            if name in ("dense_einsum", "ragged_dot") and costs_every_expert(case[0]) > MAX_DENSE_SECONDS:
+                continue
+            if name == "jax_moe+dense_shared" and case[0] not in SHARED_COMPARISON_TOKENS:
+                continue
+            programs[(name, *case)] = (fn, sets[0])
     start = time.perf_counter()
     compiled = timing.compile_all(programs, threads)
     print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s ({threads} threads)")
@@ -86,8 +120,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
     rows = []
     for case, sets in inputs.items():
         num_tokens, routing = case
-        _, ids = routes.route(shape, sets[0][1], weights.extras)
-        floor = floor_us(shape, num_tokens, ids, read_bw, gemm_rate)
+        floor = floor_us(shape, num_tokens, expert_ids_per_set(shape, weights, sets), read_bw, gemm_rate)
         parity_args = parity_inputs[case]
         ref_out = compiled[("reference", parity_args[0].shape[0])](*parity_args)
         case_rows = []
@@ -97,7 +130,9 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
                 "floor_us": floor,
             }
             executable = compiled.get((name, *case))
-            if executable is None:
+            if executable is None and name == "jax_moe+dense_shared":
+                row["skipped"] = f"timed at T in {SHARED_COMPARISON_TOKENS} only"
+            elif executable is None:
                 dense_ms = costs_every_expert(num_tokens) * 1e3
                 row["skipped"] = f"costs every expert: ~{dense_ms:.0f} ms of GEMM at the measured rate"
             elif isinstance(executable, Exception):
@@ -114,6 +149,39 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
         common.print_table(case_rows, COLUMNS)
         rows += case_rows
     return rows
+
+
+def _drawn_expert_ids(shape, num_tokens: int, routing: str) -> list:
+    """The expert ids of one case's input sets, drawn as ``run_model`` draws them. Jitted, the
+    weights and activations the draw also makes are dead code: none of them is ever allocated."""
+    weights = model_weights(shape)
+    return expert_ids_per_set(shape, weights, case_inputs(shape, weights, num_tokens, routing))
+
+
+def refloor(path: pathlib.Path) -> None:
+    """Recomputes the floors (and floor fractions) of a results file from its header's bandwidth
+    and GEMM rate; rewrites its .json, .md and .png in place."""
+    data = json.loads(path.read_text())
+    head, rows = data["header"], data["rows"]
+    read_bw, gemm_rate = head["read_bw_GBps"] * 1e9, head["gemm_rate_TFLOPs"] * 1e12
+    shapes = {m.name: m for m in arg_specs.MODELS}
+    routings = {label: routing for routing, label in ROUTING_LABELS.items()}
+    floors = {}
+    for row in rows:
+        case = (row["model"], row["T"], row["routing"])
+        if case not in floors:
+            shape = shapes[row["model"]]
+            draw = jax.jit(_drawn_expert_ids, static_argnums=(0, 1, 2))
+            floors[case] = floor_us(shape, row["T"], draw(shape, row["T"], routings[row["routing"]]), read_bw, gemm_rate)
+        row["floor_us"] = floors[case]
+        if "time_us" in row:
+            row["floor_fraction"] = floors[case] / row["time_us"]
+    head["floor"] = FLOOR_METHOD
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head["floor_recomputed"] = f"{now}: python benchmarks/moe_bench.py --refloor {path.name}"
+    written = common.write(path.stem, head, rows, COLUMNS + ["skipped"], directory=path.parent)
+    plot(rows, written.with_suffix(".png"))
+    print(f"rewrote {written}, .md, .png")
 
 
 def plot(rows, path) -> None:
@@ -154,9 +222,13 @@ def main(argv=None):
     parser.add_argument(
         "--compile-threads", type=int, default=min(16, os.cpu_count() or 1), help="XLA compiles run at a time"
     )
+    parser.add_argument("--refloor", type=pathlib.Path, metavar="RESULTS_JSON", help="see above; runs nothing else")
     args = parser.parse_args(argv)
+    if args.refloor:
+        refloor(args.refloor)
+        return
     read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
-    head = common.header(read_bw, gemm_rate)
+    head = {**common.header(read_bw, gemm_rate), "floor": FLOOR_METHOD}
     print(head)
     tokens, skewed = (QUICK_TOKENS, QUICK_SKEWED_TOKENS) if args.quick else (TOKENS, SKEWED_TOKENS)
     rows = []

@@ -10,7 +10,8 @@ first, several programs at a time, then timed one program after another. The win
 buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split
 at the geometric midpoints between the tuned token counts (and claiming nothing below half the
 smallest). The file keeps entries it already had for other shapes, and this shape's
-buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart:
+buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart. It is
+written after every tuned T: a run stopped part way leaves the old tiles where it did not get to.
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
 
@@ -61,6 +62,9 @@ GEMM_CANDIDATES = (
     GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3),
     GemmTiles(block_n=32, block_k=256, num_warps=4, num_stages=3),
 )
+# The kernels with one accumulator (down projection, input gradient; N = H is wide) also try the
+# 128 x 256 tile of Hopper GEMMs, too big for gate/up's two accumulators.
+DOWN_CANDIDATES = GEMM_CANDIDATES + (GemmTiles(block_n=256, block_k=64, num_warps=8, num_stages=3),)
 BLOCK_M_CANDIDATES = (16, 32, 64, 128)
 # Three fp32 accumulators: narrower tiles than the forward's keep them out of local memory.
 GATE_UP_BACKWARD_CANDIDATES = (
@@ -83,7 +87,7 @@ WEIGHT_GRAD_CANDIDATES = (
 )
 BACKWARD_SWEEP = (
     ("gate_up_backward", GATE_UP_BACKWARD_CANDIDATES),
-    ("input_grad", GEMM_CANDIDATES),
+    ("input_grad", DOWN_CANDIDATES),
     ("down_weight_grad", WEIGHT_GRAD_CANDIDATES),
     ("gate_up_weight_grad", WEIGHT_GRAD_CANDIDATES),
 )
@@ -198,7 +202,7 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     best_per_block_m = [
         _best(*zip(*[(c, t) for c, t in zip(configs, times) if c.block_m == block_m])) for block_m in block_ms
     ]
-    configs = [dataclasses.replace(c, down=tiles) for c, _ in best_per_block_m for tiles in GEMM_CANDIDATES]
+    configs = [dataclasses.replace(c, down=tiles) for c, _ in best_per_block_m for tiles in DOWN_CANDIDATES]
     times = time_configs(shape, configs, input_sets)
     finalists = [(base, base_us), *best_per_block_m, *zip(configs, times)]
     best, best_us = _best(*zip(*finalists))
@@ -214,11 +218,19 @@ def _pair_range(bucket: dict) -> tuple[int, float]:
     return bucket.get("min_pairs") or 0, math.inf if bucket["max_pairs"] is None else bucket["max_pairs"]
 
 
+def _with_range(bucket: dict, lo: int, hi: float) -> dict:
+    return {**bucket, "min_pairs": lo, "max_pairs": None if hi == math.inf else hi}
+
+
 def _merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]:
-    """``old`` buckets that hold none of the tuned pair counts, and each ``(pairs, bucket)`` of
-    ``tuned`` cut back to the part of its range around ``pairs`` that no kept bucket claims."""
-    kept = [b for b in old if not any(lo <= p <= hi for p, _ in tuned for lo, hi in [_pair_range(b)])]
+    """``old`` buckets that hold none of the tuned pair counts; each ``(pairs, bucket)`` of
+    ``tuned`` cut back to the part of its range around ``pairs`` that no kept bucket claims; and
+    the parts of the other old buckets that no tuned bucket claims then (a run stopped before
+    its larger token counts leaves their old tiles in place)."""
+    holds_tuned = [any(lo <= p <= hi for p, _ in tuned) for lo, hi in map(_pair_range, old)]
+    kept = [b for b, held in zip(old, holds_tuned) if not held]
     merged = list(kept)
+    claimed = []
     for pairs, bucket in tuned:
         lo, hi = _pair_range(bucket)
         for kept_lo, kept_hi in map(_pair_range, kept):
@@ -226,8 +238,17 @@ def _merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]
                 lo = max(lo, kept_hi + 1)
             elif kept_lo > pairs:
                 hi = min(hi, kept_lo - 1)
-        merged.append({**bucket, "min_pairs": lo, "max_pairs": None if hi == math.inf else hi})
-    return sorted(merged, key=lambda b: b.get("min_pairs") or 0)
+        merged.append(_with_range(bucket, lo, hi))
+        claimed.append((lo, hi))
+    for bucket in (b for b, held in zip(old, holds_tuned) if held):
+        lo, hi = _pair_range(bucket)
+        for claimed_lo, claimed_hi in sorted(claimed):
+            if claimed_lo > lo:
+                merged.append(_with_range(bucket, lo, min(hi, claimed_lo - 1)))
+            lo = max(lo, claimed_hi + 1)
+        if lo <= hi and lo < math.inf:
+            merged.append(_with_range(bucket, lo, hi))
+    return sorted((b for b in merged if _pair_range(b)[0] <= _pair_range(b)[1]), key=lambda b: b.get("min_pairs") or 0)
 
 
 def main(argv=None) -> None:
@@ -267,6 +288,7 @@ def main(argv=None) -> None:
             output.write_text(json.dumps(table, indent=1) + "\n")
             print(f"wrote the backward tiles of {key} to {output}")
             continue
+        old_buckets = shapes.get(key, [])
         tuned = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
         # claims down to half its own, so smaller counts keep the fallback configs.
@@ -278,9 +300,10 @@ def main(argv=None) -> None:
             upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.slots
             tuned.append((num_tokens * shape.slots, _bucket(lower, upper, config)))
             lower = upper + 1 if upper is not None else None
-        shapes[key] = _merge_buckets(shapes.get(key, []), tuned)
-        output.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {key} to {output}")
+            # Written after every T: a run stopped part way keeps what it measured.
+            shapes[key] = _merge_buckets(old_buckets, tuned)
+            output.write_text(json.dumps(table, indent=1) + "\n")
+            print(f"wrote {key} T={num_tokens} to {output}")
 
 
 if __name__ == "__main__":

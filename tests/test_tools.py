@@ -1,11 +1,14 @@
 """The helpers around the kernels: input specs, timing, the tuner's plumbing."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_moe import arg_specs, backend_triton, timing, tune
+from jax_moe import arg_specs, backend_triton, reference, tile_configs, timing, tune
 
 
 def test_zipf_routing_is_skewed(key):
@@ -88,6 +91,20 @@ def test_random_inputs_carry_each_familys_extras(key):
     assert arg_specs.DEEPSEEK_V3.with_experts(16).static_options()["num_groups"] == 8
 
 
+def test_deepseek_inputs_route_every_expert_evenly(key):
+    """Uniform routing means every expert gets about its share of the tokens: the benchmark's and
+    the tuner's DeepSeek-V3 inputs must not let their selection bias pick the experts."""
+    shape = arg_specs.DEEPSEEK_V3
+    logits_key, bias_key = jax.random.split(key)
+    logits = jax.random.normal(logits_key, (4096, shape.num_experts))
+    bias = arg_specs.SELECTION_BIAS_STD * jax.random.normal(bias_key, (shape.num_experts,))
+    options = {k: v for k, v in shape.static_options().items() if k != "activation"}
+    _, ids = reference.route(logits, selection_bias=bias, **options)
+    loads = np.bincount(np.asarray(ids).ravel(), minlength=shape.num_experts)
+    mean = 4096 * shape.top_k / shape.num_experts
+    assert loads.min() > 0.5 * mean and loads.max() < 1.5 * mean, (loads.min(), loads.max())
+
+
 def test_keep_forward_needs_an_existing_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(backend_triton, "unavailable_reason", lambda: None)
     output = tmp_path / "table.json"
@@ -128,6 +145,32 @@ def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic(benchmark_m
     )
 
 
+def test_forward_floor_is_the_mean_over_the_input_sets(benchmark_module):
+    """The timing cycles through input sets that select different experts: the floor must too."""
+    moe_bench = benchmark_module("moe_bench")
+    shape = arg_specs.MoeShape("s", num_experts=8, top_k=2, hidden=64, intermediate=32)
+    expert_us = 3 * 64 * 32 * 2 / 1e9 * 1e6
+    activation_us = 2 * 1 * 64 * 2 / 1e9 * 1e6
+    floor = moe_bench.floor_us(shape, 1, [np.array([[0, 1]]), np.array([[2, 2]])], read_bw=1e9, gemm_rate=1e15)
+    assert floor == pytest.approx((2 * expert_us + expert_us) / 2 + activation_us)
+
+
+def test_refloor_recomputes_recorded_floors_from_the_same_inputs(benchmark_module, tmp_path, monkeypatch):
+    moe_bench = benchmark_module("moe_bench")
+    monkeypatch.setattr(moe_bench, "plot", lambda rows, path: None)  # matplotlib is the bench extra's
+    shape = arg_specs.QWEN3_30B_A3B  # at T = 1 every input set selects top_k = 8 experts
+    path = tmp_path / "results.json"
+    row = {"model": shape.name, "T": 1, "routing": "uniform", "route": "jax_moe", "time_us": 100.0, "floor_us": 1.0}
+    path.write_text(json.dumps({"header": {"read_bw_GBps": 3000.0, "gemm_rate_TFLOPs": 700.0}, "rows": [row]}))
+    moe_bench.main(["--refloor", str(path)])
+    data = json.loads(path.read_text())
+    floor = (8 * 3 * shape.hidden * shape.intermediate * 2 + 2 * shape.hidden * 2) / 3e12 * 1e6
+    assert data["rows"][0]["floor_us"] == pytest.approx(floor)
+    assert data["rows"][0]["floor_fraction"] == pytest.approx(floor / 100.0)
+    assert "--refloor" in data["header"]["floor_recomputed"]
+    assert f"| {floor:.4g} |" in path.with_suffix(".md").read_text()
+
+
 def test_results_names(benchmark_module, monkeypatch):
     common = benchmark_module("common")
     monkeypatch.setattr(common, "gpu_slug", lambda: "nvidia-h100-80gb-hbm3")
@@ -163,7 +206,7 @@ def test_compile_all_keeps_the_error_of_a_program_that_fails():
 def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
     """A row-block size that loses with the table's down tiles can win with its own."""
     shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
-    winning_down = tune.GEMM_CANDIDATES[3]
+    winning_down = tune.DOWN_CANDIDATES[-1]  # the wide tile only the down sweep tries
 
     def fake_times(shape, configs, input_sets, *args, **kwargs):
         return [
@@ -175,6 +218,32 @@ def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
     monkeypatch.setattr(tune, "_block_m_candidates", lambda pairs, experts: [16, 32])
     best, us = tune.tune_one(shape, 8, jnp.float32)
     assert (best.block_m, best.down, us) == (32, winning_down, 5.0)
+
+
+def test_tuner_writes_the_table_after_every_token_count(tmp_path, monkeypatch):
+    """A run stopped part way (a time limit on the GPU machine) keeps the buckets it measured."""
+    monkeypatch.setattr(backend_triton, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(tune.jax, "devices", lambda: [type("Device", (), {"device_kind": "Test GPU"})()])
+    fast = tile_configs.select(16, 2, "default")
+
+    def tune_one(shape, num_tokens, dtype):
+        if num_tokens > 8:
+            raise KeyboardInterrupt
+        return fast, 1.0
+
+    monkeypatch.setattr(tune, "tune_one", tune_one)
+    key = "E=8,H=4096,F=14336,k=2,bfloat16"
+    old = tile_configs.select(1 << 20, 2, "default")
+    output = tmp_path / "table.json"
+    output.write_text(json.dumps({"shapes": {key: [{"min_pairs": 5, "max_pairs": None, **dataclasses.asdict(old)}]}}))
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(["--models", "mixtral-8x7b", "--tokens", "8", "64", "--output", str(output)])
+    buckets = json.loads(output.read_text())["shapes"][key]
+    # T = 8 (16 pairs) claims up to the midpoint with T = 64; the old bucket keeps the rest,
+    # T = 64's share included, until a run gets there.
+    assert [(b["min_pairs"], b["max_pairs"], tile_configs.TileConfig.from_dict(b)) for b in buckets] == [
+        (5, 7, old), (8, 44, fast), (45, None, old)
+    ]
 
 
 def test_input_sets_share_the_weights_and_draw_fresh_activations(key):
