@@ -35,7 +35,7 @@ import numpy as np
 
 from jax_moe import arg_specs, timing
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
 import routes  # noqa: E402
 
@@ -71,18 +71,18 @@ def floor_us(shape, num_tokens, ids_per_set, read_bw, gemm_rate) -> float:
     return float(np.mean(floors))
 
 
-def case_inputs(shape, weights, num_tokens: int, routing: str) -> list[tuple]:
+def _case_inputs(shape, weights, num_tokens: int, routing: str) -> list[tuple]:
     """The input sets one case's timing cycles through."""
     return arg_specs.input_sets(
         shape, weights, num_tokens, jax.random.key(num_tokens), count=common.INPUT_SETS, routing=routing
     )
 
 
-def model_weights(shape):
+def _model_weights(shape):
     return arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
 
 
-def expert_ids_per_set(shape, weights, sets) -> list:
+def _expert_ids_per_set(shape, weights, sets) -> list:
     return [routes.route(shape, s[1], weights.extras)[1] for s in sets]
 
 
@@ -91,10 +91,10 @@ def _skip_reason(error: Exception) -> str:
 
 
 def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -> list[dict]:
-    weights = model_weights(shape)
+    weights = _model_weights(shape)
     layers = routes.available(shape)
     cases = [(t, "uniform") for t in token_counts] + [(t, "zipf") for t in skewed_counts]
-    inputs = {(t, routing): case_inputs(shape, weights, t, routing) for t, routing in cases}
+    inputs = {(t, routing): _case_inputs(shape, weights, t, routing) for t, routing in cases}
     # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
     parity_inputs = {
         case: (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *sets[0][2:]) for case, sets in inputs.items()
@@ -120,7 +120,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
     rows = []
     for case, sets in inputs.items():
         num_tokens, routing = case
-        floor = floor_us(shape, num_tokens, expert_ids_per_set(shape, weights, sets), read_bw, gemm_rate)
+        floor = floor_us(shape, num_tokens, _expert_ids_per_set(shape, weights, sets), read_bw, gemm_rate)
         parity_args = parity_inputs[case]
         ref_out = compiled[("reference", parity_args[0].shape[0])](*parity_args)
         case_rows = []
@@ -154,24 +154,29 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
 def _drawn_expert_ids(shape, num_tokens: int, routing: str) -> list:
     """The expert ids of one case's input sets, drawn as ``run_model`` draws them. Jitted, the
     weights and activations the draw also makes are dead code: none of them is ever allocated."""
-    weights = model_weights(shape)
-    return expert_ids_per_set(shape, weights, case_inputs(shape, weights, num_tokens, routing))
+    weights = _model_weights(shape)
+    return _expert_ids_per_set(shape, weights, _case_inputs(shape, weights, num_tokens, routing))
 
 
 def refloor(path: pathlib.Path) -> None:
     """Recomputes the floors (and floor fractions) of a results file from its header's bandwidth
     and GEMM rate; rewrites its .json, .md and .png in place."""
+    if not path.is_file():
+        raise ValueError(f"--refloor: {path} is not a results file")
     data = json.loads(path.read_text())
     head, rows = data["header"], data["rows"]
     read_bw, gemm_rate = head["read_bw_GBps"] * 1e9, head["gemm_rate_TFLOPs"] * 1e12
     shapes = {m.name: m for m in arg_specs.MODELS}
     routings = {label: routing for routing, label in ROUTING_LABELS.items()}
+    unknown = {r["model"] for r in rows} - shapes.keys() | {r["routing"] for r in rows} - routings.keys()
+    if unknown:
+        raise ValueError(f"--refloor: {path} has rows of models or routings this script does not know: {sorted(unknown)}")
+    draw = jax.jit(_drawn_expert_ids, static_argnums=(0, 1, 2))
     floors = {}
     for row in rows:
         case = (row["model"], row["T"], row["routing"])
         if case not in floors:
             shape = shapes[row["model"]]
-            draw = jax.jit(_drawn_expert_ids, static_argnums=(0, 1, 2))
             floors[case] = floor_us(shape, row["T"], draw(shape, row["T"], routings[row["routing"]]), read_bw, gemm_rate)
         row["floor_us"] = floors[case]
         if "time_us" in row:

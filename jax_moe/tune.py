@@ -243,12 +243,12 @@ def _merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]
     for bucket in (b for b, held in zip(old, holds_tuned) if held):
         lo, hi = _pair_range(bucket)
         for claimed_lo, claimed_hi in sorted(claimed):
-            if claimed_lo > lo:
+            if claimed_lo > lo and lo <= hi:
                 merged.append(_with_range(bucket, lo, min(hi, claimed_lo - 1)))
             lo = max(lo, claimed_hi + 1)
         if lo <= hi and lo < math.inf:
             merged.append(_with_range(bucket, lo, hi))
-    return sorted((b for b in merged if _pair_range(b)[0] <= _pair_range(b)[1]), key=lambda b: b.get("min_pairs") or 0)
+    return sorted(merged, key=lambda b: b.get("min_pairs") or 0)
 
 
 def main(argv=None) -> None:

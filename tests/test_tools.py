@@ -169,6 +169,12 @@ def test_refloor_recomputes_recorded_floors_from_the_same_inputs(benchmark_modul
     assert data["rows"][0]["floor_fraction"] == pytest.approx(floor / 100.0)
     assert "--refloor" in data["header"]["floor_recomputed"]
     assert f"| {floor:.4g} |" in path.with_suffix(".md").read_text()
+    row["model"] = "no-such-model"
+    path.write_text(json.dumps({"header": data["header"], "rows": [row]}))
+    with pytest.raises(ValueError, match=r"models or routings this script does not know: \['no-such-model'\]"):
+        moe_bench.main(["--refloor", str(path)])
+    with pytest.raises(ValueError, match="is not a results file"):
+        moe_bench.main(["--refloor", str(tmp_path / "missing.json")])
 
 
 def test_results_names(benchmark_module, monkeypatch):
