@@ -102,9 +102,13 @@ def test_value_and_grad_checkpoint_and_leading_dims(key):
         layer = jax.checkpoint(lambda *a: jax_moe.fused_moe(*a, top_k=2, backend=backend))
         return lambda *a: jnp.sum(jnp.tanh(layer(*a)))
 
-    value, grads = jax.jit(jax.value_and_grad(loss("interpret"), argnums=(0, 1)))(x, logits, *inputs.as_args()[2:])
-    ref_value, ref_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1))(x, logits, *inputs.as_args()[2:])
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    args = (x, logits, *inputs.as_args()[2:])
+    value, grads = jax.jit(jax.value_and_grad(loss("interpret"), argnums=(0, 1)))(*args)
+    ref_value, ref_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1))(*args)
+    # The loss sums terms of both signs: relative to their magnitudes, not to the (possibly
+    # cancelled) sum (seed 2584588128: a sum of 0.074 off by 1e-6, 1.3e-5 of itself).
+    magnitude = jnp.sum(jnp.abs(jnp.tanh(jax_moe.fused_moe(*args, top_k=2, backend="reference"))))
+    assert abs(value - ref_value) <= 1e-5 * magnitude
     for g, w in zip(grads, ref_grads):
         assert g.shape == w.shape
         assert numpy_moe.rel_error(g, np.asarray(w, np.float64)) <= 1e-4
