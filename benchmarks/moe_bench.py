@@ -103,20 +103,23 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
     def costs_every_expert(num_tokens):
         return 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
 
+    # One program per route and T: the routings differ only in the logits' values.
     programs = {}
     for case, sets in inputs.items():
+        num_tokens = case[0]
         parity_args = parity_inputs[case]
         programs[("reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
         for name, fn in layers.items():
-            if name in ("dense_einsum", "ragged_dot") and costs_every_expert(case[0]) > MAX_DENSE_SECONDS:
+            if name in ("dense_einsum", "ragged_dot") and costs_every_expert(num_tokens) > MAX_DENSE_SECONDS:
                 continue
-            if name == "jax_moe+dense_shared" and case[0] not in SHARED_COMPARISON_TOKENS:
+            if name == "jax_moe+dense_shared" and num_tokens not in SHARED_COMPARISON_TOKENS:
                 continue
-            programs[(name, *case)] = (fn, sets[0])
+            programs[(name, num_tokens)] = (fn, sets[0])
     start = time.perf_counter()
     compiled = timing.compile_all(programs, threads)
     print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s ({threads} threads)")
 
+    start = time.perf_counter()
     rows = []
     for case, sets in inputs.items():
         num_tokens, routing = case
@@ -129,7 +132,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
                 "model": shape.name, "T": num_tokens, "routing": ROUTING_LABELS[routing], "route": name,
                 "floor_us": floor,
             }
-            executable = compiled.get((name, *case))
+            executable = compiled.get((name, num_tokens))
             if executable is None and name == "jax_moe+dense_shared":
                 row["skipped"] = f"timed at T in {SHARED_COMPARISON_TOKENS} only"
             elif executable is None:
@@ -148,6 +151,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
         common.add_speedup(case_rows)
         common.print_table(case_rows, COLUMNS)
         rows += case_rows
+    print(f"{shape.name}: checked and timed {len(inputs)} cases in {time.perf_counter() - start:.0f} s")
     return rows
 
 
@@ -225,7 +229,7 @@ def main(argv=None):
     )
     parser.add_argument("--tag", default="", help="appended to the results' file name")
     parser.add_argument(
-        "--compile-threads", type=int, default=min(16, os.cpu_count() or 1), help="XLA compiles run at a time"
+        "--compile-threads", type=int, default=min(16, os.cpu_count() or 1), help="programs lowered and compiled at a time"
     )
     parser.add_argument("--refloor", type=pathlib.Path, metavar="RESULTS_JSON", help="see above; runs nothing else")
     args = parser.parse_args(argv)

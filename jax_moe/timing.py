@@ -40,26 +40,29 @@ def median_call_us(
 def compile_all(programs: Mapping[Hashable, tuple[Callable, tuple]], threads: int) -> dict:
     """``{key: (fn, args)}`` -> ``{key: jit(fn) compiled for args, or the exception that stopped it}``.
 
-    Lowering runs in the calling thread, one program after another: tracing (and the Triton
-    compiles that jax-triton does while lowering) is Python. XLA's compiles release the GIL and run
-    ``threads`` at a time. XLA autotunes GEMMs on the GPU while compiling, and concurrent autotuning
-    can run out of GPU memory: a compile that fails in the pool is retried alone. Everything is
-    compiled before this returns, so that no compile competes with a timed call for the host.
+    Programs are lowered and compiled ``threads`` at a time: Triton's compiles (which jax-triton
+    runs while lowering) and XLA's release the GIL for most of their work. Two things can fail in
+    company that succeed alone: XLA autotunes GEMMs on the GPU while compiling, and concurrent
+    autotuning can run out of GPU memory; and CPython 3.11's ``ast`` module (Triton parses each
+    kernel's source) is not thread-safe. A program that fails in the pool is therefore retried
+    alone, and only that error is kept. Everything is compiled before this returns, so that no
+    compile competes with a timed call for the host.
     """
-    results, lowered, futures = {}, {}, {}
+
+    def build(fn, args):
+        return jax.jit(fn).lower(*args).compile()
+
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        for key, (fn, args) in programs.items():
-            try:
-                lowered[key] = jax.jit(fn).lower(*args)
-            except Exception as e:  # e.g. a route that can't take this shape
-                results[key] = e
-                continue
-            futures[key] = pool.submit(lowered[key].compile)
+        futures = {key: pool.submit(build, fn, args) for key, (fn, args) in programs.items()}
         concurrent.futures.wait(futures.values())
+    results = {}
     for key, future in futures.items():
+        if future.exception() is None:
+            results[key] = future.result()
+            continue
         try:
-            results[key] = future.result() if future.exception() is None else lowered[key].compile()
-        except Exception as e:  # e.g. tiles that need more shared memory than the chip has
+            results[key] = build(*programs[key])
+        except Exception as e:  # e.g. a route that can't take this shape, tiles too big for the chip
             results[key] = e
     return results
 
