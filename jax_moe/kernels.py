@@ -251,6 +251,38 @@ def _grouped_tile(tile, NUM_ROW_TILES: tl.constexpr, NUM_COL_TILES: tl.constexpr
 
 
 @triton.jit
+def _row_block_tile(
+    tile, block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS: tl.constexpr, NUM_COL_TILES: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """(row block, column tile, expert of the block) of one program of a row-block kernel.
+
+    ``GROUP_M > 0``: ``_grouped_tile``'s order, ``GROUP_M`` row blocks at a time, whoever's they
+    are. ``GROUP_M == 0``: each expert's row blocks together, however many it has. The tiles of
+    an expert whose blocks are ``[start, end)`` are ``[start, end) * NUM_COL_TILES`` in the
+    block-by-block order too, so the program finds its expert through the block that order would
+    give it, then walks the expert's tiles column by column: the blocks that read the same weight
+    tile run at the same time and share it in L2. Where each expert fills one block (decode) that
+    is the block-by-block order, which streams each weight matrix in sequence; where a popular
+    expert spans several (skewed routing), its weights are read from memory once instead of once
+    per block.
+    """
+    if GROUP_M == 0:
+        expert = tl.load(block_expert_ptr + tile // NUM_COL_TILES)
+        # Unused blocks (expert -1) lie after every segment: their programs exit, wherever they map.
+        end = tl.load(expert_row_end_ptr + tl.maximum(expert, 0)) // BLOCK_M
+        start = tl.where(expert > 0, tl.load(expert_row_end_ptr + tl.maximum(expert - 1, 0)), 0) // BLOCK_M
+        blocks = tl.maximum(end - start, 1)
+        offset = tile - start * NUM_COL_TILES
+        block = start + offset % blocks
+        col = offset // blocks
+    else:
+        block, col = _grouped_tile(tile, MAX_BLOCKS, NUM_COL_TILES, GROUP_M)
+        expert = tl.load(block_expert_ptr + block)
+    return block, col, expert
+
+
+@triton.jit
 def _block_pairs(
     sorted_pairs_ptr, block, NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr,
@@ -397,6 +429,7 @@ def gate_up_kernel(
     up_bias_ptr,  # [E, F] (read only if HAS_BIAS)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32, from dispatch_kernel
     block_expert_ptr,  # [MAX_BLOCKS] int32, from dispatch_kernel
+    expert_row_end_ptr,  # [EXPERTS_PAD] int32, from dispatch_kernel (read only if GROUP_M == 0)
     act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] in the activation dtype: the gated activation
     gate_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ gate (+ bias), written only if SAVE_PREACTIVATIONS
     up_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ up (+ bias), written only if SAVE_PREACTIVATIONS
@@ -431,8 +464,9 @@ def gate_up_kernel(
     is still one whole 64-row warpgroup MMA, at half the cost; those padding rows stay unwritten.
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
-    block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
-    expert = tl.load(block_expert_ptr + block)
+    block, col_tile, expert = _row_block_tile(
+        tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
+    )
     if expert < 0:
         return
     if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
@@ -489,6 +523,7 @@ def expert_gemm_combine_kernel(
     routing_weights_ptr,  # [NUM_PAIRS] float32 (read only if SCALE_BY_ROUTING_WEIGHT)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
+    expert_row_end_ptr,  # [EXPERTS_PAD] int32 (read only if GROUP_M == 0)
     out_ptr,  # out [T, N]
     partial_ptr,  # out (scratch) [NUM_PAIRS, N] float32 or bfloat16, one row per pair (TOP_K > 1)
     arrivals_ptr,  # out (scratch, zeroed before launch) [T, cdiv(N, BLOCK_N)] int32 (TOP_K > 1)
@@ -529,8 +564,9 @@ def expert_gemm_combine_kernel(
     launch. The rows of one block hold distinct pairs, so their counters are updated once each.
     """
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
-    expert = tl.load(block_expert_ptr + block)
+    block, col_tile, expert = _row_block_tile(
+        tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
+    )
     if expert < 0:
         return
     if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
@@ -626,6 +662,7 @@ def gate_up_backward_kernel(
     up_preact_ptr,  # [MAX_BLOCKS * BLOCK_M, F] saved up pre-activations (read only if not RECOMPUTE)
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
+    expert_row_end_ptr,  # [EXPERTS_PAD] int32 (read only if GROUP_M == 0)
     weighted_act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] routing weight * activation, for the down weight gradient
     grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the gate pre-activation
     grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the up pre-activation
@@ -662,8 +699,9 @@ def gate_up_backward_kernel(
       down bias's share).
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
-    block, col_tile = _grouped_tile(tl.program_id(0), MAX_BLOCKS, num_col_tiles, GROUP_M)
-    expert = tl.load(block_expert_ptr + block)
+    block, col_tile, expert = _row_block_tile(
+        tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
+    )
     if expert < 0:
         return
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, BLOCK_M)

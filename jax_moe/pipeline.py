@@ -239,7 +239,7 @@ def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: in
 
 
 def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights,
-             sorted_pairs, block_expert, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int,
+             sorted_pairs, block_expert, expert_row_end, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int,
              n_dim: int, transposed_b: bool, second_term: bool, scale: bool, out_dtype):
     """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``."""
     blocks = block_expert.shape[0]
@@ -252,7 +252,7 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
     out, _, _ = plan.launch(
         kernels.expert_gemm_combine_kernel,
         a, b, shared_b, a2, b2, shared_b2, a if bias is None else bias, routing_weights,
-        sorted_pairs, block_expert,
+        sorted_pairs, block_expert, expert_row_end,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens, n_dim), out_dtype),
             jax.ShapeDtypeStruct((num_tokens * top_k, n_dim) if combines else (1, 1), partial_dtype),
@@ -292,7 +292,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
         kernels.gate_up_kernel,
         x, params.w_gate, params.w_up, shared_w_gate, shared_w_up,
         *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
-        sorted_pairs, block_expert,
+        sorted_pairs, block_expert, expert_row_end,
         out_shapes=(
             jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype),
             jax.ShapeDtypeStruct(rows_shape, x.dtype),
@@ -313,7 +313,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
     flat_weights = weights.reshape(-1)
     out = _combine(
         plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down,
-        params.down_bias, flat_weights, sorted_pairs, block_expert,
+        params.down_bias, flat_weights, sorted_pairs, block_expert, expert_row_end,
         num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
         n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
     )
@@ -341,7 +341,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         kernels.gate_up_backward_kernel,
         x, params.w_gate, params.w_up, params.w_down, shared_w_gate, shared_w_up, shared_w_down,
         *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
-        grad_out, flat_weights, gate_preact, up_preact, sorted_pairs, block_expert,
+        grad_out, flat_weights, gate_preact, up_preact, sorted_pairs, block_expert, expert_row_end,
         out_shapes=(
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
@@ -360,7 +360,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     )
     grad_x = _combine(
         plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up,
-        None, flat_weights, sorted_pairs, block_expert,
+        None, flat_weights, sorted_pairs, block_expert, expert_row_end,
         num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
         transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
     )

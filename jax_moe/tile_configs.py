@@ -39,7 +39,9 @@ class WeightGradTiles:
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """Tiles of one layer call. ``block_m`` is shared by dispatch and the row-block GEMMs (gate/up,
-    down, and their backward): it is the row padding of every expert's segment.
+    down, and their backward): it is the row padding of every expert's segment. ``group_m`` orders
+    their programs: ``group_m`` row blocks at a time, or with 0 each expert's blocks together
+    (``kernels._row_block_tile``).
 
     ``gate_up``: the forward gate/up projections (two accumulators). ``down``: the down projection.
     ``input_grad``: the backward's input gradient, the same kernel and GEMM shape as ``down`` but

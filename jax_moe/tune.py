@@ -5,8 +5,9 @@
 For each model and token count T it times the layer as its users run it (``fused_moe`` with the
 family's routing, biases, activation and shared experts; random router logits) over a small
 candidate grid: every row-block size that suits T with every gate/up candidate (down tiles as the
-table has them), then every down candidate with each row-block size's best. Each grid is compiled
-first, several programs at a time, then timed one program after another. The winners become
+table has them), then every down candidate with each row-block size's best, then the winner's
+other program order (``group_m`` 0 or 8). Each grid is compiled first, several programs at a
+time, then timed one program after another. The winners become
 buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split
 at the geometric midpoints between the tuned token counts (and claiming nothing below half the
 smallest). The file keeps entries it already had for other shapes, and this shape's
@@ -47,6 +48,9 @@ COMPILE_THREADS = min(16, os.cpu_count() or 1)
 # Row tiles grouped 8 at a time: where an expert's rows span several blocks (large T, or skewed
 # routing at small T), the programs that read the same weight tile run together and share it in L2.
 GROUP_M = 8
+# The winner is also timed in the other program order: group_m 0 runs each expert's blocks
+# together (see kernels._row_block_tile), which keeps decode's weight streams in sequence.
+GROUP_M_CANDIDATES = (0, GROUP_M)
 
 # Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
@@ -206,6 +210,8 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     times = time_configs(shape, configs, input_sets)
     finalists = [(base, base_us), *best_per_block_m, *zip(configs, times)]
     best, best_us = _best(*zip(*finalists))
+    orders = [dataclasses.replace(best, group_m=g) for g in GROUP_M_CANDIDATES if g != best.group_m]
+    best, best_us = _best(*zip((best, best_us), *zip(orders, time_configs(shape, orders, input_sets))))
     print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (table's tiles {base_us:.1f} us): {best}")
     return best, best_us
 

@@ -79,11 +79,12 @@ def test_dispatch_metadata(routing):
 
 
 @settings(max_examples=8, deadline=None)
-@given(routings(), st.integers(0, 2**31 - 1))
-def test_padding_rows_never_reach_the_output(routing, seed):
+@given(routings(), st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 3]))
+def test_padding_rows_never_reach_the_output(routing, seed, group_m):
     """Padding rows carry the sentinel pair NUM_PAIRS, i.e. token T: give the output a guard row T
     and check the kernels leave it poisoned while writing every real row, also where they skip a
-    block's second half of padding (HALF_BLOCKS, as the pipeline does at 128 rows)."""
+    block's second half of padding (HALF_BLOCKS, as the pipeline does at 128 rows), in every
+    program order (GROUP_M 0: each expert's blocks together; a missed tile leaves poison)."""
     ids, num_experts, block_m, _ = routing
     num_tokens, top_k = ids.shape
     hidden, intermediate = 24, 20
@@ -92,24 +93,24 @@ def test_padding_rows_never_reach_the_output(routing, seed):
     w_gate, w_up = rng.standard_normal((2, num_experts, hidden, intermediate), np.float32)
     w_down = rng.standard_normal((num_experts, intermediate, hidden), np.float32)
     weights = rng.uniform(0.1, 1, ids.shape).astype(np.float32)
-    sorted_pairs, block_expert, _ = pipeline.dispatch(
+    sorted_pairs, block_expert, expert_row_end = pipeline.dispatch(
         jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch
     )
     blocks = block_expert.shape[0]
     constants = dict(
         NUM_PAIRS=ids.size, TOP_K=top_k, NUM_ROUTED=num_experts, HAS_BIAS=False,
-        MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, DOT_PRECISION="ieee",
+        MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=group_m, DOT_PRECISION="ieee",
         HALF_BLOCKS=block_m >= 32,  # halves of at least 16 rows, the smallest tl.dot
     )
     act, _, _ = backend_interpret.launch(
-        kernels.gate_up_kernel, x, w_gate, w_up, w_gate, w_up, x, x, sorted_pairs, block_expert,
+        kernels.gate_up_kernel, x, w_gate, w_up, w_gate, w_up, x, x, sorted_pairs, block_expert, expert_row_end,
         out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),) * 3,
         grid=(blocks * 2,), HIDDEN=hidden, INTERMEDIATE=intermediate, SAVE_PREACTIVATIONS=False,
         ACTIVATION="silu", ALPHA=1.0, LIMIT=float("inf"), **constants,
     )
     out, _, _ = backend_interpret.launch(
         kernels.expert_gemm_combine_kernel, act, w_down, w_down, act, w_down, w_down, x,
-        weights.reshape(-1), sorted_pairs, block_expert,
+        weights.reshape(-1), sorted_pairs, block_expert, expert_row_end,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens + 1, hidden), jnp.float32),  # + guard row
             jax.ShapeDtypeStruct((ids.size, hidden), jnp.float32),
