@@ -45,12 +45,13 @@ from jax_moe import arg_specs, backend_triton, timing, tile_configs
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
 COMPILE_THREADS = min(16, os.cpu_count() or 1)
-# Row tiles grouped 8 at a time: where an expert's rows span several blocks (large T, or skewed
-# routing at small T), the programs that read the same weight tile run together and share it in L2.
-GROUP_M = 8
-# The winner is also timed in the other program order: group_m 0 runs each expert's blocks
-# together (see kernels._row_block_tile), which keeps decode's weight streams in sequence.
-GROUP_M_CANDIDATES = (0, GROUP_M)
+# Program orders of the row-block kernels. The sweep runs each expert's blocks together (0,
+# kernels._row_block_tile): where an expert's rows span several blocks (large T, or skewed routing
+# at small T) the programs that read the same weight tile run at once and share it in L2, and
+# decode streams one weight matrix after another (H200, default tiles: 2-8% faster than 8 row
+# blocks at a time at Mixtral T = 32 skewed, 512 and 2048, DeepSeek-V3 T = 4096; even elsewhere).
+# The winner is also timed with 8 row blocks at a time, whoever's they are.
+GROUP_M_CANDIDATES = (0, 8)
 
 # Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
@@ -197,7 +198,7 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     )
     block_ms = _block_m_candidates(pairs, shape.num_experts + shape.num_shared)
     configs = [base] + [
-        dataclasses.replace(base, block_m=block_m, group_m=GROUP_M, gate_up=tiles)
+        dataclasses.replace(base, block_m=block_m, group_m=GROUP_M_CANDIDATES[0], gate_up=tiles)
         for block_m in block_ms
         for tiles in GEMM_CANDIDATES
     ]
