@@ -116,8 +116,11 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
                 continue
             programs[(name, num_tokens)] = (fn, sets[0])
     start = time.perf_counter()
-    compiled = timing.compile_all(programs, threads)
-    print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s ({threads} threads)")
+    seconds = {}
+    compiled = timing.compile_all(programs, threads, seconds)
+    slowest = ", ".join(f"{'/'.join(map(str, key))} {s:.0f} s" for key, s in sorted(seconds.items(), key=lambda i: -i[1])[:4])
+    print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s "
+          f"({threads} threads; slowest: {slowest})")
 
     start = time.perf_counter()
     rows = []

@@ -37,7 +37,9 @@ def median_call_us(
     return statistics.median(samples)
 
 
-def compile_all(programs: Mapping[Hashable, tuple[Callable, tuple]], threads: int) -> dict:
+def compile_all(
+    programs: Mapping[Hashable, tuple[Callable, tuple]], threads: int, seconds: dict | None = None
+) -> dict:
     """``{key: (fn, args)}`` -> ``{key: jit(fn) compiled for args, or the exception that stopped it}``.
 
     Programs are lowered and compiled ``threads`` at a time: Triton's compiles (which jax-triton
@@ -46,14 +48,20 @@ def compile_all(programs: Mapping[Hashable, tuple[Callable, tuple]], threads: in
     autotuning can run out of GPU memory; and CPython 3.11's ``ast`` module (Triton parses each
     kernel's source) is not thread-safe. A program that fails in the pool is therefore retried
     alone, and only that error is kept. Everything is compiled before this returns, so that no
-    compile competes with a timed call for the host.
+    compile competes with a timed call for the host. ``seconds``, if given, gets each program's
+    lowering and compile time (in the pool, where it shares the host with the others).
     """
+    seconds = {} if seconds is None else seconds
 
-    def build(fn, args):
-        return jax.jit(fn).lower(*args).compile()
+    def build(key, fn, args):
+        start = time.perf_counter()
+        try:
+            return jax.jit(fn).lower(*args).compile()
+        finally:
+            seconds[key] = time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        futures = {key: pool.submit(build, fn, args) for key, (fn, args) in programs.items()}
+        futures = {key: pool.submit(build, key, fn, args) for key, (fn, args) in programs.items()}
         concurrent.futures.wait(futures.values())
     results = {}
     for key, future in futures.items():
@@ -61,7 +69,7 @@ def compile_all(programs: Mapping[Hashable, tuple[Callable, tuple]], threads: in
             results[key] = future.result()
             continue
         try:
-            results[key] = build(*programs[key])
+            results[key] = build(key, *programs[key])
         except Exception as e:  # e.g. a route that can't take this shape, tiles too big for the chip
             results[key] = e
     return results
@@ -89,5 +97,5 @@ def train_step(loss: Callable) -> Callable:
     return jax.jit(step)
 
 
-def describe(*, calls: int = 20, repeats: int = 7, warmup: int = 3, sets: int = 1) -> str:
+def describe(*, calls: int | str = 20, repeats: int = 7, warmup: int = 3, sets: int = 1) -> str:
     return METHOD.format(calls=calls, repeats=repeats, warmup=warmup, sets=sets)

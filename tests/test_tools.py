@@ -190,6 +190,20 @@ def test_results_names(benchmark_module, monkeypatch):
     assert common.results_name("train", quick=True, tag="x") == "nvidia-h100-80gb-hbm3-train-quick-x"
 
 
+@pytest.mark.parametrize("first_us, calls", [(100.0, 20), (2_000.0, 10), (7_000.0, 5), (30_000.0, 1)])
+def test_slower_routes_are_timed_with_fewer_calls_per_repeat(benchmark_module, monkeypatch, first_us, calls):
+    common = benchmark_module("common")
+    timed = []
+
+    def fake_median(fn, input_sets, calls=20, repeats=7, warmup=3):
+        timed.append(calls)
+        return first_us
+
+    monkeypatch.setattr(timing, "median_call_us", fake_median)
+    assert common.time_route(None, [()]) == first_us
+    assert timed == [1, calls]
+
+
 def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark_module):
     moe_bench = benchmark_module("moe_bench")
     tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
@@ -207,11 +221,13 @@ def test_compile_all_keeps_the_error_of_a_program_that_fails():
     def refuses(x):
         raise NotImplementedError("no such route here")
 
+    seconds = {}
     compiled = timing.compile_all(
-        {"double": (lambda x: 2 * x, (jnp.arange(3.0),)), "refuses": (refuses, (jnp.arange(3.0),))}, threads=2
+        {"double": (lambda x: 2 * x, (jnp.arange(3.0),)), "refuses": (refuses, (jnp.arange(3.0),))}, 2, seconds
     )
     np.testing.assert_array_equal(compiled["double"](jnp.arange(3.0)), [0.0, 2.0, 4.0])
     assert isinstance(compiled["refuses"], NotImplementedError)
+    assert set(seconds) == {"double", "refuses"} and all(s >= 0 for s in seconds.values())
 
 
 def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
