@@ -118,7 +118,8 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -
     start = time.perf_counter()
     seconds = {}
     compiled = timing.compile_all(programs, threads, seconds)
-    slowest = ", ".join(f"{'/'.join(map(str, key))} {s:.0f} s" for key, s in sorted(seconds.items(), key=lambda i: -i[1])[:4])
+    slowest = sorted(seconds.items(), key=lambda item: -item[1])[:4]
+    slowest = ", ".join(f"{'/'.join(map(str, key))} {s:.0f} s" for key, s in slowest)
     print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s "
           f"({threads} threads; slowest: {slowest})")
 
