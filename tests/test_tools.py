@@ -247,6 +247,21 @@ def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
     assert (best.block_m, best.down, us) == (32, winning_down, 5.0)
 
 
+def test_tuner_times_its_winner_in_the_other_program_order(monkeypatch):
+    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
+    swept_orders = []
+
+    def fake_times(shape, configs, input_sets, *args, **kwargs):
+        swept_orders.append({c.group_m for c in configs})
+        return [9.0 if c.group_m == 8 else 10.0 for c in configs]
+
+    monkeypatch.setattr(tune, "time_configs", fake_times)
+    monkeypatch.setattr(tune, "_block_m_candidates", lambda pairs, experts: [16])
+    best, us = tune.tune_one(shape, 8, jnp.float32)
+    assert (best.group_m, us) == (8, 9.0)
+    assert swept_orders[-1] == {8} and 0 in swept_orders[0]
+
+
 def test_tuner_writes_the_table_after_every_token_count(tmp_path, monkeypatch):
     """A run stopped part way (a time limit on the GPU machine) keeps the buckets it measured."""
     monkeypatch.setattr(backend_triton, "unavailable_reason", lambda: None)
