@@ -454,12 +454,12 @@ def gate_up_kernel(
     """Grouped gate and up projections with the gated activation in the epilogue.
 
     Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``. A program owns one row block (one expert) and one
-    tile of ``BLOCK_N`` intermediate columns (in ``_row_block_tile``'s order). It gathers its token rows of ``x`` through
-    ``sorted_pairs`` (no permuted copy of the activations), loads each ``[BLOCK_M, BLOCK_K]``
-    activation tile once for both projections, accumulates both in fp32, adds the expert's biases
-    (``HAS_BIAS``), and writes the activation (``_swiglu``) for its rows (padding rows get that of
-    zero inputs, which nothing reads), plus ``gate`` and ``up`` themselves when the backward pass
-    is to reuse them. Unused blocks exit at once. With ``HALF_BLOCKS`` a block whose second half is
+    tile of ``BLOCK_N`` intermediate columns, in ``_row_block_tile``'s order. It gathers its token
+    rows of ``x`` through ``sorted_pairs`` (no permuted copy of the activations), loads each
+    ``[BLOCK_M, BLOCK_K]`` activation tile once for both projections, accumulates both in fp32,
+    adds the expert's biases (``HAS_BIAS``), and writes the activation (``_swiglu``) for its rows
+    (padding rows get that of zero inputs, which nothing reads), plus ``gate`` and ``up``
+    themselves when the backward pass is to reuse them. Unused blocks exit at once. With ``HALF_BLOCKS`` a block whose second half is
     padding (often an expert's last block) computes its first half only: at ``BLOCK_M = 128`` that
     is still one whole 64-row warpgroup MMA, at half the cost; those padding rows stay unwritten.
     """
@@ -553,8 +553,9 @@ def expert_gemm_combine_kernel(
     (two terms, transposed weights through the strides, unscaled).
 
     Grid: ``(MAX_BLOCKS * cdiv(N, BLOCK_N),)``. A program owns one row block (one expert) and one
-    tile of ``BLOCK_N`` output columns (in ``_row_block_tile``'s order) and computes its rows' products in fp32 (only the first half
-    of the rows with ``HALF_BLOCKS``, as in ``gate_up_kernel``, when the rest is padding).
+    tile of ``BLOCK_N`` output columns, in ``_row_block_tile``'s order, and computes its rows'
+    products in fp32 (only the first half of the rows with ``HALF_BLOCKS``, as in
+    ``gate_up_kernel``, when the rest is padding).
 
     With ``TOP_K == 1`` a row is its token's result. Otherwise each pair's row goes to ``partial``
     (rounded to its dtype) and the program counts one arrival per (token, column tile); the program
@@ -686,8 +687,8 @@ def gate_up_backward_kernel(
 ):
     """Backward through the down projection and the gated activation, per row block and tile.
 
-    Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``, the forward gate/up grid and order. For its rows and columns a
-    program gets the pre-activations ``gate`` and ``up`` (recomputed as in the forward, biases
+    Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``, the forward gate/up grid and order. For its rows
+    and columns a program gets the pre-activations ``gate`` and ``up`` (recomputed as in the forward, biases
     included, or loaded), and ``g = grad_out[token] @ w_down[e]^T``. Then, with ``w`` the row's
     routing weight and ``act, d/dgate, d/dup = _swiglu(gate, up)``:
 
