@@ -21,8 +21,9 @@ INPUT_SETS = 3
 # calls of every slow route take a full grid to the edge of 10 minutes.
 SLOW_CALL_US = 10_000
 # Below that, a repeat holds 20 back-to-back calls, or as few as 5 where those make at least 20 ms
-# of device work: the host's gaps stay hidden behind a queue that long, and the full grid's timing
-# takes a third of the time it took with 20 calls everywhere.
+# of device work: the host's gaps stay hidden behind a queue that long. It saves little (the
+# full grid's timing phases went 36 / 79 / 35 / 45 s -> 32-34 / 68-72 / 38-41 / 37 s, H100): most
+# of a case's time is not its timed calls.
 CALLS_PER_REPEAT = 20
 MIN_CALLS_PER_REPEAT = 5
 REPEAT_US = 20_000

@@ -35,6 +35,10 @@ class WeightGradTiles:
     num_warps: int
     num_stages: int
 
+    def __post_init__(self):
+        if self.group_m < 1:
+            raise ValueError(f"WeightGradTiles.group_m must be >= 1 (row tiles per group); got {self.group_m}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
@@ -60,6 +64,12 @@ class TileConfig:
     gate_up_backward: GemmTiles
     down_weight_grad: WeightGradTiles
     gate_up_weight_grad: WeightGradTiles
+
+    def __post_init__(self):
+        if self.group_m < 0:
+            raise ValueError(
+                f"TileConfig.group_m must be >= 0 (row blocks per group, 0: by expert); got {self.group_m}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> TileConfig:

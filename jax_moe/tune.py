@@ -212,7 +212,8 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     finalists = [(base, base_us), *best_per_block_m, *zip(configs, times)]
     best, best_us = _best(*zip(*finalists))
     orders = [dataclasses.replace(best, group_m=g) for g in GROUP_M_CANDIDATES if g != best.group_m]
-    best, best_us = _best(*zip((best, best_us), *zip(orders, time_configs(shape, orders, input_sets))))
+    finalists = [(best, best_us), *zip(orders, time_configs(shape, orders, input_sets))]
+    best, best_us = _best(*zip(*finalists))
     print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (table's tiles {base_us:.1f} us): {best}")
     return best, best_us
 

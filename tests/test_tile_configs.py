@@ -99,6 +99,15 @@ def test_tuned_buckets_claim_only_their_range(monkeypatch):
     assert tile_configs.select(101, table="gpu", shape=SHAPE) == tile_configs.select(101)
 
 
+def test_program_orders_outside_their_range_are_refused():
+    config = tile_configs.select(16)
+    with pytest.raises(ValueError, match="TileConfig.group_m must be >= 0.*got -1"):
+        dataclasses.replace(config, group_m=-1)
+    with pytest.raises(ValueError, match="WeightGradTiles.group_m must be >= 1.*got 0"):
+        dataclasses.replace(config.down_weight_grad, group_m=0)
+    assert dataclasses.replace(config, group_m=0).group_m == 0
+
+
 def test_every_shipped_table_parses():
     for path in tile_configs.CONFIG_DIR.iterdir():
         if path.name.endswith(".json"):
