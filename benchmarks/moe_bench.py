@@ -90,57 +90,82 @@ def _skip_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error)[:160]}"
 
 
-def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, threads) -> list[dict]:
-    weights = _model_weights(shape)
+def _cases(token_counts, skewed_counts) -> list[tuple[int, str]]:
+    return [(t, "uniform") for t in token_counts] + [(t, "zipf") for t in skewed_counts]
+
+
+def _inputs(shape, weights, cases):
+    """Each case's input sets, and the first set cut to PARITY_TOKENS tokens for the parity check
+    (tokens are independent: the reference stays cheap)."""
+    inputs = {case: _case_inputs(shape, weights, *case) for case in cases}
+    parity = {case: (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *sets[0][2:]) for case, sets in inputs.items()}
+    return inputs, parity
+
+
+def _costs_every_expert_s(shape, num_tokens, gemm_rate) -> float:
+    return 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
+
+
+def model_programs(shape, token_counts, skewed_counts, gemm_rate) -> dict:
+    """``{(model, route, T): (layer, abstract arguments)}``: one program per route and T (the
+    routings differ only in the logits' values), plus the parity reference. Built from shapes
+    alone: nothing is allocated."""
     layers = routes.available(shape)
-    cases = [(t, "uniform") for t in token_counts] + [(t, "zipf") for t in skewed_counts]
-    inputs = {(t, routing): _case_inputs(shape, weights, t, routing) for t, routing in cases}
-    # Tokens are independent: parity on the first PARITY_TOKENS keeps the reference cheap.
-    parity_inputs = {
-        case: (sets[0][0][:PARITY_TOKENS], sets[0][1][:PARITY_TOKENS], *sets[0][2:]) for case, sets in inputs.items()
-    }
-
-    def costs_every_expert(num_tokens):
-        return 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
-
-    # One program per route and T: the routings differ only in the logits' values.
+    inputs, parity = jax.eval_shape(lambda: _inputs(shape, _model_weights(shape), _cases(token_counts, skewed_counts)))
     programs = {}
     for case, sets in inputs.items():
         num_tokens = case[0]
-        parity_args = parity_inputs[case]
-        programs[("reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
+        parity_args = parity[case]
+        programs[(shape.name, "reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
         for name, fn in layers.items():
-            if name in ("dense_einsum", "ragged_dot") and costs_every_expert(num_tokens) > MAX_DENSE_SECONDS:
+            costly = _costs_every_expert_s(shape, num_tokens, gemm_rate) > MAX_DENSE_SECONDS
+            if name in ("dense_einsum", "ragged_dot") and costly:
                 continue
             if name == "jax_moe+dense_shared" and num_tokens not in SHARED_COMPARISON_TOKENS:
                 continue
-            programs[(name, num_tokens)] = (fn, sets[0])
+            programs[(shape.name, name, num_tokens)] = (fn, sets[0])
+    return programs
+
+
+def compile_programs(programs: dict, threads: int) -> dict:
+    """All models' programs in one pool, so that no model waits for the last compile of the one
+    before it. XLA's (every route but jax_moe's) go first, smallest T first: they autotune their
+    GEMMs on the GPU (30-90 s each in the pool), and the largest, which need the most GPU memory
+    to autotune, then overlap with Triton's compiles rather than with each other."""
+    order = sorted(programs, key=lambda key: (key[1].startswith("jax_moe"), key[2]))
     start = time.perf_counter()
     seconds = {}
-    compiled = timing.compile_all(programs, threads, seconds)
+    compiled = timing.compile_all({key: programs[key] for key in order}, threads, seconds)
     slowest = sorted(seconds.items(), key=lambda item: -item[1])[:4]
     slowest = ", ".join(f"{'/'.join(map(str, key))} {s:.0f} s" for key, s in slowest)
-    print(f"{shape.name}: compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s "
-          f"({threads} threads; slowest: {slowest})")
+    print(f"compiled {len(programs)} programs in {time.perf_counter() - start:.0f} s "
+          f"({threads} threads; slowest: {slowest})", flush=True)
+    return compiled
 
+
+def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled) -> list[dict]:
+    """Checks and times every route of one model whose program ``compiled`` holds."""
     start = time.perf_counter()
+    weights = _model_weights(shape)
+    layers = routes.available(shape)
+    inputs, parity_inputs = _inputs(shape, weights, _cases(token_counts, skewed_counts))
     rows = []
     for case, sets in inputs.items():
         num_tokens, routing = case
         floor = floor_us(shape, num_tokens, _expert_ids_per_set(shape, weights, sets), read_bw, gemm_rate)
         parity_args = parity_inputs[case]
-        ref_out = compiled[("reference", parity_args[0].shape[0])](*parity_args)
+        ref_out = compiled[(shape.name, "reference", parity_args[0].shape[0])](*parity_args)
         case_rows = []
         for name in layers:
             row = {
                 "model": shape.name, "T": num_tokens, "routing": ROUTING_LABELS[routing], "route": name,
                 "floor_us": floor,
             }
-            executable = compiled.get((name, num_tokens))
+            executable = compiled.get((shape.name, name, num_tokens))
             if executable is None and name == "jax_moe+dense_shared":
                 row["skipped"] = f"timed at T in {SHARED_COMPARISON_TOKENS} only"
             elif executable is None:
-                dense_ms = costs_every_expert(num_tokens) * 1e3
+                dense_ms = _costs_every_expert_s(shape, num_tokens, gemm_rate) * 1e3
                 row["skipped"] = f"costs every expert: ~{dense_ms:.0f} ms of GEMM at the measured rate"
             elif isinstance(executable, Exception):
                 row["skipped"] = _skip_reason(executable)
@@ -244,15 +269,19 @@ def main(argv=None):
     head = {**common.header(read_bw, gemm_rate), "floor": FLOOR_METHOD}
     print(head)
     tokens, skewed = (QUICK_TOKENS, QUICK_SKEWED_TOKENS) if args.quick else (TOKENS, SKEWED_TOKENS)
+    shapes = [shape for shape in arg_specs.MODELS if shape.name in args.models]
+    programs = {}
+    for shape in shapes:
+        programs |= model_programs(shape, tokens, skewed, gemm_rate)
+    compiled = compile_programs(programs, args.compile_threads)
     rows = []
     name = common.results_name(quick=args.quick, tag=args.tag)
-    for shape in arg_specs.MODELS:
-        if shape.name in args.models:
-            rows += run_model(shape, tokens, skewed, read_bw, gemm_rate, args.compile_threads)
-            # Written after each model, so that a run cut short keeps what it measured.
-            path = common.write(name, head, rows, COLUMNS + ["skipped"])
-            plot(rows, path.with_suffix(".png"))
-            print(f"wrote {path}, .md, .png")
+    for shape in shapes:
+        rows += run_model(shape, tokens, skewed, read_bw, gemm_rate, compiled)
+        # Written after each model, so that a run cut short keeps what it measured.
+        path = common.write(name, head, rows, COLUMNS + ["skipped"])
+        plot(rows, path.with_suffix(".png"))
+        print(f"wrote {path}, .md, .png")
 
 
 if __name__ == "__main__":

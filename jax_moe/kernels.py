@@ -156,6 +156,15 @@ def route_kernel(
 
 
 @triton.jit
+def _id_histogram(expert_ids_ptr, start, end, EXPERTS_PAD: tl.constexpr, HIST_BLOCK: tl.constexpr):
+    """How many of the expert ids ``[start, min(start + HIST_BLOCK, end))`` name each expert."""
+    pairs = start + tl.arange(0, HIST_BLOCK)
+    in_range = pairs < end
+    ids = tl.load(expert_ids_ptr + pairs, mask=in_range, other=0)
+    return tl.histogram(ids, EXPERTS_PAD, mask=in_range)
+
+
+@triton.jit
 def dispatch_kernel(
     expert_ids_ptr,  # [NUM_PAIRS] int32, pair p = token * TOP_K + slot
     sorted_pairs_ptr,  # out [MAX_BLOCKS * BLOCK_M] int32: the pair of each row, NUM_PAIRS = padding
@@ -165,7 +174,8 @@ def dispatch_kernel(
     EXPERTS_PAD: tl.constexpr,  # next power of two >= E
     BLOCK_M: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
-    CHUNK: tl.constexpr,  # pairs placed per program (a power of two)
+    CHUNK: tl.constexpr,  # pairs placed per program (a multiple of RANK_BLOCK)
+    RANK_BLOCK: tl.constexpr,  # pairs ranked at once (a power of two)
     BLOCKS_PER_STEP: tl.constexpr,  # row blocks described per step (a power of two)
     NUM_PROGRAMS: tl.constexpr,  # >= cdiv(NUM_PAIRS, CHUNK)
     HIST_BLOCK: tl.constexpr,  # expert ids histogrammed per step (a power of two)
@@ -173,13 +183,14 @@ def dispatch_kernel(
     """Sorts the (token, slot) pairs by expert, padding each expert's rows to ``BLOCK_M``.
 
     Grid: ``(NUM_PROGRAMS,)``, with no communication between programs: each one histograms all
-    ``NUM_PAIRS`` expert ids itself, ``HIST_BLOCK`` at a time (few long steps: the loop's cost is
-    its memory latency per step; it costs no host sync and no second launch). Program ``p``
+    ``NUM_PAIRS`` expert ids itself, ``HIST_BLOCK`` at a time (it costs no host sync and no second
+    launch, but it is the kernel's main cost: the pipeline keeps the programs few). Program ``p``
 
     * places its own ``CHUNK`` pairs ``[p * CHUNK, (p + 1) * CHUNK)`` (none when that lies past
-      the pairs): the row of a pair is its expert's padded segment start, plus the pairs of that
-      expert in earlier chunks, plus those earlier in this chunk. The order is therefore stable
-      (by pair index within an expert);
+      the pairs), ``RANK_BLOCK`` at a time: the row of a pair is its expert's padded segment
+      start, plus the pairs of that expert earlier in the sequence (from the histogram of the
+      earlier chunks, the block ranks before it, and a comparison within its rank block). The
+      order is therefore stable (by pair index within an expert);
     * describes its grid-stride share of the row blocks, ``BLOCKS_PER_STEP`` at a time: writes
       each block's expert (-1 past the last segment) and marks the block's rows that hold no pair
       (a segment's padding, every row of an unused block) with the sentinel ``NUM_PAIRS``;
@@ -189,18 +200,18 @@ def dispatch_kernel(
     than chunks of pairs, so that describing the blocks is spread over the chip too.
     """
     pid = tl.program_id(0)
-    lanes = tl.arange(0, CHUNK)
     experts = tl.arange(0, EXPERTS_PAD)
     my_start = pid * CHUNK
 
+    # One histogram per step; only the step that holds this program's first pair takes two.
+    straddled = tl.minimum(my_start, NUM_PAIRS) // HIST_BLOCK * HIST_BLOCK
     counts = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
-    before_me = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
-    hist_lanes = tl.arange(0, HIST_BLOCK)
-    for start in range(0, NUM_PAIRS, HIST_BLOCK):
-        in_range = start + hist_lanes < NUM_PAIRS
-        ids = tl.load(expert_ids_ptr + start + hist_lanes, mask=in_range, other=0)
-        counts += tl.histogram(ids, EXPERTS_PAD, mask=in_range)
-        before_me += tl.histogram(ids, EXPERTS_PAD, mask=in_range & (start + hist_lanes < my_start))
+    for start in range(0, straddled, HIST_BLOCK):
+        counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
+    before_me = counts + _id_histogram(expert_ids_ptr, straddled, tl.minimum(my_start, NUM_PAIRS), EXPERTS_PAD, HIST_BLOCK)
+    counts += _id_histogram(expert_ids_ptr, straddled, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
+    for start in range(straddled + HIST_BLOCK, NUM_PAIRS, HIST_BLOCK):
+        counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
 
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     segment_end = tl.cumsum(padded, axis=0)
@@ -209,14 +220,16 @@ def dispatch_kernel(
     if pid == 0:
         tl.store(expert_row_end_ptr + experts, segment_end)
 
-    if my_start < NUM_PAIRS:
-        pairs = my_start + lanes
+    rank_lanes = tl.arange(0, RANK_BLOCK)
+    next_row = segment_start + before_me  # of each expert, for its next pair in this chunk
+    for rank_start in range(my_start, tl.minimum(my_start + CHUNK, NUM_PAIRS), RANK_BLOCK):
+        pairs = rank_start + rank_lanes
         in_range = pairs < NUM_PAIRS
         ids = tl.load(expert_ids_ptr + pairs, mask=in_range, other=0)
-        same_expert_earlier = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
-        rank_in_chunk = tl.sum(same_expert_earlier.to(tl.int32), axis=1)
-        row = tl.gather(segment_start + before_me, ids, 0) + rank_in_chunk
-        tl.store(sorted_pairs_ptr + row, pairs, mask=in_range)
+        same_expert_earlier = (ids[:, None] == ids[None, :]) & (rank_lanes[None, :] < rank_lanes[:, None])
+        rank = tl.sum(same_expert_earlier.to(tl.int32), axis=1)
+        tl.store(sorted_pairs_ptr + tl.gather(next_row, ids, 0) + rank, pairs, mask=in_range)
+        next_row += tl.histogram(ids, EXPERTS_PAD, mask=in_range)
 
     block_lanes = tl.arange(0, BLOCKS_PER_STEP)
     for block_start in range(pid * BLOCKS_PER_STEP, MAX_BLOCKS, NUM_PROGRAMS * BLOCKS_PER_STEP):

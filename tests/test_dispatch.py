@@ -28,19 +28,23 @@ def routings(draw):
         )
     )
     block_m = draw(st.sampled_from([16, 32, 64, 128]))
-    # Small histogram steps make several steps of the dispatch loop at these sizes.
-    hist_block = draw(st.sampled_from([128, 256, pipeline.DISPATCH_HIST_BLOCK]))
-    return np.array(ids, np.int32).reshape(num_tokens, top_k), num_experts, block_m, hist_block
+    # Small sizes make several histogram steps (some straddling a program's first pair), several
+    # rank blocks per program and several programs at these sizes.
+    sizes = dict(
+        hist_block=draw(st.sampled_from([128, 256, pipeline.DISPATCH_HIST_BLOCK])),
+        rank_block=draw(st.sampled_from([16, 32, pipeline.DISPATCH_RANK_BLOCK])),
+        chunk_programs=draw(st.sampled_from([1, 3, pipeline.DISPATCH_CHUNK_PROGRAMS])),
+    )
+    return np.array(ids, np.int32).reshape(num_tokens, top_k), num_experts, block_m, sizes
 
 
 @settings(max_examples=40, deadline=None)
 @given(routings())
 def test_dispatch_metadata(routing):
-    ids, num_experts, block_m, hist_block = routing
+    ids, num_experts, block_m, sizes = routing
     num_pairs = ids.size
     sorted_pairs, block_expert, expert_row_end = map(np.asarray, pipeline.dispatch(
-        jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch,
-        hist_block=hist_block,
+        jnp.asarray(ids), num_experts=num_experts, block_m=block_m, launch=backend_interpret.launch, **sizes
     ))
     max_blocks = min(num_experts, num_pairs) + -(-num_pairs // block_m)
     assert sorted_pairs.shape == (max_blocks * block_m,) and block_expert.shape == (max_blocks,)

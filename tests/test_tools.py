@@ -207,7 +207,14 @@ def test_slower_routes_are_timed_with_fewer_calls_per_repeat(benchmark_module, m
 def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark_module):
     moe_bench = benchmark_module("moe_bench")
     tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
-    rows = moe_bench.run_model(tiny, (1, 8), (8,), read_bw=1e11, gemm_rate=1e12, threads=2)
+    programs = moe_bench.model_programs(tiny, (1, 8), (8,), gemm_rate=1e12)
+    # The routings share one program per route and T; the parity reference runs on all tokens here.
+    assert {(route, t) for _, route, t in programs} == {
+        (route, t) for route in ("reference", "jax_moe", "dense_einsum", "ragged_dot") for t in (1, 8)
+    }
+    rows = moe_bench.run_model(
+        tiny, (1, 8), (8,), read_bw=1e11, gemm_rate=1e12, compiled=moe_bench.compile_programs(programs, threads=2)
+    )
     assert {(r["T"], r["routing"]) for r in rows} == {(1, "uniform"), (8, "uniform"), (8, "zipf1.2")}
     for row in rows:
         assert row["floor_us"] > 0
