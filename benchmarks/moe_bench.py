@@ -117,8 +117,8 @@ def model_programs(shape, token_counts, skewed_counts, gemm_rate) -> dict:
         num_tokens = case[0]
         parity_args = parity[case]
         programs[(shape.name, "reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
+        costly = _costs_every_expert_s(shape, num_tokens, gemm_rate) > MAX_DENSE_SECONDS
         for name, fn in layers.items():
-            costly = _costs_every_expert_s(shape, num_tokens, gemm_rate) > MAX_DENSE_SECONDS
             if name in ("dense_einsum", "ragged_dot") and costly:
                 continue
             if name == "jax_moe+dense_shared" and num_tokens not in SHARED_COMPARISON_TOKENS:
@@ -129,9 +129,10 @@ def model_programs(shape, token_counts, skewed_counts, gemm_rate) -> dict:
 
 def compile_programs(programs: dict, threads: int) -> dict:
     """All models' programs in one pool, so that no model waits for the last compile of the one
-    before it. XLA's (every route but jax_moe's) go first, smallest T first: they autotune their
-    GEMMs on the GPU (30-90 s each in the pool), and the largest, which need the most GPU memory
-    to autotune, then overlap with Triton's compiles rather than with each other."""
+    before it. XLA's (every route but jax_moe's) go first: they autotune their GEMMs on the GPU
+    and take the longest (30-110 s each in the pool), so none of them should start last. Smallest
+    T first among them, the ones that need the least GPU memory to autotune; concurrent
+    autotuning can still run out of it, and ``timing.compile_all`` retries those alone."""
     order = sorted(programs, key=lambda key: (key[1].startswith("jax_moe"), key[2]))
     start = time.perf_counter()
     seconds = {}

@@ -25,9 +25,11 @@ Launch = Callable[..., tuple[jax.Array, ...]]
 
 # Pairs a dispatch program ranks at once; the rank computation holds a [RANK, RANK] comparison.
 DISPATCH_RANK_BLOCK = 128
-# Every dispatch program histograms all the pairs, so fewer programs cost less in all: large
-# layers place up to DISPATCH_MAX_CHUNK pairs per program, about DISPATCH_CHUNK_PROGRAMS programs.
-# (DeepSeek-V3 at T = 8192, 73728 pairs, 512 programs of 128 pairs: 456 us on an H100.)
+# Every dispatch program histograms all the pairs, so the kernel's work grows with programs x
+# pairs: large layers place up to DISPATCH_MAX_CHUNK pairs per program, for about
+# DISPATCH_CHUNK_PROGRAMS programs. Fewer programs make each one's chain of steps longer. (H100,
+# ncu: DeepSeek-V3 at T = 8192, 73728 pairs, took 449 us in 576 programs of 128 pairs and 169 us
+# in 105 of up to 2048; Qwen3 at T = 2048 16 us in 128 programs of 128 pairs and 26 us in 64 of 256.)
 DISPATCH_MAX_CHUNK = 2048
 DISPATCH_CHUNK_PROGRAMS = 128
 # Rows a dispatch program describes per step, as whole row blocks.
