@@ -189,7 +189,7 @@ def dispatch_kernel(
     * places its own ``CHUNK`` pairs ``[p * CHUNK, (p + 1) * CHUNK)`` (none when that lies past
       the pairs), ``RANK_BLOCK`` at a time: the row of a pair is its expert's padded segment
       start, plus the pairs of that expert earlier in the sequence (from the histogram of the
-      earlier chunks, the block ranks before it, and a comparison within its rank block). The
+      earlier chunks, the rank blocks before its own, and a comparison within that one). The
       order is therefore stable (by pair index within an expert);
     * describes its grid-stride share of the row blocks, ``BLOCKS_PER_STEP`` at a time: writes
       each block's expert (-1 past the last segment) and marks the block's rows that hold no pair
@@ -204,13 +204,13 @@ def dispatch_kernel(
     my_start = pid * CHUNK
 
     # One histogram per step; only the step that holds this program's first pair takes two.
-    straddled = tl.minimum(my_start, NUM_PAIRS) // HIST_BLOCK * HIST_BLOCK
+    my_step = tl.minimum(my_start, NUM_PAIRS) // HIST_BLOCK * HIST_BLOCK
     counts = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
-    for start in range(0, straddled, HIST_BLOCK):
+    for start in range(0, my_step, HIST_BLOCK):
         counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
-    before_me = counts + _id_histogram(expert_ids_ptr, straddled, tl.minimum(my_start, NUM_PAIRS), EXPERTS_PAD, HIST_BLOCK)
-    counts += _id_histogram(expert_ids_ptr, straddled, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
-    for start in range(straddled + HIST_BLOCK, NUM_PAIRS, HIST_BLOCK):
+    before_me = counts + _id_histogram(expert_ids_ptr, my_step, tl.minimum(my_start, NUM_PAIRS), EXPERTS_PAD, HIST_BLOCK)
+    counts += _id_histogram(expert_ids_ptr, my_step, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
+    for start in range(my_step + HIST_BLOCK, NUM_PAIRS, HIST_BLOCK):
         counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
 
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
