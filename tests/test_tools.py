@@ -224,6 +224,20 @@ def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark
             assert row["rel_err"] <= 1e-2 and row["time_us"] > 0, row
 
 
+def test_forward_benchmark_compiles_xla_programs_first_smallest_first(benchmark_module, monkeypatch):
+    """XLA's programs autotune on the GPU and take the longest: none of them may start last."""
+    moe_bench = benchmark_module("moe_bench")
+    submitted = []
+    monkeypatch.setattr(timing, "compile_all", lambda programs, threads, seconds: submitted.extend(programs) or {})
+    keys = [("a", "jax_moe", 1), ("a", "dense_einsum", 8), ("b", "jax_moe+dense_shared", 2), ("b", "ragged_dot", 2),
+            ("a", "reference", 1)]
+    moe_bench.compile_programs(dict.fromkeys(keys), threads=2)
+    assert submitted == [
+        ("a", "reference", 1), ("b", "ragged_dot", 2), ("a", "dense_einsum", 8), ("a", "jax_moe", 1),
+        ("b", "jax_moe+dense_shared", 2),
+    ]
+
+
 def test_compile_all_keeps_the_error_of_a_program_that_fails():
     def refuses(x):
         raise NotImplementedError("no such route here")
