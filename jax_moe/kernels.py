@@ -208,7 +208,9 @@ def dispatch_kernel(
     counts = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
     for start in range(0, my_step, HIST_BLOCK):
         counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
-    before_me = counts + _id_histogram(expert_ids_ptr, my_step, tl.minimum(my_start, NUM_PAIRS), EXPERTS_PAD, HIST_BLOCK)
+    before_me = counts + _id_histogram(
+        expert_ids_ptr, my_step, tl.minimum(my_start, NUM_PAIRS), EXPERTS_PAD, HIST_BLOCK
+    )
     counts += _id_histogram(expert_ids_ptr, my_step, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
     for start in range(my_step + HIST_BLOCK, NUM_PAIRS, HIST_BLOCK):
         counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
@@ -472,9 +474,10 @@ def gate_up_kernel(
     ``[BLOCK_M, BLOCK_K]`` activation tile once for both projections, accumulates both in fp32,
     adds the expert's biases (``HAS_BIAS``), and writes the activation (``_swiglu``) for its rows
     (padding rows get that of zero inputs, which nothing reads), plus ``gate`` and ``up``
-    themselves when the backward pass is to reuse them. Unused blocks exit at once. With ``HALF_BLOCKS`` a block whose second half is
-    padding (often an expert's last block) computes its first half only: at ``BLOCK_M = 128`` that
-    is still one whole 64-row warpgroup MMA, at half the cost; those padding rows stay unwritten.
+    themselves when the backward pass is to reuse them. Unused blocks exit at once. With
+    ``HALF_BLOCKS`` a block whose second half is padding (often an expert's last block) computes
+    its first half only: at ``BLOCK_M = 128`` that is still one whole 64-row warpgroup MMA, at half
+    the cost; those padding rows stay unwritten.
     """
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
@@ -701,9 +704,9 @@ def gate_up_backward_kernel(
     """Backward through the down projection and the gated activation, per row block and tile.
 
     Grid: ``(MAX_BLOCKS * cdiv(F, BLOCK_N),)``, the forward gate/up grid and order. For its rows
-    and columns a program gets the pre-activations ``gate`` and ``up`` (recomputed as in the forward, biases
-    included, or loaded), and ``g = grad_out[token] @ w_down[e]^T``. Then, with ``w`` the row's
-    routing weight and ``act, d/dgate, d/dup = _swiglu(gate, up)``:
+    and columns a program gets the pre-activations ``gate`` and ``up`` (recomputed as in the
+    forward, biases included, or loaded), and ``g = grad_out[token] @ w_down[e]^T``. Then, with
+    ``w`` the row's routing weight and ``act, d/dgate, d/dup = _swiglu(gate, up)``:
 
     * ``w * act`` is stored: the down-projection weight gradient is ``(w * act)^T @ grad_out``
       (scaling here, in the epilogue, keeps that kernel's operands straight from memory);
