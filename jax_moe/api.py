@@ -295,6 +295,14 @@ def route(
     ``jax_moe.reference.route``. Differentiable with respect to the logits; the selection bias
     gets no gradient (it picks experts, it does not weight them).
     """
+    routing = _checked_routing(
+        router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups, routed_scaling_factor
+    )
+    return _route(router_logits, routing, selection_bias, _resolve_backend(backend))
+
+
+def _checked_routing(router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups,
+                     routed_scaling_factor) -> Routing:
     _check_float("router_logits", router_logits)
     if router_logits.ndim < 1:
         raise ValueError("router_logits must have shape [..., E]; got a scalar")
@@ -302,16 +310,27 @@ def route(
     _check_top_k(top_k, num_experts)
     routing = Routing(int(top_k), scoring, bool(renormalize), num_groups, top_groups, routed_scaling_factor)
     _check_routing_options(num_experts, routing, selection_bias)
-    backend = _resolve_backend(backend)
+    return routing
+
+
+def _route(router_logits, routing: Routing, selection_bias, backend: str, num_shared: int = 0):
+    """``route`` past its checks; with ``num_shared``, the shared experts follow the routed choices
+    (``reference.with_shared_experts`` with weight 1)."""
+    num_experts = router_logits.shape[-1]
     lead = router_logits.shape[:-1]
     num_tokens = math.prod(lead)
     if backend == "reference" or num_tokens == 0:
-        return reference.route_with(router_logits, routing, selection_bias)
+        weights, ids = reference.route_with(router_logits, routing, selection_bias)
+        if num_shared:
+            ones = jnp.ones((*lead, num_shared), jnp.float32)
+            weights, ids = reference.with_shared_experts(weights, ids, num_experts, ones)
+        return weights, ids
     weights, ids = pipeline.route(
         router_logits.reshape(num_tokens, num_experts), selection_bias, routing=routing,
-        launch=_launcher(backend),
+        launch=_launcher(backend), num_shared=num_shared,
     )
-    return weights.reshape(*lead, top_k), ids.reshape(*lead, top_k)
+    slots = routing.top_k + num_shared
+    return weights.reshape(*lead, slots), ids.reshape(*lead, slots)
 
 
 def moe_experts(
@@ -426,18 +445,26 @@ def fused_moe(
         shared_w_gate, shared_w_up, shared_w_down, shared_gate, activation,
     )
     _check_router_logits(router_logits, hidden_states, w_gate.shape[0])
-    weights, ids = route(
-        router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring,
-        selection_bias=selection_bias, num_groups=num_groups, top_groups=top_groups,
-        routed_scaling_factor=routed_scaling_factor, backend=backend,
+    routing = _checked_routing(
+        router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups, routed_scaling_factor
     )
     backend = _resolve_backend(backend)
-    out = _experts(hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations)
-    return (out, weights, ids) if return_routing else out
+    # The routing kernel appends ungated shared experts to the choices itself (no launch of
+    # their own); gated ones take their weights from the activations, in XLA.
+    shared_in_routing = params.num_shared if backend != "reference" and shared_gate is None else 0
+    weights, ids = _route(router_logits, routing, selection_bias, backend, shared_in_routing)
+    out = _experts(
+        hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations,
+        shared_in_routing=shared_in_routing > 0,
+    )
+    if return_routing:
+        return out, weights[..., :top_k], ids[..., :top_k]
+    return out
 
 
 def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared_gate,
-             activation: Activation, backend: str, save_activations: bool):
+             activation: Activation, backend: str, save_activations: bool, shared_in_routing: bool = False):
+    """``shared_in_routing``: ``weights`` and ``ids`` already end with the shared experts' slots."""
     if backend == "reference":
         return reference.moe_experts(
             hidden_states, weights, ids, **params._asdict(), activation=activation, shared_gate=shared_gate
@@ -447,7 +474,7 @@ def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared
     num_tokens = math.prod(hidden_states.shape[:-1])
     if num_tokens == 0 or hidden == 0 or intermediate == 0:
         return jnp.zeros(hidden_states.shape, hidden_states.dtype)
-    if params.num_shared:
+    if params.num_shared and not shared_in_routing:
         shared = reference.shared_expert_weights(hidden_states, params.num_shared, shared_gate)
         weights, ids = reference.with_shared_experts(weights, ids, params.num_routed, shared)
     slots = ids.shape[-1]

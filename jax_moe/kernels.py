@@ -57,8 +57,8 @@ def _key_value(keys):
 def route_kernel(
     logits_ptr,  # [T, E] any float dtype, row-major
     selection_bias_ptr,  # [E] float32, added to the scores for selection only (read if HAS_SELECTION_BIAS)
-    weights_ptr,  # out [T, TOP_K] float32
-    ids_ptr,  # out [T, TOP_K] int32
+    weights_ptr,  # out [T, TOP_K + NUM_SHARED] float32
+    ids_ptr,  # out [T, TOP_K + NUM_SHARED] int32
     NUM_TOKENS: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
     EXPERTS_PAD: tl.constexpr,  # power of two >= NUM_EXPERTS
@@ -71,6 +71,8 @@ def route_kernel(
     TOP_GROUPS: tl.constexpr,  # groups a token may choose its experts from
     RENORMALIZE: tl.constexpr,
     SCALING_FACTOR: tl.constexpr,
+    NUM_SHARED: tl.constexpr,  # shared experts, appended to every token's choices
+    SHARED_PAD: tl.constexpr,  # power of two >= NUM_SHARED
     BLOCK_T: tl.constexpr,
 ):
     """Top-k routing: softmax (Mixtral, Qwen, gpt-oss) or sigmoid scores with a selection bias and
@@ -86,7 +88,9 @@ def route_kernel(
       only the experts of the ``TOP_GROUPS`` best groups;
     * picks the ``TOP_K`` best experts left (ties go to the lower index, like ``jax.lax.top_k``) and
       writes their unbiased scores, divided by their sum when ``RENORMALIZE``, times
-      ``SCALING_FACTOR``, with their expert ids.
+      ``SCALING_FACTOR``, with their expert ids;
+    * appends the ``NUM_SHARED`` shared experts as slots ``TOP_K ..``: ids ``E + s``, weight 1
+      (what the expert kernels take; written here, they cost no launch of their own).
 
     Every pick is one max reduction over int64 keys that pack a value with its id
     (``_ranking_keys``): the latency of one token's ~30 dependent picks (DeepSeek-V3) is what
@@ -149,10 +153,17 @@ def route_kernel(
 
     if RENORMALIZE:
         chosen_scores = chosen_scores / tl.sum(chosen_scores, axis=1)[:, None]
-    out_offsets = tokens.to(tl.int64)[:, None] * TOP_K + slots[None, :]
+    slots_per_token: tl.constexpr = TOP_K + NUM_SHARED
+    out_offsets = tokens.to(tl.int64)[:, None] * slots_per_token + slots[None, :]
     out_mask = token_ok[:, None] & (slots[None, :] < TOP_K)
     tl.store(weights_ptr + out_offsets, chosen_scores * SCALING_FACTOR, mask=out_mask)
     tl.store(ids_ptr + out_offsets, chosen_ids, mask=out_mask)
+    if NUM_SHARED > 0:
+        shared = tl.arange(0, SHARED_PAD)[None, :]
+        shared_offsets = tokens.to(tl.int64)[:, None] * slots_per_token + TOP_K + shared
+        shared_mask = token_ok[:, None] & (shared < NUM_SHARED)
+        tl.store(weights_ptr + shared_offsets, tl.full([BLOCK_T, SHARED_PAD], 1.0, tl.float32), mask=shared_mask)
+        tl.store(ids_ptr + shared_offsets, tl.broadcast_to(NUM_EXPERTS + shared, [BLOCK_T, SHARED_PAD]), mask=shared_mask)
 
 
 @triton.jit

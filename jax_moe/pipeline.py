@@ -55,19 +55,20 @@ def max_row_blocks(num_experts: int, num_pairs: int, block_m: int) -> int:
 
 
 @functools.cache
-def _differentiable_route(routing: Routing, launch: Launch):
+def _differentiable_route(routing: Routing, launch: Launch, num_shared: int):
     @jax.custom_vjp
     def route_op(logits, selection_bias):
         num_tokens, num_experts = logits.shape
         padded = experts_pad(num_experts)
         block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded))
+        slots = routing.top_k + num_shared
         return launch(
             kernels.route_kernel,
             logits,
             logits if selection_bias is None else selection_bias,
             out_shapes=(
-                jax.ShapeDtypeStruct((num_tokens, routing.top_k), jnp.float32),
-                jax.ShapeDtypeStruct((num_tokens, routing.top_k), jnp.int32),
+                jax.ShapeDtypeStruct((num_tokens, slots), jnp.float32),
+                jax.ShapeDtypeStruct((num_tokens, slots), jnp.int32),
             ),
             grid=(triton.cdiv(num_tokens, block_t),),
             num_warps=ROUTE_WARPS,
@@ -83,6 +84,8 @@ def _differentiable_route(routing: Routing, launch: Launch):
             TOP_GROUPS=routing.kept_groups,
             RENORMALIZE=routing.renormalize,
             SCALING_FACTOR=float(routing.scaling_factor),
+            NUM_SHARED=num_shared,
+            SHARED_PAD=triton.next_power_of_2(max(1, num_shared)),
             BLOCK_T=block_t,
         )
 
@@ -94,6 +97,8 @@ def _differentiable_route(routing: Routing, launch: Launch):
     def backward(residuals, cotangents):
         logits, ids = residuals
         grad_weights, _ = cotangents  # ids are integers: no gradient
+        # The shared experts' slots weigh a constant 1: only the routed ones have a gradient.
+        ids, grad_weights = ids[:, : routing.top_k], grad_weights[:, : routing.top_k]
         logits, grad_weights = _first_order_only(logits, grad_weights)
         _, pullback = jax.vjp(lambda l: reference.route_weights(l, ids, routing), logits)
         # The selection bias only changes which experts win: no gradient flows to it.
@@ -103,14 +108,17 @@ def _differentiable_route(routing: Routing, launch: Launch):
     return route_op
 
 
-def route(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch):
-    """[T, E] logits -> ([T, top_k] float32 weights, [T, top_k] int32 expert ids).
+def route(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch,
+          num_shared: int = 0):
+    """[T, E] logits -> ([T, top_k + num_shared] float32 weights, [T, top_k + num_shared] int32
+    expert ids): the routed choices, then the ``num_shared`` shared experts (ids ``E + s``, weight
+    1) as ``experts`` takes them.
 
-    Differentiable with respect to the logits through the weights.
+    Differentiable with respect to the logits through the routed weights.
     """
     if selection_bias is not None:
         selection_bias = jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
-    return _differentiable_route(routing, launch)(logits, selection_bias)
+    return _differentiable_route(routing, launch, num_shared)(logits, selection_bias)
 
 
 def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: Launch,

@@ -11,6 +11,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import jax_moe
+from jax_moe import backend_interpret, pipeline
+from jax_moe.options import Routing
 from flax_layers import FusedMoE
 from flax_layers import checkpoints
 from flax_layers import linen as moe_linen
@@ -223,3 +225,29 @@ def test_variants_gradients_match_reference(key, name):
         ref = np.asarray(want[name_], np.float64)
         assert np.linalg.norm(ref) > 0, name_
         assert numpy_moe.rel_error(got[name_], ref) <= 1e-4, name_
+
+
+def test_routing_kernel_appends_the_shared_experts(key):
+    """Ungated shared experts join each token's choices in the routing kernel (slots k .., ids
+    E + s, weight 1), every slot written; fused_moe still returns the routed choices alone."""
+    args, options = _case(key, "deepseek")
+    top_k, num_shared = options["top_k"], args["shared_w_gate"].shape[0]
+    routing = Routing(top_k, "sigmoid", True, 4, 2, 2.5)
+    weights, ids = pipeline.route(
+        args["router_logits"], args["selection_bias"], routing=routing, launch=backend_interpret.launch,
+        num_shared=num_shared,
+    )
+    routed_weights, routed_ids = jax_moe.route(
+        args["router_logits"], selection_bias=args["selection_bias"], backend="interpret", **options
+    )
+    assert weights.shape == ids.shape == (T, top_k + num_shared)
+    np.testing.assert_array_equal(ids[:, :top_k], routed_ids)
+    np.testing.assert_array_equal(weights[:, :top_k], routed_weights)
+    np.testing.assert_array_equal(ids[:, top_k:], np.broadcast_to(E + np.arange(num_shared), (T, num_shared)))
+    np.testing.assert_array_equal(weights[:, top_k:], np.ones((T, num_shared), np.float32))
+
+    out, returned_weights, returned_ids = jax_moe.fused_moe(**args, **options, backend="interpret", return_routing=True)
+    np.testing.assert_array_equal(returned_ids, routed_ids)
+    np.testing.assert_array_equal(returned_weights, routed_weights)
+    ref = jax_moe.fused_moe(**args, **options, backend="reference")
+    assert numpy_moe.rel_error(out, np.asarray(ref, np.float64)) <= 1e-5
