@@ -12,6 +12,11 @@ hardware floor measured in the same run,
 averaged over the input sets the timing cycles through (each selects its own experts), and
 floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and .png.
 
+At decode sizes (T <= 64) jax_moe is also timed the way a model runs it: IN_GRAPH_LAYERS layers
+in one jitted program (each with its own activations and logits, the same weights), so that the
+host's fixed cost per jitted call (46 us for a jitted ``x + 1`` on the H100 machine) is shared by
+the layers: ``in_graph_us`` per layer, against the floor of those layers' inputs.
+
     python benchmarks/moe_bench.py --refloor benchmarks/results/<name>.json
 
 recomputes the floors of recorded results from their header's bandwidth and GEMM rate and the
@@ -56,7 +61,20 @@ FLOOR_METHOD = (
     "mean over the input sets of max((bytes of the experts the set selects, shared ones included) / read_bw, "
     "FLOPs / gemm_rate)"
 )
-COLUMNS = ["model", "T", "routing", "route", "time_us", "floor_us", "floor_fraction", "rel_err", "speedup_vs_best_other"]
+# A model's forward is one jitted program over all its layers: at decode sizes a layer alone in a
+# program pays the host's cost per call (which can exceed the GPU's time), layers in one program
+# share it.
+IN_GRAPH_MAX_TOKENS = 64
+IN_GRAPH_LAYERS = 8
+IN_GRAPH_METHOD = (
+    f"jax_moe at T <= {IN_GRAPH_MAX_TOKENS}: {IN_GRAPH_LAYERS} layers in one jitted program (own activations and "
+    "logits, shared weights), timed like the calls; in_graph_us = time per program / layers, floor of "
+    "those layers' inputs"
+)
+COLUMNS = [
+    "model", "T", "routing", "route", "time_us", "floor_us", "floor_fraction", "rel_err", "speedup_vs_best_other",
+    "in_graph_us", "in_graph_floor_fraction",
+]
 
 
 def floor_us(shape, num_tokens, ids_per_set, read_bw, gemm_rate) -> float:
@@ -102,6 +120,21 @@ def _inputs(shape, weights, cases):
     return inputs, parity
 
 
+def _in_graph_inputs(shape, weights, num_tokens: int, routing: str) -> list[tuple]:
+    """Two argument tuples ``(xs, logits, w_gate, w_up, w_down, extras)`` for ``_layers``, each
+    with IN_GRAPH_LAYERS activations and logits of its own (timing alternates between them)."""
+    sets = arg_specs.input_sets(
+        shape, weights, num_tokens, jax.random.key(1000 + num_tokens), count=2 * IN_GRAPH_LAYERS, routing=routing
+    )
+    groups = (sets[:IN_GRAPH_LAYERS], sets[IN_GRAPH_LAYERS:])
+    return [(tuple(s[0] for s in g), tuple(s[1] for s in g), *g[0][2:]) for g in groups]
+
+
+def _layers(layer):
+    """IN_GRAPH_LAYERS applications of ``layer`` in one program, one per activation."""
+    return lambda xs, logits, *weights: tuple(layer(x, lg, *weights) for x, lg in zip(xs, logits))
+
+
 def _costs_every_expert_s(shape, num_tokens, gemm_rate) -> float:
     return 2 * num_tokens * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
 
@@ -124,6 +157,9 @@ def model_programs(shape, token_counts, skewed_counts, gemm_rate) -> dict:
             if name == "jax_moe+dense_shared" and num_tokens not in SHARED_COMPARISON_TOKENS:
                 continue
             programs[(shape.name, name, num_tokens)] = (fn, sets[0])
+        if num_tokens <= IN_GRAPH_MAX_TOKENS:
+            layered = jax.eval_shape(lambda: _in_graph_inputs(shape, _model_weights(shape), *case))
+            programs[(shape.name, "jax_moe in graph", num_tokens)] = (_layers(layers["jax_moe"]), layered[0])
     return programs
 
 
@@ -133,7 +169,7 @@ def compile_programs(programs: dict, threads: int) -> dict:
     and take the longest (30-110 s each in the pool), so none of them should start last. Smallest
     T first among them, the ones that need the least GPU memory to autotune; concurrent
     autotuning can still run out of it, and ``timing.compile_all`` retries those alone."""
-    order = sorted(programs, key=lambda key: (key[1].startswith("jax_moe"), key[2]))
+    order = sorted(programs, key=lambda key: (key[1].startswith("jax_moe"), key[2]))  # jax_moe* last
     start = time.perf_counter()
     seconds = {}
     compiled = timing.compile_all({key: programs[key] for key in order}, threads, seconds)
@@ -178,11 +214,29 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled) 
                 except Exception as e:
                     row["skipped"] = _skip_reason(e)
             case_rows.append(row)
+        if num_tokens <= IN_GRAPH_MAX_TOKENS:
+            ours = next(r for r in case_rows if r["route"] == "jax_moe")
+            _time_in_graph(ours, shape, weights, case, compiled, read_bw, gemm_rate)
         common.add_speedup(case_rows)
         common.print_table(case_rows, COLUMNS)
         rows += case_rows
     print(f"{shape.name}: checked and timed {len(inputs)} cases in {time.perf_counter() - start:.0f} s")
     return rows
+
+
+def _time_in_graph(row, shape, weights, case, compiled, read_bw, gemm_rate) -> None:
+    """Adds in_graph_us and in_graph_floor_fraction to jax_moe's row of a decode case."""
+    executable = compiled.get((shape.name, "jax_moe in graph", case[0]))
+    if executable is None or isinstance(executable, Exception) or "time_us" not in row:
+        return
+    groups = _in_graph_inputs(shape, weights, *case)
+    first_layer = (groups[0][0][0], groups[0][1][0], *groups[0][2:])
+    layer_ref = compiled[(shape.name, "reference", case[0])](*first_layer)
+    row["in_graph_rel_err"] = common.rel_error(executable(*groups[0])[0], layer_ref)
+    ids = [routes.route(shape, logits, weights.extras)[1] for group in groups for logits in group[1]]
+    floor = floor_us(shape, case[0], ids, read_bw, gemm_rate)
+    row["in_graph_us"] = common.time_route(executable, groups) / IN_GRAPH_LAYERS
+    row["in_graph_floor_fraction"] = floor / row["in_graph_us"]
 
 
 def _drawn_expert_ids(shape, num_tokens: int, routing: str) -> list:
@@ -267,7 +321,7 @@ def main(argv=None):
         refloor(args.refloor)
         return
     read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
-    head = {**common.header(read_bw, gemm_rate), "floor": FLOOR_METHOD}
+    head = {**common.header(read_bw, gemm_rate), "floor": FLOOR_METHOD, "in_graph": IN_GRAPH_METHOD}
     print(head)
     tokens, skewed = (QUICK_TOKENS, QUICK_SKEWED_TOKENS) if args.quick else (TOKENS, SKEWED_TOKENS)
     shapes = [shape for shape in arg_specs.MODELS if shape.name in args.models]

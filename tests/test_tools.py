@@ -204,24 +204,35 @@ def test_slower_routes_are_timed_with_fewer_calls_per_repeat(benchmark_module, m
     assert timed == [1, calls]
 
 
-def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark_module):
-    moe_bench = benchmark_module("moe_bench")
+def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark_module, monkeypatch):
+    moe_bench, routes = benchmark_module("moe_bench"), benchmark_module("routes")
+    if backend_triton.unavailable_reason() is not None:
+        # jax_moe's rows through the interpreter: every step of the benchmark runs on the CPU too.
+        fused_moe = routes.jax_moe.fused_moe
+        monkeypatch.setattr(
+            routes.jax_moe, "fused_moe", lambda *args, backend, **kwargs: fused_moe(*args, **kwargs, backend="interpret")
+        )
     tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
-    programs = moe_bench.model_programs(tiny, (1, 8), (8,), gemm_rate=1e12)
-    # The routings share one program per route and T; the parity reference runs on all tokens here.
+    programs = moe_bench.model_programs(tiny, (1, 8, 128), (8,), gemm_rate=1e12)
+    # The routings share one program per route and T; the parity reference runs on all tokens
+    # here; decode sizes get jax_moe's program of several layers.
     assert {(route, t) for _, route, t in programs} == {
-        (route, t) for route in ("reference", "jax_moe", "dense_einsum", "ragged_dot") for t in (1, 8)
-    }
+        (route, t) for route in ("reference", "jax_moe", "dense_einsum", "ragged_dot") for t in (1, 8, 128)
+    } - {("reference", 128)} | {("reference", 64), ("jax_moe in graph", 1), ("jax_moe in graph", 8)}
     rows = moe_bench.run_model(
-        tiny, (1, 8), (8,), read_bw=1e11, gemm_rate=1e12, compiled=moe_bench.compile_programs(programs, threads=2)
+        tiny, (1, 8, 128), (8,), read_bw=1e11, gemm_rate=1e12,
+        compiled=moe_bench.compile_programs(programs, threads=2),
     )
-    assert {(r["T"], r["routing"]) for r in rows} == {(1, "uniform"), (8, "uniform"), (8, "zipf1.2")}
+    assert {(r["T"], r["routing"]) for r in rows} == {(1, "uniform"), (8, "uniform"), (128, "uniform"), (8, "zipf1.2")}
     for row in rows:
         assert row["floor_us"] > 0
-        if row["route"] == "jax_moe" and backend_triton.unavailable_reason() is not None:
-            assert "can't run here" in row["skipped"]
-        elif row["route"] in ("jax_moe", "dense_einsum", "ragged_dot"):
+        if row["route"] in ("jax_moe", "dense_einsum", "ragged_dot"):
             assert row["rel_err"] <= 1e-2 and row["time_us"] > 0, row
+        in_graph = row["route"] == "jax_moe" and row["T"] <= moe_bench.IN_GRAPH_MAX_TOKENS
+        assert ("in_graph_us" in row) == in_graph, row
+        if in_graph:
+            assert row["in_graph_rel_err"] <= 1e-2 and row["in_graph_us"] > 0, row
+            assert 0 < row["in_graph_floor_fraction"] < np.inf, row
 
 
 def test_forward_benchmark_compiles_xla_programs_first_smallest_first(benchmark_module, monkeypatch):
