@@ -82,8 +82,16 @@ def trace(shape: arg_specs.MoeShape, num_tokens: int, train: bool, config: tile_
     plan = pipeline.Plan(config=config, dot_precision="tf32", launch=recording_launcher(records))
 
     def layer(x, logits, w_gate, w_up, w_down):
-        weights, ids = pipeline.route(logits, None, routing=Routing(shape.top_k), launch=plan.launch)
-        out = pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
+        routing, dispatched = Routing(shape.top_k), None
+        if pipeline.routes_and_dispatches(num_tokens * shape.top_k):  # as fused_moe launches it
+            weights, ids, dispatched = pipeline.route_and_dispatch(
+                logits, None, routing=routing, launch=plan.launch, num_shared=0, block_m=config.block_m
+            )
+        else:
+            weights, ids = pipeline.route(logits, None, routing=routing, launch=plan.launch)
+        out = pipeline.experts(
+            x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan, dispatched=dispatched
+        )
         return jnp.sum(out.astype(jnp.float32))
 
     h, f, e = shape.hidden, shape.intermediate, shape.num_experts

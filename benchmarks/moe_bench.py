@@ -64,7 +64,7 @@ FLOOR_METHOD = (
 # A model's forward is one jitted program over all its layers: at decode sizes a layer alone in a
 # program pays the host's cost per call (which can exceed the GPU's time), layers in one program
 # share it.
-IN_GRAPH_MAX_TOKENS = 64
+IN_GRAPH_MAX_TOKENS = 16
 IN_GRAPH_LAYERS = 8
 IN_GRAPH_METHOD = (
     f"jax_moe at T <= {IN_GRAPH_MAX_TOKENS}: {IN_GRAPH_LAYERS} layers in one jitted program (own activations and "

@@ -452,10 +452,22 @@ def fused_moe(
     # The routing kernel appends ungated shared experts to the choices itself (no launch of
     # their own); gated ones take their weights from the activations, in XLA.
     shared_in_routing = params.num_shared if backend != "reference" and shared_gate is None else 0
-    weights, ids = _route(router_logits, routing, selection_bias, backend, shared_in_routing)
+    num_tokens = math.prod(hidden_states.shape[:-1])
+    num_pairs = num_tokens * (top_k + params.num_shared)
+    dispatched = None
+    if (backend != "reference" and shared_in_routing == params.num_shared and num_tokens
+            and pipeline.routes_and_dispatches(num_pairs)):
+        config = _tile_config(backend, num_pairs, params.w_gate, top_k, params.num_shared)
+        weights, ids, dispatched = pipeline.route_and_dispatch(
+            router_logits.reshape(num_tokens, -1), selection_bias, routing=routing, launch=_launcher(backend),
+            num_shared=shared_in_routing, block_m=config.block_m,
+        )
+        weights, ids = (a.reshape(*router_logits.shape[:-1], -1) for a in (weights, ids))
+    else:
+        weights, ids = _route(router_logits, routing, selection_bias, backend, shared_in_routing)
     out = _experts(
         hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations,
-        shared_in_routing=shared_in_routing > 0,
+        shared_in_routing=shared_in_routing > 0, dispatched=dispatched,
     )
     if return_routing:
         return out, weights[..., :top_k], ids[..., :top_k]
@@ -463,8 +475,10 @@ def fused_moe(
 
 
 def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared_gate,
-             activation: Activation, backend: str, save_activations: bool, shared_in_routing: bool = False):
-    """``shared_in_routing``: ``weights`` and ``ids`` already end with the shared experts' slots."""
+             activation: Activation, backend: str, save_activations: bool, shared_in_routing: bool = False,
+             dispatched=None):
+    """``shared_in_routing``: ``weights`` and ``ids`` already end with the shared experts' slots;
+    ``dispatched``: their dispatch metadata, from ``pipeline.route_and_dispatch``."""
     if backend == "reference":
         return reference.moe_experts(
             hidden_states, weights, ids, **params._asdict(), activation=activation, shared_gate=shared_gate
@@ -492,6 +506,7 @@ def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared
             save_activations=bool(save_activations),
             activation=activation,
         ),
+        dispatched=dispatched,
     )
     return out.reshape(hidden_states.shape)
 

@@ -96,7 +96,23 @@ def route_kernel(
     (``_ranking_keys``): the latency of one token's ~30 dependent picks (DeepSeek-V3) is what
     routing costs at decode sizes.
     """
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _route_tokens(
+        tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T), logits_ptr, selection_bias_ptr, weights_ptr, ids_ptr,
+        NUM_TOKENS, NUM_EXPERTS, EXPERTS_PAD, TOP_K, TOP_K_PAD, SCORING, HAS_SELECTION_BIAS, NUM_GROUPS,
+        GROUPS_PAD, TOP_GROUPS, RENORMALIZE, SCALING_FACTOR, NUM_SHARED, SHARED_PAD, BLOCK_T,
+    )
+
+
+@triton.jit
+def _route_tokens(
+    tokens, logits_ptr, selection_bias_ptr, weights_ptr, ids_ptr, NUM_TOKENS: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr, EXPERTS_PAD: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+    SCORING: tl.constexpr, HAS_SELECTION_BIAS: tl.constexpr, NUM_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr,
+    TOP_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, SCALING_FACTOR: tl.constexpr, NUM_SHARED: tl.constexpr,
+    SHARED_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """``route_kernel``'s work for the ``BLOCK_T`` token indices ``tokens`` (those past
+    ``NUM_TOKENS`` are skipped)."""
     experts = tl.arange(0, EXPERTS_PAD)
     slots = tl.arange(0, TOP_K_PAD)
     token_ok = tokens < NUM_TOKENS
@@ -210,7 +226,19 @@ def dispatch_kernel(
     Every row and every block is written by exactly one program. Small layers get more programs
     than chunks of pairs, so that describing the blocks is spread over the chip too.
     """
-    pid = tl.program_id(0)
+    _dispatch_program(
+        tl.program_id(0), expert_ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, NUM_PAIRS,
+        EXPERTS_PAD, BLOCK_M, MAX_BLOCKS, CHUNK, RANK_BLOCK, BLOCKS_PER_STEP, NUM_PROGRAMS, HIST_BLOCK,
+    )
+
+
+@triton.jit
+def _dispatch_program(
+    pid, expert_ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, NUM_PAIRS: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MAX_BLOCKS: tl.constexpr, CHUNK: tl.constexpr,
+    RANK_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr, NUM_PROGRAMS: tl.constexpr, HIST_BLOCK: tl.constexpr,
+):
+    """``dispatch_kernel``'s work for program ``pid``."""
     experts = tl.arange(0, EXPERTS_PAD)
     my_start = pid * CHUNK
 
@@ -260,6 +288,59 @@ def dispatch_kernel(
             tl.full([BLOCKS_PER_STEP, BLOCK_M], NUM_PAIRS, tl.int32),
             mask=(blocks < MAX_BLOCKS)[:, None] & (rows >= real_end[:, None]),
         )
+
+
+@triton.jit
+def route_dispatch_kernel(
+    logits_ptr,  # [T, E] any float dtype, row-major
+    selection_bias_ptr,  # [E] float32 (read if HAS_SELECTION_BIAS)
+    weights_ptr,  # out [T, TOP_K + NUM_SHARED] float32
+    ids_ptr,  # out [T, TOP_K + NUM_SHARED] int32, read back as the pairs' expert ids
+    sorted_pairs_ptr,  # out [MAX_BLOCKS * BLOCK_M] int32
+    block_expert_ptr,  # out [MAX_BLOCKS] int32
+    expert_row_end_ptr,  # out [SLOT_EXPERTS_PAD] int32
+    NUM_TOKENS: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr,
+    TOP_K: tl.constexpr,
+    TOP_K_PAD: tl.constexpr,
+    SCORING: tl.constexpr,
+    HAS_SELECTION_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    TOP_GROUPS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    SCALING_FACTOR: tl.constexpr,
+    NUM_SHARED: tl.constexpr,
+    SHARED_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SLOT_EXPERTS_PAD: tl.constexpr,  # power of two >= NUM_EXPERTS + NUM_SHARED
+    BLOCK_M: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    RANK_BLOCK: tl.constexpr,  # a power of two
+    BLOCKS_PER_STEP: tl.constexpr,  # a power of two
+    HIST_BLOCK: tl.constexpr,  # a power of two >= NUM_TOKENS * (TOP_K + NUM_SHARED)
+):
+    """``route_kernel`` and then ``dispatch_kernel`` in one program, for decode sizes: one launch
+    (and one gap between launches) fewer. The parameters are theirs; ``SLOT_EXPERTS_PAD`` is
+    dispatch's ``EXPERTS_PAD`` (shared experts included).
+
+    Grid: ``(1,)``. The program routes all ``T`` tokens, ``BLOCK_T`` at a time, then (after a
+    barrier that makes its stores of the expert ids visible to all its threads) dispatches the
+    ``T * (TOP_K + NUM_SHARED)`` pairs as ``dispatch_kernel``'s only program.
+    """
+    for start in range(0, NUM_TOKENS, BLOCK_T):
+        _route_tokens(
+            start + tl.arange(0, BLOCK_T), logits_ptr, selection_bias_ptr, weights_ptr, ids_ptr, NUM_TOKENS,
+            NUM_EXPERTS, EXPERTS_PAD, TOP_K, TOP_K_PAD, SCORING, HAS_SELECTION_BIAS, NUM_GROUPS, GROUPS_PAD,
+            TOP_GROUPS, RENORMALIZE, SCALING_FACTOR, NUM_SHARED, SHARED_PAD, BLOCK_T,
+        )
+    tl.debug_barrier()
+    num_pairs: tl.constexpr = NUM_TOKENS * (TOP_K + NUM_SHARED)
+    _dispatch_program(
+        0, ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, num_pairs, SLOT_EXPERTS_PAD, BLOCK_M,
+        MAX_BLOCKS, HIST_BLOCK, RANK_BLOCK, BLOCKS_PER_STEP, 1, HIST_BLOCK,
+    )
 
 
 @triton.jit

@@ -43,6 +43,11 @@ MIN_EXPERTS_PAD = 16
 # shared memory and barriers, and 16 elements a thread keep it to few instructions per token.
 ROUTE_TILE_ELEMENTS = 512
 ROUTE_WARPS = 1
+# Up to this many pairs, routing and dispatch run as one program of ROUTE_WARPS warps
+# (route_dispatch_kernel): one launch instead of two at decode sizes. Its dispatch describes the
+# row blocks at most ROUTE_DISPATCH_TILE_ELEMENTS (block x expert) comparisons at a time.
+ROUTE_DISPATCH_MAX_PAIRS = 64
+ROUTE_DISPATCH_TILE_ELEMENTS = 2048
 
 
 def experts_pad(num_experts: int) -> int:
@@ -55,22 +60,31 @@ def max_row_blocks(num_experts: int, num_pairs: int, block_m: int) -> int:
 
 
 @functools.cache
-def _differentiable_route(routing: Routing, launch: Launch, num_shared: int):
+def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dispatch_block_m: int | None):
+    """The routing launch as a differentiable op: ``route_kernel``, or with ``dispatch_block_m``
+    ``route_dispatch_kernel`` (three more outputs: the dispatch metadata for that row block)."""
+
     @jax.custom_vjp
     def route_op(logits, selection_bias):
         num_tokens, num_experts = logits.shape
         padded = experts_pad(num_experts)
         block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded))
         slots = routing.top_k + num_shared
+        routing_shapes = (
+            jax.ShapeDtypeStruct((num_tokens, slots), jnp.float32),
+            jax.ShapeDtypeStruct((num_tokens, slots), jnp.int32),
+        )
+        if dispatch_block_m is None:
+            kernel, out_shapes, grid, dispatch_args = kernels.route_kernel, routing_shapes, triton.cdiv(num_tokens, block_t), {}
+        else:
+            dispatch_shapes, dispatch_args = _one_program_dispatch(num_tokens * slots, num_experts + num_shared, dispatch_block_m)
+            kernel, out_shapes, grid = kernels.route_dispatch_kernel, routing_shapes + dispatch_shapes, 1
         return launch(
-            kernels.route_kernel,
+            kernel,
             logits,
             logits if selection_bias is None else selection_bias,
-            out_shapes=(
-                jax.ShapeDtypeStruct((num_tokens, slots), jnp.float32),
-                jax.ShapeDtypeStruct((num_tokens, slots), jnp.int32),
-            ),
-            grid=(triton.cdiv(num_tokens, block_t),),
+            out_shapes=out_shapes,
+            grid=(grid,),
             num_warps=ROUTE_WARPS,
             NUM_TOKENS=num_tokens,
             NUM_EXPERTS=num_experts,
@@ -87,16 +101,17 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int):
             NUM_SHARED=num_shared,
             SHARED_PAD=triton.next_power_of_2(max(1, num_shared)),
             BLOCK_T=block_t,
+            **dispatch_args,
         )
 
     def forward(logits, selection_bias):
         (logits,) = _first_order_only(logits)
-        weights, ids = route_op(logits, selection_bias)
-        return (weights, ids), (logits, ids)
+        outputs = route_op(logits, selection_bias)
+        return outputs, (logits, outputs[1])
 
     def backward(residuals, cotangents):
         logits, ids = residuals
-        grad_weights, _ = cotangents  # ids are integers: no gradient
+        grad_weights = cotangents[0]  # the rest are integers: no gradient
         # The shared experts' slots weigh a constant 1: only the routed ones have a gradient.
         ids, grad_weights = ids[:, : routing.top_k], grad_weights[:, : routing.top_k]
         logits, grad_weights = _first_order_only(logits, grad_weights)
@@ -118,7 +133,51 @@ def route(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routi
     """
     if selection_bias is not None:
         selection_bias = jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
-    return _differentiable_route(routing, launch, num_shared)(logits, selection_bias)
+    return _differentiable_route(routing, launch, num_shared, None)(logits, selection_bias)
+
+
+def routes_and_dispatches(num_pairs: int) -> bool:
+    """Whether ``route_and_dispatch`` takes this many pairs (shared experts' included)."""
+    return num_pairs <= ROUTE_DISPATCH_MAX_PAIRS
+
+
+def route_and_dispatch(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch,
+                       num_shared: int, block_m: int):
+    """``route`` and ``dispatch`` of its expert ids (``num_experts = E + num_shared``) in one
+    launch, for at most ROUTE_DISPATCH_MAX_PAIRS pairs: ``(weights, ids, (sorted_pairs,
+    block_expert, expert_row_end))``, the last three as ``experts`` takes them."""
+    num_pairs = logits.shape[0] * (routing.top_k + num_shared)
+    if not routes_and_dispatches(num_pairs):
+        raise ValueError(f"route_and_dispatch takes at most {ROUTE_DISPATCH_MAX_PAIRS} pairs; got {num_pairs}")
+    if selection_bias is not None:
+        selection_bias = jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
+    weights, ids, *dispatched = _differentiable_route(routing, launch, num_shared, block_m)(logits, selection_bias)
+    return weights, ids, tuple(dispatched)
+
+
+def _one_program_dispatch(num_pairs: int, num_experts: int, block_m: int):
+    """``route_dispatch_kernel``'s dispatch outputs and constexprs."""
+    blocks = max_row_blocks(num_experts, num_pairs, block_m)
+    padded = experts_pad(num_experts)
+    rank_block = min(DISPATCH_RANK_BLOCK, max(16, triton.next_power_of_2(num_pairs)))
+    blocks_per_step = min(
+        triton.next_power_of_2(blocks),
+        max(1, DISPATCH_ROWS_PER_STEP // block_m),
+        max(1, ROUTE_DISPATCH_TILE_ELEMENTS // padded),
+    )
+    shapes = (
+        jax.ShapeDtypeStruct((blocks * block_m,), jnp.int32),
+        jax.ShapeDtypeStruct((blocks,), jnp.int32),
+        jax.ShapeDtypeStruct((padded,), jnp.int32),
+    )
+    return shapes, dict(
+        SLOT_EXPERTS_PAD=padded,
+        BLOCK_M=block_m,
+        MAX_BLOCKS=blocks,
+        RANK_BLOCK=rank_block,
+        BLOCKS_PER_STEP=blocks_per_step,
+        HIST_BLOCK=max(rank_block, triton.next_power_of_2(num_pairs)),
+    )
 
 
 def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: Launch,
@@ -294,16 +353,21 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
     return out
 
 
-def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights):
+def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatched):
     num_tokens, hidden = x.shape
     num_experts = params.num_routed + params.num_shared
     intermediate = params.w_gate.shape[2]
     top_k = ids.shape[1]
     block_m = plan.config.block_m
     blocks = max_row_blocks(num_experts, num_tokens * top_k, block_m)
-    sorted_pairs, block_expert, expert_row_end = dispatch(
-        ids, num_experts=num_experts, block_m=block_m, launch=plan.launch
-    )
+    if dispatched is None:
+        dispatched = dispatch(ids, num_experts=num_experts, block_m=block_m, launch=plan.launch)
+    sorted_pairs, block_expert, expert_row_end = dispatched
+    if sorted_pairs.shape != (blocks * block_m,):
+        raise ValueError(
+            f"dispatched: the metadata is for {sorted_pairs.shape[0]} rows, the plan's tiles need "
+            f"{blocks * block_m} ({blocks} blocks of {block_m})"
+        )
     shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     rows_shape = (blocks * block_m, intermediate) if plan.save_activations else (1, 1)
     tiles = plan.config.gate_up
@@ -412,7 +476,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         *((grad_gate_bias, grad_up_bias, grad_down_bias) if has_bias else (None, None, None)),
         *((grad_shared_w_gate, grad_shared_w_up, grad_shared_w_down) if has_shared else (None, None, None)),
     )
-    return grad_x, grad_weights, None, grad_params
+    return grad_x, grad_weights, None, grad_params, None
 
 
 def _weight_grad(plan: Plan, tiles: WeightGradTiles, a, b, b2, *, routing_weights, sorted_pairs, expert_row_end,
@@ -473,21 +537,22 @@ def _differentiable_experts(plan: Plan):
     inference_plan = dataclasses.replace(plan, save_activations=False)
 
     @jax.custom_vjp
-    def experts_op(x, weights, ids, params):
-        return _experts_forward(inference_plan, x, weights, ids, params)[0]
+    def experts_op(x, weights, ids, params, dispatched):
+        return _experts_forward(inference_plan, x, weights, ids, params, dispatched)[0]
 
-    def forward(x, weights, ids, params):
+    def forward(x, weights, ids, params, dispatched):
         x, weights, params = _first_order_only(x, weights, params)
-        return _experts_forward(plan, x, weights, ids, params)
+        return _experts_forward(plan, x, weights, ids, params, dispatched)
 
     experts_op.defvjp(forward, functools.partial(_experts_backward, plan))
     return experts_op
 
 
-def experts(x, weights, expert_ids, params: ExpertWeights, *, plan: Plan) -> jax.Array:
+def experts(x, weights, expert_ids, params: ExpertWeights, *, plan: Plan, dispatched=None) -> jax.Array:
     """Expert FFNs and combine for [T, H] tokens routed to ``expert_ids`` with ``weights``
-    ([T, k] each; ids ``>= E`` name the shared experts).
+    ([T, k] each; ids ``>= E`` name the shared experts). ``dispatched``: the ids' dispatch
+    metadata if ``route_and_dispatch`` made it already, else it is made here.
 
     Differentiable (once) with respect to x, weights and every expert parameter.
     """
-    return _differentiable_experts(plan)(x, weights.astype(jnp.float32), expert_ids, params)
+    return _differentiable_experts(plan)(x, weights.astype(jnp.float32), expert_ids, params, dispatched)

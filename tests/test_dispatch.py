@@ -6,7 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jax_moe
 from jax_moe import backend_interpret, kernels, pipeline
+from jax_moe.options import Routing
 
 import numpy_moe
 
@@ -127,3 +129,60 @@ def test_padding_rows_never_reach_the_output(routing, seed, group_m):
     assert np.isnan(out[num_tokens]).all()
     ref = numpy_moe.experts(x, weights, ids, w_gate, w_up, w_down)
     assert numpy_moe.rel_error(out[:num_tokens], ref) <= 1e-5
+
+
+@st.composite
+def decode_routings(draw):
+    """Layers and token counts small enough for route_and_dispatch, with or without groups and
+    shared experts."""
+    num_groups = draw(st.sampled_from([1, 2, 4]))
+    num_experts = num_groups * draw(st.integers(2, 24))
+    top_k = draw(st.integers(1, min(num_experts // num_groups, 8)))
+    num_shared = draw(st.integers(0, 2))
+    num_tokens = draw(st.integers(1, pipeline.ROUTE_DISPATCH_MAX_PAIRS // (top_k + num_shared)))
+    routing = Routing(
+        top_k, draw(st.sampled_from(["softmax", "sigmoid"])), draw(st.booleans()), num_groups,
+        draw(st.integers(1, num_groups)) if num_groups > 1 else None, 1.5,
+    )
+    return routing, num_experts, num_shared, num_tokens, draw(st.sampled_from([16, 32, 64, 128]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(decode_routings(), st.integers(0, 2**31 - 1))
+def test_route_and_dispatch_is_route_then_dispatch(case, seed):
+    """The one-program launch writes what the two launches write, every element of it (the
+    interpreter poisons outputs, so anything left unwritten differs)."""
+    routing, num_experts, num_shared, num_tokens, block_m = case
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.standard_normal((num_tokens, num_experts), np.float32))
+    bias = jnp.asarray(0.1 * rng.standard_normal(num_experts, np.float32)) if routing.scoring == "sigmoid" else None
+    launch = backend_interpret.launch
+    weights, ids, dispatched = pipeline.route_and_dispatch(
+        logits, bias, routing=routing, launch=launch, num_shared=num_shared, block_m=block_m
+    )
+    want_weights, want_ids = pipeline.route(logits, bias, routing=routing, launch=launch, num_shared=num_shared)
+    want_dispatched = pipeline.dispatch(want_ids, num_experts=num_experts + num_shared, block_m=block_m, launch=launch)
+    np.testing.assert_array_equal(weights, want_weights)
+    np.testing.assert_array_equal(ids, want_ids)
+    for got, want in zip(dispatched, want_dispatched, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fused_moe_routes_and_dispatches_in_one_launch_at_decode_sizes(key):
+    """Three kernel launches at decode sizes (route + dispatch, gate/up, down + combine), four
+    above them, shared experts or not."""
+    num_experts, hidden, intermediate, top_k = 8, 16, 16, 2
+    keys = jax.random.split(key, 4)
+    weights = [jax.random.normal(k, s) for k, s in zip(keys[1:], [(num_experts, hidden, intermediate)] * 2 + [(num_experts, intermediate, hidden)])]
+    shared = [w[:1] for w in weights]
+
+    def launches(num_tokens, **extras):
+        x = jax.random.normal(keys[0], (num_tokens, hidden))
+        logits = jax.random.normal(keys[0], (num_tokens, num_experts))
+        jaxpr = jax.make_jaxpr(lambda: jax_moe.fused_moe(x, logits, *weights, top_k=top_k, backend="interpret", **extras))()
+        return str(jaxpr).count("pure_callback")
+
+    limit = pipeline.ROUTE_DISPATCH_MAX_PAIRS
+    assert launches(limit // top_k) == 3 and launches(limit // top_k + 1) == 4
+    shared_experts = dict(shared_w_gate=shared[0], shared_w_up=shared[1], shared_w_down=shared[2])
+    assert launches(limit // (top_k + 1), **shared_experts) == 3
