@@ -454,7 +454,7 @@ def fused_moe(
     shared_in_routing = params.num_shared if backend != "reference" and shared_gate is None else 0
     num_tokens = math.prod(hidden_states.shape[:-1])
     num_pairs = num_tokens * (top_k + params.num_shared)
-    dispatched = None
+    dispatched = config = None
     if (backend != "reference" and shared_in_routing == params.num_shared and num_tokens
             and pipeline.routes_and_dispatches(num_pairs)):
         config = _tile_config(backend, num_pairs, params.w_gate, top_k, params.num_shared)
@@ -467,7 +467,7 @@ def fused_moe(
         weights, ids = _route(router_logits, routing, selection_bias, backend, shared_in_routing)
     out = _experts(
         hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations,
-        shared_in_routing=shared_in_routing > 0, dispatched=dispatched,
+        shared_in_routing=shared_in_routing > 0, dispatched=dispatched, config=config,
     )
     if return_routing:
         return out, weights[..., :top_k], ids[..., :top_k]
@@ -476,9 +476,10 @@ def fused_moe(
 
 def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared_gate,
              activation: Activation, backend: str, save_activations: bool, shared_in_routing: bool = False,
-             dispatched=None):
+             dispatched=None, config: tile_configs.TileConfig | None = None):
     """``shared_in_routing``: ``weights`` and ``ids`` already end with the shared experts' slots;
-    ``dispatched``: their dispatch metadata, from ``pipeline.route_and_dispatch``."""
+    ``dispatched``: their dispatch metadata, from ``pipeline.route_and_dispatch`` with the tiles
+    ``config`` (looked up here when not given)."""
     if backend == "reference":
         return reference.moe_experts(
             hidden_states, weights, ids, **params._asdict(), activation=activation, shared_gate=shared_gate
@@ -498,7 +499,7 @@ def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared
         ids.reshape(num_tokens, slots),
         params,
         plan=pipeline.Plan(
-            config=_tile_config(
+            config=config or _tile_config(
                 backend, num_tokens * slots, params.w_gate, slots - params.num_shared, params.num_shared
             ),
             dot_precision=_dot_precision(hidden_states.dtype),

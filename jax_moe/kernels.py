@@ -337,6 +337,7 @@ def route_dispatch_kernel(
         )
     tl.debug_barrier()
     num_pairs: tl.constexpr = NUM_TOKENS * (TOP_K + NUM_SHARED)
+    # As the only program it places every pair: its chunk is the whole (HIST_BLOCK-long) list.
     _dispatch_program(
         0, ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, num_pairs, SLOT_EXPERTS_PAD, BLOCK_M,
         MAX_BLOCKS, HIST_BLOCK, RANK_BLOCK, BLOCKS_PER_STEP, 1, HIST_BLOCK,

@@ -1,4 +1,5 @@
 """The fused layer as kernel launches: route, dispatch, gate/up, down + combine, and the backward.
+At decode sizes route and dispatch are one launch (``route_and_dispatch``).
 
 Forward and backward are written once against a ``launch`` function (``backend_triton.launch`` on the GPU,
 ``backend_interpret.launch`` on the CPU), so both backends run the same kernels with the same

@@ -48,10 +48,14 @@ def compile_all(
     autotuning can run out of GPU memory; and CPython 3.11's ``ast`` module (Triton parses each
     kernel's source) is not thread-safe. A program that fails in the pool is therefore retried
     alone, and only that error is kept. Everything is compiled before this returns, so that no
-    compile competes with a timed call for the host. ``seconds``, if given, gets each program's
-    lowering and compile time (in the pool, where it shares the host with the others).
+    compile competes with a timed call for the host. Keys whose programs are the same function on
+    arguments of the same structure, shapes and dtypes share one compile. ``seconds``, if given,
+    gets each compiled program's lowering and compile time (in the pool, where it shares the host
+    with the others).
     """
     seconds = {} if seconds is None else seconds
+    compiled_as = {key: _signature(*program) for key, program in programs.items()}
+    unique = {signature: key for key, signature in reversed(compiled_as.items())}  # the first key of each
 
     def build(key, fn, args):
         start = time.perf_counter()
@@ -61,7 +65,7 @@ def compile_all(
             seconds[key] = time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        futures = {key: pool.submit(build, key, fn, args) for key, (fn, args) in programs.items()}
+        futures = {key: pool.submit(build, key, *programs[key]) for key in programs if unique[compiled_as[key]] == key}
         concurrent.futures.wait(futures.values())
     results = {}
     for key, future in futures.items():
@@ -72,7 +76,12 @@ def compile_all(
             results[key] = build(key, *programs[key])
         except Exception as e:  # e.g. a route that can't take this shape, tiles too big for the chip
             results[key] = e
-    return results
+    return {key: results[unique[signature]] for key, signature in compiled_as.items()}
+
+
+def _signature(fn: Callable, args: tuple) -> Hashable:
+    leaves, structure = jax.tree.flatten(args)
+    return fn, structure, tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves)
 
 
 def train_step(loss: Callable) -> Callable:

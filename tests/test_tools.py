@@ -332,3 +332,18 @@ def test_input_sets_share_the_weights_and_draw_fresh_activations(key):
     assert rest0[0] is weights.w_gate and rest0[3].shape == (5, 16) and rest0[4] is weights.extras
     with pytest.raises(ValueError, match='routing must be "uniform" or "zipf"; got \'skewed\''):
         arg_specs.input_sets(shape, weights, 5, key, routing="skewed")
+
+
+def test_compile_all_compiles_the_same_program_once():
+    """The same function on arguments of the same shapes (the benchmark's parity reference and its
+    dense route at decode sizes) is one compile; other shapes or functions are their own."""
+    double, triple = (lambda x: 2 * x), (lambda x: 3 * x)
+    seconds = {}
+    compiled = timing.compile_all({
+        "a": (double, (jnp.arange(3.0),)), "b": (double, (jax.ShapeDtypeStruct((3,), jnp.float32),)),
+        "c": (double, (jnp.arange(4.0),)), "d": (triple, (jnp.arange(3.0),)),
+    }, 2, seconds)
+    assert compiled["a"] is compiled["b"] and set(seconds) == {"a", "c", "d"}
+    assert len({id(c) for c in compiled.values()}) == 3
+    np.testing.assert_array_equal(compiled["b"](jnp.arange(3.0)), [0.0, 2.0, 4.0])
+    np.testing.assert_array_equal(compiled["d"](jnp.arange(3.0)), [0.0, 3.0, 6.0])
