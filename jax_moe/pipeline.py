@@ -76,9 +76,12 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
             jax.ShapeDtypeStruct((num_tokens, slots), jnp.int32),
         )
         if dispatch_block_m is None:
-            kernel, out_shapes, grid, dispatch_args = kernels.route_kernel, routing_shapes, triton.cdiv(num_tokens, block_t), {}
+            kernel, out_shapes, dispatch_args = kernels.route_kernel, routing_shapes, {}
+            grid = triton.cdiv(num_tokens, block_t)
         else:
-            dispatch_shapes, dispatch_args = _one_program_dispatch(num_tokens * slots, num_experts + num_shared, dispatch_block_m)
+            dispatch_shapes, dispatch_args = _one_program_dispatch(
+                num_tokens * slots, num_experts + num_shared, dispatch_block_m
+            )
             kernel, out_shapes, grid = kernels.route_dispatch_kernel, routing_shapes + dispatch_shapes, 1
         return launch(
             kernel,

@@ -173,13 +173,15 @@ def test_fused_moe_routes_and_dispatches_in_one_launch_at_decode_sizes(key):
     above them, shared experts or not."""
     num_experts, hidden, intermediate, top_k = 8, 16, 16, 2
     keys = jax.random.split(key, 4)
-    weights = [jax.random.normal(k, s) for k, s in zip(keys[1:], [(num_experts, hidden, intermediate)] * 2 + [(num_experts, intermediate, hidden)])]
+    shapes = [(num_experts, hidden, intermediate)] * 2 + [(num_experts, intermediate, hidden)]
+    weights = [jax.random.normal(k, s) for k, s in zip(keys[1:], shapes)]
     shared = [w[:1] for w in weights]
 
     def launches(num_tokens, **extras):
         x = jax.random.normal(keys[0], (num_tokens, hidden))
         logits = jax.random.normal(keys[0], (num_tokens, num_experts))
-        jaxpr = jax.make_jaxpr(lambda: jax_moe.fused_moe(x, logits, *weights, top_k=top_k, backend="interpret", **extras))()
+        layer = lambda: jax_moe.fused_moe(x, logits, *weights, top_k=top_k, backend="interpret", **extras)
+        jaxpr = jax.make_jaxpr(layer)()
         return str(jaxpr).count("pure_callback")
 
     limit = pipeline.ROUTE_DISPATCH_MAX_PAIRS
