@@ -12,7 +12,7 @@ hardware floor measured in the same run,
 averaged over the input sets the timing cycles through (each selects its own experts), and
 floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and .png.
 
-At decode sizes (T <= 64) jax_moe is also timed the way a model runs it: IN_GRAPH_LAYERS layers
+At decode sizes (T <= IN_GRAPH_MAX_TOKENS) jax_moe is also timed the way a model runs it: IN_GRAPH_LAYERS layers
 in one jitted program (each with its own activations and logits, the same weights), so that the
 host's fixed cost per jitted call (46 us for a jitted ``x + 1`` on the H100 machine) is shared by
 the layers: ``in_graph_us`` per layer, against the floor of those layers' inputs.

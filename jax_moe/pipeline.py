@@ -159,29 +159,34 @@ def route_and_dispatch(logits: jax.Array, selection_bias: jax.Array | None, *, r
     return weights, ids, tuple(dispatched)
 
 
-def _one_program_dispatch(num_pairs: int, num_experts: int, block_m: int):
-    """``route_dispatch_kernel``'s dispatch outputs and constexprs."""
+def _dispatch_layout(num_pairs: int, num_experts: int, block_m: int, rank_block: int, tile_elements: int | None = None):
+    """What both dispatch launches share: their outputs' shapes, and the constexprs that size the
+    kernel's steps (at most ``tile_elements`` block x expert comparisons a step, when given)."""
     blocks = max_row_blocks(num_experts, num_pairs, block_m)
     padded = experts_pad(num_experts)
-    rank_block = min(DISPATCH_RANK_BLOCK, max(16, triton.next_power_of_2(num_pairs)))
-    blocks_per_step = min(
-        triton.next_power_of_2(blocks),
-        max(1, DISPATCH_ROWS_PER_STEP // block_m),
-        max(1, ROUTE_DISPATCH_TILE_ELEMENTS // padded),
-    )
+    blocks_per_step = min(triton.next_power_of_2(blocks), max(1, DISPATCH_ROWS_PER_STEP // block_m))
+    if tile_elements is not None:
+        blocks_per_step = min(blocks_per_step, max(1, tile_elements // padded))
     shapes = (
         jax.ShapeDtypeStruct((blocks * block_m,), jnp.int32),
         jax.ShapeDtypeStruct((blocks,), jnp.int32),
         jax.ShapeDtypeStruct((padded,), jnp.int32),
     )
     return shapes, dict(
-        SLOT_EXPERTS_PAD=padded,
         BLOCK_M=block_m,
         MAX_BLOCKS=blocks,
-        RANK_BLOCK=rank_block,
+        RANK_BLOCK=min(rank_block, max(16, triton.next_power_of_2(num_pairs))),
         BLOCKS_PER_STEP=blocks_per_step,
-        HIST_BLOCK=max(rank_block, triton.next_power_of_2(num_pairs)),
     )
+
+
+def _one_program_dispatch(num_pairs: int, num_experts: int, block_m: int):
+    """``route_dispatch_kernel``'s dispatch outputs and constexprs."""
+    shapes, sizes = _dispatch_layout(
+        num_pairs, num_experts, block_m, DISPATCH_RANK_BLOCK, ROUTE_DISPATCH_TILE_ELEMENTS
+    )
+    hist_block = max(sizes["RANK_BLOCK"], triton.next_power_of_2(num_pairs))
+    return shapes, dict(sizes, SLOT_EXPERTS_PAD=experts_pad(num_experts), HIST_BLOCK=hist_block)
 
 
 def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: Launch,
@@ -191,30 +196,26 @@ def dispatch(expert_ids: jax.Array, *, num_experts: int, block_m: int, launch: L
     expert_row_end [EXPERTS_PAD]. See ``kernels.dispatch_kernel`` for their layout. The keyword
     sizes are the kernel's; tests make them small to reach every path at small sizes."""
     num_pairs = expert_ids.size
-    blocks = max_row_blocks(num_experts, num_pairs, block_m)
-    rank_block = min(rank_block, max(16, triton.next_power_of_2(num_pairs)))
-    chunk = max(rank_block, min(DISPATCH_MAX_CHUNK, triton.next_power_of_2(triton.cdiv(num_pairs, chunk_programs))))
-    blocks_per_step = min(triton.next_power_of_2(blocks), max(1, DISPATCH_ROWS_PER_STEP // block_m))
-    num_programs = max(triton.cdiv(num_pairs, chunk), triton.cdiv(blocks, blocks_per_step))
+    shapes, sizes = _dispatch_layout(num_pairs, num_experts, block_m, rank_block)
+    chunk = max(
+        sizes["RANK_BLOCK"],
+        min(DISPATCH_MAX_CHUNK, triton.next_power_of_2(triton.cdiv(num_pairs, chunk_programs))),
+    )
+    num_programs = max(
+        triton.cdiv(num_pairs, chunk), triton.cdiv(sizes["MAX_BLOCKS"], sizes["BLOCKS_PER_STEP"])
+    )
     return launch(
         kernels.dispatch_kernel,
         expert_ids.reshape(num_pairs),
-        out_shapes=(
-            jax.ShapeDtypeStruct((blocks * block_m,), jnp.int32),
-            jax.ShapeDtypeStruct((blocks,), jnp.int32),
-            jax.ShapeDtypeStruct((experts_pad(num_experts),), jnp.int32),
-        ),
+        out_shapes=shapes,
         grid=(num_programs,),
         num_warps=4,
         NUM_PAIRS=num_pairs,
         EXPERTS_PAD=experts_pad(num_experts),
-        BLOCK_M=block_m,
-        MAX_BLOCKS=blocks,
         CHUNK=chunk,
-        RANK_BLOCK=rank_block,
-        BLOCKS_PER_STEP=blocks_per_step,
         NUM_PROGRAMS=num_programs,
         HIST_BLOCK=min(hist_block, max(chunk, triton.next_power_of_2(num_pairs))),
+        **sizes,
     )
 
 

@@ -1,13 +1,16 @@
 """Properties of the dispatch metadata (sorted pairs, block -> expert map), for any routing."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_moe
-from jax_moe import backend_interpret, kernels, pipeline
+from jax_moe import backend_interpret, kernels, pipeline, tile_configs
 from jax_moe.options import Routing
 
 import numpy_moe
@@ -188,3 +191,23 @@ def test_fused_moe_routes_and_dispatches_in_one_launch_at_decode_sizes(key):
     assert launches(limit // top_k) == 3 and launches(limit // top_k + 1) == 4
     shared_experts = dict(shared_w_gate=shared[0], shared_w_up=shared[1], shared_w_down=shared[2])
     assert launches(limit // (top_k + 1), **shared_experts) == 3
+
+
+def test_route_and_dispatch_refuses_what_it_cannot_take(key):
+    """Past ROUTE_DISPATCH_MAX_PAIRS pairs it says so; metadata made for other tiles is refused
+    by ``experts`` before any launch."""
+    num_tokens = pipeline.ROUTE_DISPATCH_MAX_PAIRS // 2 + 1
+    logits = jax.random.normal(key, (num_tokens, 8))
+    with pytest.raises(ValueError, match=r"at most 64 pairs; got 66"):
+        pipeline.route_and_dispatch(logits, None, routing=Routing(2), launch=backend_interpret.launch,
+                                    num_shared=0, block_m=16)
+    weights, ids, dispatched = pipeline.route_and_dispatch(
+        logits[:4], None, routing=Routing(2), launch=backend_interpret.launch, num_shared=0, block_m=16
+    )
+    w_gate = jnp.ones((8, 16, 16))
+    plan = pipeline.Plan(config=tile_configs.select(8, 4, "interpret"), dot_precision="ieee",
+                         launch=backend_interpret.launch)
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, block_m=32))
+    with pytest.raises(ValueError, match=r"dispatched: the metadata is for 144 rows, the plan's tiles need 288 \(9 blocks of 32\)"):
+        pipeline.experts(jnp.ones((4, 16)), weights, ids, pipeline.ExpertWeights(w_gate, w_gate, w_gate),
+                         plan=plan, dispatched=dispatched)
