@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +113,10 @@ class MoeInputs:
         return (self.hidden_states, self.router_logits, self.w_gate, self.w_up, self.w_down)
 
 
+# Arrays of more elements are drawn one leading slice at a time (see _normal_by_slices).
+MAX_WHOLE_DRAW = 1 << 28
+
+
 def random_inputs(shape: MoeShape, num_tokens: int, dtype, key: jax.Array) -> MoeInputs:
     """Standard-normal activations and logits; weights scaled by 1/sqrt(fan-in) so outputs stay O(1).
 
@@ -123,6 +129,8 @@ def random_inputs(shape: MoeShape, num_tokens: int, dtype, key: jax.Array) -> Mo
     keys = iter(jax.random.split(key, 13))
 
     def normal(size, scale=1.0, as_dtype=dtype):
+        if math.prod(size) > MAX_WHOLE_DRAW:
+            return _normal_by_slices(next(keys), tuple(size), float(scale), jnp.dtype(as_dtype))
         return (jax.random.normal(next(keys), size, jnp.float32) * scale).astype(as_dtype)
 
     extras = {}
@@ -148,6 +156,15 @@ def random_inputs(shape: MoeShape, num_tokens: int, dtype, key: jax.Array) -> Mo
         w_down=normal((e, f, h), f**-0.5),
         extras=extras,
     )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal_by_slices(key, size, scale, dtype):
+    """``normal`` one leading slice (one expert's matrix) at a time: the fp32 draw of a whole
+    DeepSeek-V3 weight matrix needs 14 GiB of scratch, which a GPU's memory pool holding other
+    arrays may not have in one piece."""
+    draw = lambda k: (jax.random.normal(k, size[1:], jnp.float32) * scale).astype(dtype)
+    return jax.lax.map(draw, jax.random.split(key, size[0]))
 
 
 def zipf_router_logits(key: jax.Array, num_tokens: int, num_experts: int, s: float = 1.2) -> jax.Array:

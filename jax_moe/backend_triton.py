@@ -4,6 +4,15 @@ jax-triton is imported lazily: 0.3.x raises ImportError on a CPU-only jaxlib, an
 changes ``TRITON_CACHE_DIR`` for the whole process (0.3.x sets it to ``""``, 0.4.x deletes it),
 which breaks every other Triton user; the variable is put back as it was.
 
+Kernels are compiled without line info (``TRITON_DISABLE_LINE_INFO=1``, set on first use unless
+the variable is already set: ``TRITON_DISABLE_LINE_INFO=0`` keeps it, for profiling by source
+line). XLA launches a ``triton_call`` through a legacy custom call whose operand is the kernel's
+compressed PTX, and its cost on the host grows with that operand's size on every launch, not only
+the first: 8 to 66 us per launch for a small to a large kernel, measured on an H200 machine. Line
+info makes the PTX ~1.7x larger; without it a Qwen3-30B-A3B layer at T = 1 took 39 instead of
+62 us (8 layers in one program) and 65 instead of 99 us (one per call), where the host is the
+bottleneck (``benchmarks/launch_cost.py``).
+
 Both call conventions are supported: 0.3.x takes ``out_shape=``, 0.4.x ``out_type=``. Kernels
 list their output pointers after their inputs, which both versions bind the same way.
 """
@@ -13,7 +22,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import jax
@@ -34,6 +45,8 @@ def _jax_triton():
             os.environ.pop("TRITON_CACHE_DIR", None)
         else:
             os.environ["TRITON_CACHE_DIR"] = saved
+    # jax-triton compiles while XLA lowers, after this returns: the setting stands for the process.
+    os.environ.setdefault("TRITON_DISABLE_LINE_INFO", "1")
     return jax_triton
 
 
@@ -82,3 +95,21 @@ def launch(
             **constexprs,
         )
     return tuple(outputs)
+
+
+def kernel_protos(lowered: jax.stages.Lowered) -> list[bytes]:
+    """The operand of each ``triton_kernel_call`` of a lowered program, decompressed: the kernel's
+    serialized proto (PTX and TTIR inside), as XLA receives it on every launch.
+
+    The program text prints the compressed bytes escaped the way MLIR prints string attributes:
+    a backslash as two, quotes and non-printable bytes as a backslash and two hex digits.
+    """
+    escaped = re.findall(
+        r'@triton_kernel_call\(.*?backend_config = "((?:[^"\\]|\\\\|\\[0-9A-Fa-f]{2})*)"', lowered.as_text()
+    )
+    return [zlib.decompress(_unescape_mlir_string(text)) for text in escaped]
+
+
+def _unescape_mlir_string(text: str) -> bytes:
+    byte = lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1], 16)])
+    return re.sub(rb"\\(\\|[0-9A-Fa-f]{2})", byte, text.encode("ascii"))

@@ -4,8 +4,10 @@ import os
 import sys
 import textwrap
 import warnings
+import zlib
 
 import jax
+import numpy as np
 import pytest
 
 from jax_moe import backend_triton
@@ -42,6 +44,7 @@ def fake_jax_triton(request, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", "/my/cache")
+    monkeypatch.delenv("TRITON_DISABLE_LINE_INFO", raising=False)
     backend_triton._jax_triton.cache_clear()
     backend_triton._output_keyword.cache_clear()
     yield keyword
@@ -69,3 +72,31 @@ def test_cache_dir_stays_unset_when_it_was(fake_jax_triton, monkeypatch):
     monkeypatch.delenv("TRITON_CACHE_DIR")
     backend_triton._jax_triton()
     assert "TRITON_CACHE_DIR" not in os.environ
+
+
+@pytest.mark.parametrize("users_setting,expected", [(None, "1"), ("0", "0"), ("1", "1")])
+def test_kernels_compile_without_line_info_unless_the_user_says(fake_jax_triton, monkeypatch, users_setting, expected):
+    if users_setting is not None:
+        monkeypatch.setenv("TRITON_DISABLE_LINE_INFO", users_setting)
+    backend_triton._jax_triton()
+    assert os.environ["TRITON_DISABLE_LINE_INFO"] == expected
+
+
+def _mlir_escaped(data: bytes) -> str:
+    """``data`` as MLIR prints a string attribute (llvm::printEscapedString)."""
+    return "".join(
+        "\\\\" if b == 0x5C else chr(b) if 0x20 <= b < 0x7F and b != 0x22 else f"\\{b:02X}" for b in data
+    )
+
+
+def test_kernel_protos_reads_every_triton_call_back():
+    rng = np.random.default_rng()
+    protos = [rng.bytes(3000) + b'\\"ptx"', b"", rng.bytes(10)]
+    text = "\n".join(
+        f'%{i} = stablehlo.custom_call @triton_kernel_call(%a) {{api_version = 2 : i32, backend_config = '
+        f'"{_mlir_escaped(zlib.compress(p))}", has_side_effect = false}} : (tensor<4xf32>) -> tensor<4xf32>'
+        for i, p in enumerate(protos)
+    )
+    text += '\n%9 = stablehlo.custom_call @other_target(%a) {backend_config = "x"}'
+    lowered = type("Lowered", (), {"as_text": lambda self: text})()
+    assert backend_triton.kernel_protos(lowered) == protos

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jax_moe
-from jax_moe import arg_specs
+from jax_moe import arg_specs, backend_triton
 
 import numpy_moe
 
@@ -94,6 +94,21 @@ def test_skewed_routing_and_many_tokens(key):
     out = layer(inputs.hidden_states, logits, inputs.w_gate, inputs.w_up, inputs.w_down)
     ref = jax_moe.reference.fused_moe(inputs.hidden_states, logits, inputs.w_gate, inputs.w_up, inputs.w_down, top_k=2)
     _assert_close_everywhere(out, ref.astype(jnp.float32), "bfloat16")
+
+
+def test_kernels_launch_without_line_info():
+    """XLA's launch cost on the host grows with the kernel's PTX on every call; line info doubles it."""
+    shape = arg_specs.QWEN3_30B_A3B
+    e, h, f = shape.num_experts, shape.hidden, shape.intermediate
+    args = [
+        jax.ShapeDtypeStruct(s, d)
+        for s, d in [((1, h), jnp.bfloat16), ((1, e), jnp.float32), ((e, h, f), jnp.bfloat16), ((e, h, f), jnp.bfloat16), ((e, f, h), jnp.bfloat16)]
+    ]
+    payloads = backend_triton.kernel_protos(_triton_layer(shape.top_k).lower(*args))
+    assert len(payloads) == 3  # routing + dispatch, gate/up, down + combine
+    for payload in payloads:
+        assert b".version" in payload and b".entry" in payload  # the PTX is there, decoded
+        assert b".loc" not in payload and b".file" not in payload
 
 
 def test_auto_picks_triton_here():

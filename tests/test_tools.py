@@ -26,6 +26,20 @@ def test_random_inputs_have_the_model_shapes(key):
     assert float(jnp.std(inputs.w_gate.astype(jnp.float32))) == pytest.approx(2048**-0.5, rel=0.05)
 
 
+def test_arrays_too_big_to_draw_whole_are_drawn_one_expert_at_a_time(key, monkeypatch):
+    shape = arg_specs.QWEN3_30B_A3B.with_experts(4)
+    monkeypatch.setattr(arg_specs, "MAX_WHOLE_DRAW", 2048 * 768)  # one expert's matrix: drawn whole
+    inputs = arg_specs.random_inputs(shape, 3, jnp.bfloat16, key)
+    whole = arg_specs.random_inputs(shape, 3, jnp.bfloat16, key)
+    assert inputs.w_gate.shape == (4, 2048, 768) and inputs.w_gate.dtype == jnp.bfloat16
+    w_gate = np.asarray(inputs.w_gate, np.float32)
+    assert [np.std(w) for w in w_gate] == pytest.approx([2048**-0.5] * 4, rel=0.05)
+    assert not np.array_equal(w_gate[0], w_gate[1])  # each expert its own draw
+    assert np.array_equal(np.asarray(inputs.hidden_states), np.asarray(whole.hidden_states))  # small: as before
+    monkeypatch.setattr(arg_specs, "MAX_WHOLE_DRAW", 1 << 28)
+    assert not np.array_equal(np.asarray(arg_specs.random_inputs(shape, 3, jnp.bfloat16, key).w_gate, np.float32), w_gate)
+
+
 def test_median_call_us_times_a_call():
     fn = jax.jit(lambda a: a * 2)
     us = timing.median_call_us(fn, [(jnp.ones(8),), (jnp.zeros(8),)], calls=3, repeats=3, warmup=1)
@@ -247,6 +261,20 @@ def test_forward_benchmark_compiles_xla_programs_first_smallest_first(benchmark_
         ("a", "reference", 1), ("b", "ragged_dot", 2), ("a", "dense_einsum", 8), ("a", "jax_moe", 1),
         ("b", "jax_moe+dense_shared", 2),
     ]
+
+
+def test_routes_that_multiply_by_every_expert_are_left_out_past_their_cost(benchmark_module):
+    """XLA's ragged_dot meets every expert with each of a token's top_k rows: k times the dense cost."""
+    moe_bench = benchmark_module("moe_bench")
+    shape, rate = arg_specs.DEEPSEEK_V3, 660e12
+    dense = moe_bench._costs_every_expert_s(shape, "dense_einsum", 512, rate)
+    assert dense == pytest.approx(2 * 512 * 256 * 3 * 7168 * 2048 / rate)
+    assert moe_bench._costs_every_expert_s(shape, "ragged_dot", 512, rate) == pytest.approx(8 * dense)
+    assert moe_bench._costs_every_expert_s(shape, "jax_moe", 512, rate) == 0
+    programs = moe_bench.model_programs(shape, (128, 512), (), rate)  # 1.8 / 17 ms dense, 14 / 140 ms ragged
+    assert {(route, t) for _, route, t in programs if route in ("dense_einsum", "ragged_dot")} == {
+        ("dense_einsum", 128), ("ragged_dot", 128), ("dense_einsum", 512)
+    }
 
 
 def test_compile_all_keeps_the_error_of_a_program_that_fails():

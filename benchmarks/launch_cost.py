@@ -1,0 +1,97 @@
+"""The host's cost per Triton launch, and what it does to jax_moe at decode sizes.
+
+    python benchmarks/launch_cost.py                              # jax_moe's default: no line info
+    TRITON_DISABLE_LINE_INFO=0 python benchmarks/launch_cost.py   # Triton's default: line info
+
+XLA launches each ``jax_triton.triton_call`` through a legacy custom call whose operand is the
+kernel's zlib-compressed proto (PTX and TTIR inside), and its cost on the host grows with that
+operand on every launch. Prints, one JSON line each:
+
+- ``chain``: one jitted program of LAUNCHES chained launches of a tiny kernel (one 128-element
+  program) with ``pad`` unrolled multiply-adds per element, so that the PTX grows while the GPU's
+  work stays ~2 us a launch; ``xla`` the same number of chained XLA elementwise ops.
+- ``operand_bytes``: the compressed operand of each launch of one jax_moe layer.
+- ``layer``: jax_moe per layer with LAYERS layers in one jitted program, and per call alone.
+
+Timing as the benchmarks time (``jax_moe.timing.median_call_us``). Recorded:
+``results/nvidia-h200-launch-session12.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import zlib
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from jax_moe import arg_specs, backend_triton, timing
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import routes  # noqa: E402
+
+LAUNCHES = 48
+PADS = (0, 500, 2000, 6000)
+LAYERS = 8
+DECODE_CASES = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("mixtral-8x7b", 1))
+
+
+@triton.jit
+def _padded_copy_kernel(x_ptr, out_ptr, PAD: tl.constexpr):
+    """Grid (1,): ``out = x`` after PAD multiply-adds per element, each with its own constants."""
+    offsets = tl.arange(0, 128)
+    value = tl.load(x_ptr + offsets)
+    for i in tl.static_range(PAD):
+        value = value * (1.0 + i * 1.37e-7) + i * 0.37
+    tl.store(out_ptr + offsets, value)
+
+
+def _triton_chain(pad: int):
+    def chain(x):
+        for _ in range(LAUNCHES):
+            (x,) = backend_triton.launch(
+                _padded_copy_kernel, x, out_shapes=(jax.ShapeDtypeStruct(x.shape, x.dtype),), grid=(1,), PAD=pad
+            )
+        return x
+
+    return chain
+
+
+def _xla_chain(x):
+    for _ in range(LAUNCHES):
+        x = jax.lax.optimization_barrier(x * 1.0001 + 0.5)
+    return x
+
+
+def _operand_bytes(fn, *args) -> list[int]:
+    """Each launch's operand size, compressed again as jax-triton compresses it."""
+    return [len(zlib.compress(proto)) for proto in backend_triton.kernel_protos(jax.jit(fn).lower(*args))]
+
+
+def main():
+    print(json.dumps({"TRITON_DISABLE_LINE_INFO": os.environ.get("TRITON_DISABLE_LINE_INFO", "unset (jax_moe sets 1)")}))
+    x = jnp.ones((128,), jnp.float32)
+    for name, fn in [("xla", _xla_chain)] + [(f"pad={pad}", _triton_chain(pad)) for pad in PADS]:
+        us = timing.median_call_us(jax.jit(fn).lower(x).compile(), [(x,), (x + 1,)])
+        print(json.dumps({"chain": name, "launches": LAUNCHES, "per_launch_us": round(us / LAUNCHES, 2)}), flush=True)
+    for model, num_tokens in DECODE_CASES:
+        shape = next(m for m in arg_specs.MODELS if m.name == model)
+        weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
+        layer = routes.fused(shape)
+        sets = arg_specs.input_sets(shape, weights, num_tokens, jax.random.key(num_tokens), count=2 * LAYERS)
+        groups = [(tuple(s[0] for s in g), tuple(s[1] for s in g), *g[0][2:]) for g in (sets[:LAYERS], sets[LAYERS:])]
+        layers = jax.jit(lambda xs, logits, *w: tuple(layer(x, lg, *w) for x, lg in zip(xs, logits)))
+        row = {"model": model, "T": num_tokens, "operand_bytes": _operand_bytes(layer, *sets[0])}
+        row["layer_in_program_us"] = round(timing.median_call_us(layers.lower(*groups[0]).compile(), groups, calls=10) / LAYERS, 1)
+        row["layer_alone_us"] = round(timing.median_call_us(jax.jit(layer).lower(*sets[0]).compile(), sets[:3]), 1)
+        print(json.dumps(row), flush=True)
+        del weights, sets, groups
+
+
+if __name__ == "__main__":
+    main()
