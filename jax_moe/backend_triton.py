@@ -7,8 +7,8 @@ which breaks every other Triton user; the variable is put back as it was.
 Kernels are compiled without line info (``TRITON_DISABLE_LINE_INFO=1``, set on first use unless
 the variable is already set: ``TRITON_DISABLE_LINE_INFO=0`` keeps it, for profiling by source
 line). XLA launches a ``triton_call`` through a legacy custom call whose operand is the kernel's
-compressed PTX, and its cost on the host grows with that operand's size on every launch, not only
-the first: 8 to 66 us per launch for a small to a large kernel, measured on an H200 machine. Line
+compressed proto (PTX and TTIR), and its cost on the host grows with that operand's size on every
+launch, not only the first: 8 to 66 us per launch for a small to a large kernel, measured on an H200 machine. Line
 info makes the PTX ~1.7x larger; without it a Qwen3-30B-A3B layer at T = 1 took 39 instead of
 62 us (8 layers in one program) and 65 instead of 99 us (one per call), where the host is the
 bottleneck (``benchmarks/launch_cost.py``).
