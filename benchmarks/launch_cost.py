@@ -11,7 +11,8 @@ operand on every launch. Prints, one JSON line each:
   program) with ``pad`` unrolled multiply-adds per element, so that the PTX grows while the GPU's
   work stays ~2 us a launch; ``xla`` the same number of chained XLA elementwise ops.
 - ``operand_bytes``: the compressed operand of each launch of one jax_moe layer.
-- ``layer``: jax_moe per layer with LAYERS layers in one jitted program, and per call alone.
+- ``layer``: jax_moe per layer with ``moe_bench.IN_GRAPH_LAYERS`` layers in one jitted program,
+  and per call alone, on the forward benchmark's inputs.
 
 Timing as the benchmarks time (``jax_moe.timing.median_call_us``). Recorded:
 ``results/nvidia-h200-launch-session12.log``.
@@ -33,11 +34,11 @@ import triton.language as tl
 from jax_moe import arg_specs, backend_triton, timing
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import moe_bench  # noqa: E402
 import routes  # noqa: E402
 
 LAUNCHES = 48
 PADS = (0, 500, 2000, 6000)
-LAYERS = 8
 DECODE_CASES = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("mixtral-8x7b", 1))
 
 
@@ -81,14 +82,14 @@ def main():
         print(json.dumps({"chain": name, "launches": LAUNCHES, "per_launch_us": round(us / LAUNCHES, 2)}), flush=True)
     for model, num_tokens in DECODE_CASES:
         shape = next(m for m in arg_specs.MODELS if m.name == model)
-        weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, jax.random.key(0))
+        weights = moe_bench._model_weights(shape)
         layer = routes.fused(shape)
-        sets = arg_specs.input_sets(shape, weights, num_tokens, jax.random.key(num_tokens), count=2 * LAYERS)
-        groups = [(tuple(s[0] for s in g), tuple(s[1] for s in g), *g[0][2:]) for g in (sets[:LAYERS], sets[LAYERS:])]
-        layers = jax.jit(lambda xs, logits, *w: tuple(layer(x, lg, *w) for x, lg in zip(xs, logits)))
+        sets = moe_bench._case_inputs(shape, weights, num_tokens, "uniform")
+        groups = moe_bench._in_graph_inputs(shape, weights, num_tokens, "uniform")
+        in_program = jax.jit(moe_bench._layers(layer)).lower(*groups[0]).compile()
         row = {"model": model, "T": num_tokens, "operand_bytes": _operand_bytes(layer, *sets[0])}
-        row["layer_in_program_us"] = round(timing.median_call_us(layers.lower(*groups[0]).compile(), groups, calls=10) / LAYERS, 1)
-        row["layer_alone_us"] = round(timing.median_call_us(jax.jit(layer).lower(*sets[0]).compile(), sets[:3]), 1)
+        row["layer_in_program_us"] = round(timing.median_call_us(in_program, groups, calls=10) / moe_bench.IN_GRAPH_LAYERS, 1)
+        row["layer_alone_us"] = round(timing.median_call_us(jax.jit(layer).lower(*sets[0]).compile(), sets), 1)
         print(json.dumps(row), flush=True)
         del weights, sets, groups
 
