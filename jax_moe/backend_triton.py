@@ -104,6 +104,8 @@ def kernel_protos(lowered: jax.stages.Lowered) -> list[bytes]:
     The program text prints the compressed bytes escaped the way MLIR prints string attributes:
     a backslash as two, quotes and non-printable bytes as a backslash and two hex digits.
     """
+    if not callable(getattr(lowered, "as_text", None)):
+        raise TypeError(f"lowered: expected a jax.stages.Lowered (jax.jit(f).lower(...)), got {type(lowered).__name__}")
     escaped = re.findall(
         r'@triton_kernel_call\(.*?backend_config = "((?:[^"\\]|\\\\|\\[0-9A-Fa-f]{2})*)"', lowered.as_text()
     )

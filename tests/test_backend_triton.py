@@ -100,3 +100,8 @@ def test_kernel_protos_reads_every_triton_call_back():
     text += '\n%9 = stablehlo.custom_call @other_target(%a) {backend_config = "x"}'
     lowered = type("Lowered", (), {"as_text": lambda self: text})()
     assert backend_triton.kernel_protos(lowered) == protos
+
+
+def test_kernel_protos_wants_a_lowered_program():
+    with pytest.raises(TypeError, match="lowered: expected a jax.stages.Lowered"):
+        backend_triton.kernel_protos(jax.jit(lambda x: x))
