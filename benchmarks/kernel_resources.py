@@ -40,7 +40,7 @@ class Launch:
 
 
 def recording_launcher(records: list[Launch]):
-    def launch(kernel, *inputs, out_shapes, grid, zeroed_outputs=(), num_warps=None, num_stages=None, **constexprs):
+    def launch(kernel, *inputs, out_shapes, grid, in_place_zeros=None, num_warps=None, num_stages=None, **constexprs):
         dtypes = [jnp.dtype(a.dtype).name for a in inputs] + [jnp.dtype(s.dtype).name for s in out_shapes]
         records.append(Launch(kernel, dtypes, num_warps or 4, num_stages or 3, constexprs, grid))
         return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)

@@ -6,9 +6,9 @@ neither a GPU nor torch. It exists so that CI exercises the kernel code itself.
 
 Two deliberate differences from the GPU:
 
-* Outputs start out poisoned (NaN, or the most negative integer), unless the launch asks for them
-  zeroed, so an element a kernel forgets to write shows up in the result instead of hiding behind
-  whatever memory held before.
+* Outputs start out poisoned (NaN, or the most negative integer), so an element a kernel forgets
+  to write shows up in the result instead of hiding behind whatever memory held before. An output
+  that starts from an input (``in_place_zeros``) starts as a copy of it, checked to be all zeros.
 * bfloat16 buffers are handed to the interpreter as float32 and outputs are rounded back to bfloat16
   afterwards: the interpreter's bf16 ``tl.dot`` is wrong in triton 3.6. bf16 kernels proper are
   tested on the GPU.
@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,7 @@ def launch(
     *inputs: jax.Array,
     out_shapes: Sequence[jax.ShapeDtypeStruct],
     grid: tuple[int, ...],
-    zeroed_outputs: Sequence[int] = (),
+    in_place_zeros: Mapping[int, int] = MappingProxyType({}),
     num_warps: int | None = None,
     num_stages: int | None = None,
     **constexprs,
@@ -150,10 +151,11 @@ def launch(
 
     def run(*arrays):
         host_inputs = [np.ascontiguousarray(a, dtype=_interpreter_dtype(a.dtype)) for a in arrays]
-        outputs = [
-            np.zeros(s.shape, _interpreter_dtype(s.dtype)) if i in zeroed_outputs else _poisoned(s.shape, s.dtype)
-            for i, s in enumerate(out_shapes)
-        ]
+        outputs = [_poisoned(s.shape, s.dtype) for s in out_shapes]
+        for i, j in in_place_zeros.items():
+            if np.any(host_inputs[i]):
+                raise ValueError(f"{kernel.__name__}: input {i}, passed as in_place_zeros, is not all zeros")
+            outputs[j] = host_inputs[i].copy()
         # NaN and inf are plain values on a GPU (masked-off lanes make them routinely): no warnings.
         with _interpreting(), np.errstate(all="ignore"):
             _interpreted(kernel)[grid](*map(_HostTensor, host_inputs + outputs), **constexprs)

@@ -14,7 +14,11 @@ info makes the PTX ~1.7x larger; without it a Qwen3-30B-A3B layer at T = 1 took 
 bottleneck (``benchmarks/launch_cost.py``).
 
 Both call conventions are supported: 0.3.x takes ``out_shape=``, 0.4.x ``out_type=``. Kernels
-list their output pointers after their inputs, which both versions bind the same way.
+list their output pointers after their inputs, which both versions bind the same way. Aliased
+buffers differ: 0.3.x passes an aliased output as a pointer of its own, after the inputs like any
+output, while jax-triton's main branch passes it once, at its input's place (and deprecates both
+aliasing and ``zeroed_outputs`` for ``jax.Ref`` arguments). ``launch``'s ``in_place_zeros`` keeps
+one kernel signature for both (see there).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import jax
 
@@ -74,13 +79,25 @@ def launch(
     *inputs: jax.Array,
     out_shapes: Sequence[jax.ShapeDtypeStruct],
     grid: tuple[int, ...],
-    zeroed_outputs: Sequence[int] = (),
+    in_place_zeros: Mapping[int, int] = MappingProxyType({}),
     num_warps: int | None = None,
     num_stages: int | None = None,
     **constexprs,
 ) -> tuple[jax.Array, ...]:
-    """Runs ``kernel[grid](*inputs, *outputs, **constexprs)`` on the GPU; returns the outputs."""
+    """Runs ``kernel[grid](*inputs, *outputs, **constexprs)`` on the GPU; returns the outputs.
+
+    ``in_place_zeros`` maps inputs that hold only zeros to the outputs that start from them: output
+    ``j`` starts as zeros, and the kernel works on it through its output pointer, never reading
+    input ``i``. With 0.3.x output ``j`` aliases input ``i``: the kernel updates that buffer in
+    place and nothing has to be cleared. The ``out_type`` API may pass an aliased buffer only once,
+    which would change the kernel's signature; there output ``j`` is a fresh buffer that
+    jax-triton zeroes before the launch.
+    """
     jt = _jax_triton()
+    if _output_keyword() == "out_shape":
+        aliasing = dict(input_output_aliases=dict(in_place_zeros))
+    else:
+        aliasing = dict(zeroed_outputs=tuple(sorted(in_place_zeros.values())))
     with warnings.catch_warnings():
         # 0.4.x deprecates zeroed_outputs in favour of Refs, which 0.3.x lacks.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -88,9 +105,9 @@ def launch(
             *inputs,
             kernel=kernel,
             grid=grid,
-            zeroed_outputs=tuple(zeroed_outputs),
             num_warps=num_warps,
             num_stages=num_stages,
+            **aliasing,
             **{_output_keyword(): tuple(out_shapes)},
             **constexprs,
         )

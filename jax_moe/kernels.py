@@ -94,7 +94,10 @@ def route_kernel(
 
     Every pick is one max reduction over int64 keys that pack a value with its id
     (``_ranking_keys``): the latency of one token's ~30 dependent picks (DeepSeek-V3) is what
-    routing costs at decode sizes.
+    routing costs at decode sizes. The picks are loops, not unrolled: the host's cost per launch
+    grows with the kernel's code (``backend_triton``), and unrolled they made routing the largest
+    kernel (Qwen3's decode routing + dispatch: 24 KB compressed, 16 KB with loops, 12 KB with
+    loops and a one-token tile at T = 1).
     """
     _route_tokens(
         tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T), logits_ptr, selection_bias_ptr, weights_ptr, ids_ptr,
@@ -145,7 +148,7 @@ def _route_tokens(
         group_size: tl.constexpr = NUM_EXPERTS // NUM_GROUPS
         group_of = (experts // group_size)[None, :]
         group_scores = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.float32)
-        for group in tl.static_range(NUM_GROUPS):
+        for group in range(NUM_GROUPS):
             member_keys = tl.where(group_of == group, keys, NO_KEY)
             best = tl.max(member_keys, axis=1)
             group_score = _key_value(best)
@@ -154,14 +157,14 @@ def _route_tokens(
             group_scores = tl.where(group_of == group, group_score[:, None], group_scores)
         group_keys = tl.where(available, _ranking_keys(group_scores, group_of, GROUPS_PAD), NO_KEY)
         kept = tl.zeros([BLOCK_T, EXPERTS_PAD], dtype=tl.int1)
-        for _ in tl.static_range(TOP_GROUPS):
+        for _ in range(TOP_GROUPS):
             chosen_group = group_of == _key_id(tl.max(group_keys, axis=1), GROUPS_PAD)[:, None]
             kept = kept | chosen_group
             group_keys = tl.where(chosen_group, NO_KEY, group_keys)
         keys = tl.where(kept, keys, NO_KEY)
 
     chosen_ids = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
-    for slot in tl.static_range(TOP_K):
+    for slot in range(TOP_K):
         choice = _key_id(tl.max(keys, axis=1), EXPERTS_PAD)
         chosen_ids = tl.where(slots[None, :] == slot, choice[:, None], chosen_ids)
         keys = tl.where(experts[None, :] == choice[:, None], NO_KEY, keys)
@@ -342,6 +345,19 @@ def route_dispatch_kernel(
         0, ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, num_pairs, SLOT_EXPERTS_PAD, BLOCK_M,
         MAX_BLOCKS, HIST_BLOCK, RANK_BLOCK, BLOCKS_PER_STEP, 1, HIST_BLOCK,
     )
+
+
+@triton.jit
+def _zero_fill(zeros_ptr, NUM_ZEROS: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    """Program ``p`` writes zeros to ``zeros_ptr[p * ZERO_BLOCK : (p + 1) * ZERO_BLOCK]`` (within
+    ``NUM_ZEROS``): a grid of at least ``cdiv(NUM_ZEROS, ZERO_BLOCK)`` programs zeroes them all.
+
+    The combine's arrival counters must start at zero. Zeroed by the kernel that runs before it,
+    they need no memset of their own, which costs the host ~6 us a layer at decode sizes (H100,
+    session 11's profile) and the GPU one more dependent operation."""
+    if NUM_ZEROS > 0:
+        offsets = tl.program_id(0) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+        tl.store(zeros_ptr + offsets, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=offsets < NUM_ZEROS)
 
 
 @triton.jit
@@ -541,6 +557,7 @@ def gate_up_kernel(
     act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] in the activation dtype: the gated activation
     gate_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ gate (+ bias), written only if SAVE_PREACTIVATIONS
     up_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ up (+ bias), written only if SAVE_PREACTIVATIONS
+    zeros_ptr,  # out [NUM_ZEROS] int32: zeros, the down projection's arrival counters (_zero_fill)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
     NUM_ROUTED: tl.constexpr,
@@ -558,6 +575,8 @@ def gate_up_kernel(
     LIMIT: tl.constexpr,
     SAVE_PREACTIVATIONS: tl.constexpr,
     HALF_BLOCKS: tl.constexpr,  # compute only the first half of blocks whose second half is padding
+    NUM_ZEROS: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):
     """Grouped gate and up projections with the gated activation in the epilogue.
 
@@ -567,11 +586,13 @@ def gate_up_kernel(
     ``[BLOCK_M, BLOCK_K]`` activation tile once for both projections, accumulates both in fp32,
     adds the expert's biases (``HAS_BIAS``), and writes the activation (``_swiglu``) for its rows
     (padding rows get that of zero inputs, which nothing reads), plus ``gate`` and ``up``
-    themselves when the backward pass is to reuse them. Unused blocks exit at once. With
+    themselves when the backward pass is to reuse them. Every program first zeroes its share of
+    ``zeros`` (``_zero_fill``); then unused blocks exit. With
     ``HALF_BLOCKS`` a block whose second half is padding (often an expert's last block) computes
     its first half only: at ``BLOCK_M = 128`` that is still one whole 64-row warpgroup MMA, at half
     the cost; those padding rows stay unwritten.
     """
+    _zero_fill(zeros_ptr, NUM_ZEROS, ZERO_BLOCK)
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
         tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
@@ -633,9 +654,10 @@ def expert_gemm_combine_kernel(
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
     expert_row_end_ptr,  # [EXPERTS_PAD] int32 (read only if GROUP_M == 0)
+    zeroed_arrivals_ptr,  # [T, cdiv(N, BLOCK_N)] int32 zeros: arrivals_ptr's buffer on its way in (never read)
     out_ptr,  # out [T, N]
     partial_ptr,  # out (scratch) [NUM_PAIRS, N] float32 or bfloat16, one row per pair (TOP_K > 1)
-    arrivals_ptr,  # out (scratch, zeroed before launch) [T, cdiv(N, BLOCK_N)] int32 (TOP_K > 1)
+    arrivals_ptr,  # out (scratch) [T, cdiv(N, BLOCK_N)] int32, zero at launch: updated in place (TOP_K > 1)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
     NUM_ROUTED: tl.constexpr,
@@ -777,6 +799,7 @@ def gate_up_backward_kernel(
     grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the gate pre-activation
     grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the up pre-activation
     grad_weight_part_ptr,  # out [NUM_PAIRS, cdiv(F, BLOCK_N)] float32, see below
+    zeros_ptr,  # out [NUM_ZEROS] int32: zeros, the input gradient's arrival counters (_zero_fill)
     NUM_PAIRS: tl.constexpr,
     TOP_K: tl.constexpr,
     NUM_ROUTED: tl.constexpr,
@@ -793,6 +816,8 @@ def gate_up_backward_kernel(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     RECOMPUTE: tl.constexpr,
+    NUM_ZEROS: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):
     """Backward through the down projection and the gated activation, per row block and tile.
 
@@ -807,7 +832,10 @@ def gate_up_backward_kernel(
     * ``sum(act * g)`` over its columns: the tile's share of the routing weight's gradient
       ``<act @ w_down[e], grad_out[token]>``; the caller adds the shares of all tiles (and the
       down bias's share).
+
+    Every program first zeroes its share of ``zeros`` (``_zero_fill``); then unused blocks exit.
     """
+    _zero_fill(zeros_ptr, NUM_ZEROS, ZERO_BLOCK)
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
         tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M

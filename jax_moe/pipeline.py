@@ -39,9 +39,10 @@ DISPATCH_ROWS_PER_STEP = 1024
 DISPATCH_HIST_BLOCK = 4096
 # Smallest padded expert count: keeps the routing and dispatch tiles out of degenerate layouts.
 MIN_EXPERTS_PAD = 16
-# Elements of the [BLOCK_T, EXPERTS_PAD] logits tile of one routing program. The program is one
-# warp: its ~30 dependent row reductions (DeepSeek-V3's groups) then never cross warps through
-# shared memory and barriers, and 16 elements a thread keep it to few instructions per token.
+# Elements of the [BLOCK_T, EXPERTS_PAD] logits tile of one routing program (BLOCK_T at most
+# next_power_of_2(T): decode routes 1-8 tokens). The program is one warp: its ~30 dependent row
+# reductions (DeepSeek-V3's groups) then never cross warps through shared memory and barriers,
+# and 16 elements a thread keep it to few instructions per token.
 ROUTE_TILE_ELEMENTS = 512
 ROUTE_WARPS = 1
 # Up to this many pairs, routing and dispatch run as one program of ROUTE_WARPS warps
@@ -69,7 +70,7 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
     def route_op(logits, selection_bias):
         num_tokens, num_experts = logits.shape
         padded = experts_pad(num_experts)
-        block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded))
+        block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded, triton.next_power_of_2(num_tokens)))
         slots = routing.top_k + num_shared
         routing_shapes = (
             jax.ShapeDtypeStruct((num_tokens, slots), jnp.float32),
@@ -321,10 +322,26 @@ def _row_block_args(plan: Plan, tiles, *, num_pairs: int, top_k: int, blocks: in
     )
 
 
+def _arrival_counters(num_tokens: int, n_dim: int, tiles: GemmTiles, top_k: int) -> int:
+    """How many arrival counters ``_combine`` needs: one per token and column tile, none when each
+    token has one expert (the kernel then writes the output directly)."""
+    return num_tokens * triton.cdiv(n_dim, tiles.block_n) if top_k > 1 else 0
+
+
+def _zeros_for(counters: int, grid: int):
+    """The zeros output of a kernel that zeroes ``counters`` int32s for the next launch
+    (``kernels._zero_fill``) over ``grid`` programs: its shape and constexprs."""
+    return jax.ShapeDtypeStruct((max(1, counters),), jnp.int32), dict(
+        NUM_ZEROS=counters, ZERO_BLOCK=triton.next_power_of_2(max(1, triton.cdiv(counters, grid)))
+    )
+
+
 def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights,
-             sorted_pairs, block_expert, expert_row_end, *, num_tokens: int, top_k: int, num_routed: int, k_dim: int,
-             n_dim: int, transposed_b: bool, second_term: bool, scale: bool, out_dtype):
-    """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``."""
+             sorted_pairs, block_expert, expert_row_end, zeroed_arrivals, *, num_tokens: int, top_k: int,
+             num_routed: int, k_dim: int, n_dim: int, transposed_b: bool, second_term: bool, scale: bool,
+             out_dtype):
+    """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``.
+    ``zeroed_arrivals``: ``_arrival_counters`` zeros, made by the launch before."""
     blocks = block_expert.shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
@@ -332,17 +349,20 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
     # T = 4096 forward, H100: 1123 -> 1058 us), and rounds each term as the bf16 output rounds
     # their sum. fp16 keeps fp32 partials: a term may overflow where the sum does not.
     partial_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.bfloat16 else jnp.float32
+    inputs = (
+        a, b, shared_b, a2, b2, shared_b2, a if bias is None else bias, routing_weights,
+        sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
+    )
     out, _, _ = plan.launch(
         kernels.expert_gemm_combine_kernel,
-        a, b, shared_b, a2, b2, shared_b2, a if bias is None else bias, routing_weights,
-        sorted_pairs, block_expert, expert_row_end,
+        *inputs,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens, n_dim), out_dtype),
             jax.ShapeDtypeStruct((num_tokens * top_k, n_dim) if combines else (1, 1), partial_dtype),
-            jax.ShapeDtypeStruct((num_tokens * col_tiles,) if combines else (1,), jnp.int32),
+            zeroed_arrivals,
         ),
         grid=(blocks * col_tiles,),
-        zeroed_outputs=(2,) if combines else (),
+        in_place_zeros={len(inputs) - 1: 2} if combines else {},
         K=k_dim,
         N=n_dim,
         STRIDE_BK=1 if transposed_b else n_dim,
@@ -376,7 +396,9 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     rows_shape = (blocks * block_m, intermediate) if plan.save_activations else (1, 1)
     tiles = plan.config.gate_up
-    act, gate_preact, up_preact = plan.launch(
+    grid = blocks * triton.cdiv(intermediate, tiles.block_n)
+    zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.down, top_k), grid)
+    act, gate_preact, up_preact, zeroed_arrivals = plan.launch(
         kernels.gate_up_kernel,
         x, params.w_gate, params.w_up, shared_w_gate, shared_w_up,
         *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
@@ -385,13 +407,15 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
             jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype),
             jax.ShapeDtypeStruct(rows_shape, x.dtype),
             jax.ShapeDtypeStruct(rows_shape, x.dtype),
+            zeros_shape,
         ),
-        grid=(blocks * triton.cdiv(intermediate, tiles.block_n),),
+        grid=(grid,),
         HIDDEN=hidden,
         INTERMEDIATE=intermediate,
         HAS_BIAS=params.has_bias,
         SAVE_PREACTIVATIONS=plan.save_activations,
         HALF_BLOCKS=_half_blocks(plan),
+        **zero_args,
         **plan.activation_args(),
         **_row_block_args(
             plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks,
@@ -401,7 +425,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     flat_weights = weights.reshape(-1)
     out = _combine(
         plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down,
-        params.down_bias, flat_weights, sorted_pairs, block_expert, expert_row_end,
+        params.down_bias, flat_weights, sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
         num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
         n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
     )
@@ -425,7 +449,9 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     f_tiles = triton.cdiv(intermediate, tiles.block_n)
     shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     gate_preact, up_preact = saved if saved is not None else (x, x)  # unread when recomputing
-    weighted_act, grad_gate, grad_up, grad_weight_parts = plan.launch(
+    grid = blocks * f_tiles
+    zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.input_grad, top_k), grid)
+    weighted_act, grad_gate, grad_up, grad_weight_parts, zeroed_arrivals = plan.launch(
         kernels.gate_up_backward_kernel,
         x, params.w_gate, params.w_up, params.w_down, shared_w_gate, shared_w_up, shared_w_down,
         *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
@@ -435,12 +461,14 @@ def _experts_backward(plan: Plan, residuals, grad_out):
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
             jax.ShapeDtypeStruct((num_pairs, f_tiles), jnp.float32),
+            zeros_shape,
         ),
-        grid=(blocks * f_tiles,),
+        grid=(grid,),
         HIDDEN=hidden,
         INTERMEDIATE=intermediate,
         HAS_BIAS=params.has_bias,
         RECOMPUTE=saved is None,
+        **zero_args,
         **plan.activation_args(),
         **_row_block_args(
             plan, tiles, num_pairs=num_pairs, top_k=top_k, blocks=blocks, num_routed=num_routed
@@ -448,7 +476,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     )
     grad_x = _combine(
         plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up,
-        None, flat_weights, sorted_pairs, block_expert, expert_row_end,
+        None, flat_weights, sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
         num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
         transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
     )

@@ -19,7 +19,7 @@ calls = []
 def triton_call(*args, kernel, out_shape, grid, name="", num_warps=None, num_stages=None,
                 zeroed_outputs=(), input_output_aliases=None, **metaparams):
     calls.append(dict(args=args, out_shape=out_shape, grid=grid, zeroed_outputs=zeroed_outputs,
-                      num_warps=num_warps, metaparams=metaparams))
+                      input_output_aliases=input_output_aliases, num_warps=num_warps, metaparams=metaparams))
     return ["out"] * len(out_shape)
 """
 
@@ -57,15 +57,28 @@ def test_launch_speaks_both_apis_and_keeps_the_cache_dir(fake_jax_triton):
     shapes = (jax.ShapeDtypeStruct((3, 4), "float32"), jax.ShapeDtypeStruct((5,), "int32"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the 0.4 deprecation must not leak out
-        outs = backend_triton.launch(
-            "kernel", "x", "w", out_shapes=shapes, grid=(7,), zeroed_outputs=(1,), num_warps=8, BLOCK=16
-        )
+        outs = backend_triton.launch("kernel", "x", "w", out_shapes=shapes, grid=(7,), num_warps=8, BLOCK=16)
     assert outs == ("out", "out")
     assert os.environ["TRITON_CACHE_DIR"] == "/my/cache"
     (call,) = sys.modules["jax_triton"].calls
     assert call[fake_jax_triton] == shapes
-    assert call["args"] == ("x", "w") and call["grid"] == (7,) and call["zeroed_outputs"] == (1,)
+    assert call["args"] == ("x", "w") and call["grid"] == (7,) and call["zeroed_outputs"] == ()
     assert call["num_warps"] == 8 and call["metaparams"] == {"BLOCK": 16}
+
+
+def test_in_place_zeros_alias_on_0_3_and_are_zeroed_outputs_later(fake_jax_triton):
+    """0.3.x passes an aliased output as its own pointer (the kernel's signature as written); later
+    versions would not, so there the output is a fresh buffer that jax-triton clears."""
+    shapes = (jax.ShapeDtypeStruct((3, 4), "float32"), jax.ShapeDtypeStruct((5,), "int32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend_triton.launch("kernel", "x", "zeros", out_shapes=shapes, grid=(7,), in_place_zeros={1: 1})
+    (call,) = sys.modules["jax_triton"].calls
+    assert call["args"] == ("x", "zeros")
+    if fake_jax_triton == "out_shape":
+        assert call["input_output_aliases"] == {1: 1} and call["zeroed_outputs"] == ()
+    else:
+        assert call["zeroed_outputs"] == (1,) and "input_output_aliases" not in call["metaparams"]
 
 
 def test_cache_dir_stays_unset_when_it_was(fake_jax_triton, monkeypatch):

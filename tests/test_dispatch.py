@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -111,21 +112,25 @@ def test_padding_rows_never_reach_the_output(routing, seed, group_m):
         MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=group_m, DOT_PRECISION="ieee",
         HALF_BLOCKS=block_m >= 32,  # halves of at least 16 rows, the smallest tl.dot
     )
-    act, _, _ = backend_interpret.launch(
+    counters = (num_tokens + 1) * 2  # + the guard row's: zeroed by the gate/up programs (poisoned before)
+    zero_block = triton.next_power_of_2(triton.cdiv(counters, blocks * 2))
+    act, _, _, zeroed_arrivals = backend_interpret.launch(
         kernels.gate_up_kernel, x, w_gate, w_up, w_gate, w_up, x, x, sorted_pairs, block_expert, expert_row_end,
-        out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),) * 3,
+        out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),) * 3
+        + (jax.ShapeDtypeStruct((counters,), jnp.int32),),
         grid=(blocks * 2,), HIDDEN=hidden, INTERMEDIATE=intermediate, SAVE_PREACTIVATIONS=False,
-        ACTIVATION="silu", ALPHA=1.0, LIMIT=float("inf"), **constants,
+        ACTIVATION="silu", ALPHA=1.0, LIMIT=float("inf"), NUM_ZEROS=counters, ZERO_BLOCK=zero_block, **constants,
     )
+    assert not np.asarray(zeroed_arrivals).any()
     out, _, _ = backend_interpret.launch(
         kernels.expert_gemm_combine_kernel, act, w_down, w_down, act, w_down, w_down, x,
-        weights.reshape(-1), sorted_pairs, block_expert, expert_row_end,
+        weights.reshape(-1), sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens + 1, hidden), jnp.float32),  # + guard row
             jax.ShapeDtypeStruct((ids.size, hidden), jnp.float32),
-            jax.ShapeDtypeStruct(((num_tokens + 1) * 2,), jnp.int32),
+            jax.ShapeDtypeStruct((counters,), jnp.int32),
         ),
-        grid=(blocks * 2,), zeroed_outputs=(2,), K=intermediate, N=hidden, STRIDE_BK=hidden, STRIDE_BN=1,
+        grid=(blocks * 2,), in_place_zeros={11: 2}, K=intermediate, N=hidden, STRIDE_BK=hidden, STRIDE_BN=1,
         SECOND_TERM=False, SCALE_BY_ROUTING_WEIGHT=True, **constants,
     )
     out = np.asarray(out)
