@@ -55,7 +55,9 @@ GROUP_M_CANDIDATES = (0, 8)
 
 # Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
-# for mid-size T.
+# for mid-size T. Every prefill tile the tables hold runs one program per SM, so an epilogue runs
+# with no loads in flight on its SM; the 8-warp 64 x 64 x 3 tile fits two (gate/up, 128-row
+# blocks: 127 registers, 96 KB; kernel_resources.py, sm_90).
 GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
     GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
@@ -66,6 +68,7 @@ GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=64, num_warps=4, num_stages=5),
     GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3),
     GemmTiles(block_n=32, block_k=256, num_warps=4, num_stages=3),
+    GemmTiles(block_n=64, block_k=64, num_warps=8, num_stages=3),
 )
 # The kernels with one accumulator (down projection, input gradient; N = H is wide) also try the
 # 128 x 256 tile of Hopper GEMMs, too big for gate/up's two accumulators.
