@@ -359,7 +359,7 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens, n_dim), out_dtype),
             jax.ShapeDtypeStruct((num_tokens * top_k, n_dim) if combines else (1, 1), partial_dtype),
-            zeroed_arrivals,
+            jax.ShapeDtypeStruct(zeroed_arrivals.shape, zeroed_arrivals.dtype),
         ),
         grid=(blocks * col_tiles,),
         in_place_zeros={len(inputs) - 1: 2} if combines else {},
