@@ -50,8 +50,7 @@ def run(args) -> None:
 
     shape = next(m for m in arg_specs.MODELS if m.name == args.model)
     selected = tile_configs.select(
-        args.tokens * shape.slots, 2,
-        tile_configs.gpu_table_name(jax.devices()[0].device_kind), shape.tile_key(jnp.bfloat16),
+        args.tokens * shape.slots, 2, tile_configs.device_tables(jax.devices()[0]), shape.tile_key(jnp.bfloat16),
     )
     build = tune._train_step if args.train else tune._layer
     input_sets = tune._input_sets(shape, args.tokens, jnp.bfloat16, with_cotangent=args.train, routing=args.routing)

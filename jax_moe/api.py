@@ -256,8 +256,8 @@ def _tile_config(backend: str, num_pairs: int, w_gate, top_k: int, num_shared: i
     dtype = jnp.dtype(w_gate.dtype)
     shape = tile_configs.shape_key(num_experts, hidden, intermediate, top_k, dtype.name, num_shared)
     if backend == "triton":
-        table = tile_configs.gpu_table_name(jax.devices()[0].device_kind)
-        return tile_configs.select(num_pairs, dtype.itemsize, table=table, shape=shape)
+        tables = tile_configs.device_tables(jax.devices()[0])
+        return tile_configs.select(num_pairs, dtype.itemsize, table=tables, shape=shape)
     # The interpreter has no shared memory to fit: its tiles need no narrowing for fp32.
     return tile_configs.select(num_pairs, table="interpret", shape=shape)
 

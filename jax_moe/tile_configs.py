@@ -130,10 +130,13 @@ def _table(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _candidate_buckets(table: str, shape: str | None):
-    """Bucket lists to try in order: the shape's tuned entry, the table's own, then the default."""
-    data = _table(table)
-    if data is not None:
+def _candidate_buckets(tables: tuple[str, ...], shape: str | None):
+    """Bucket lists to try in order: for each table, the shape's tuned entry, then the table's
+    own list; the default last."""
+    for name in tables:
+        data = _table(name)
+        if data is None:
+            continue
         if shape is not None and shape in data.get("shapes", {}):
             yield _parse_buckets(data["shapes"][shape])
         if "buckets" in data:
@@ -141,11 +144,41 @@ def _candidate_buckets(table: str, shape: str | None):
     yield _parse_buckets(_table("default")["buckets"])
 
 
-def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape: str | None = None) -> TileConfig:
+def table_chain(table: str) -> tuple[str, ...]:
+    """``table`` and the tables its ``"fallback"`` entries name, in order (a cycle ends the chain)."""
+    chain = []
+    while table is not None and table not in chain:
+        chain.append(table)
+        table = (_table(table) or {}).get("fallback")
+    return tuple(chain)
+
+
+def device_tables(device) -> tuple[str, ...]:
+    """The tables a GPU (a ``jax.Device``) reads, most specific first: its own, named by its
+    ``device_kind`` (``gpu_table_name``), and the one of its architecture, ``cuda-sm<major><minor>``
+    (``cuda-sm90`` for compute capability ``9.0``), each with its fallbacks (``table_chain``).
+
+    A Hopper card nobody tuned (an H100 PCIe, an H200) thus takes the tiles tuned on another
+    Hopper card, which shares its SMs, instead of the untuned defaults (up to 1.67x faster on an
+    H200: ``benchmarks/tile_tables.py``), and its own table needs to hold only what it tuned."""
+    names = [gpu_table_name(device.device_kind)]
+    if compute_capability := getattr(device, "compute_capability", None):
+        names.append("cuda-sm" + compute_capability.replace(".", ""))
+    chain = []
+    for name in names:
+        chain += [t for t in table_chain(name) if t not in chain]
+    return tuple(chain)
+
+
+def select(
+    num_pairs: int, operand_bytes: int = 2, table: str | tuple[str, ...] = "default", shape: str | None = None
+) -> TileConfig:
     """The config for ``num_pairs`` (tokens * top_k) from ``configs/<table>.json``.
 
     A table (one per GPU, named by ``gpu_table_name``) may hold tuned buckets per layer ``shape``
-    (see ``shape_key``) and a table-wide list; anything it lacks falls back to ``default.json``.
+    (see ``shape_key``) and a table-wide list. ``table`` may also be several tables to read in
+    turn (``device_tables``); a single name reads its ``table_chain``. Anything they lack falls
+    back to ``default.json``.
     The first bucket with ``min_pairs <= num_pairs <= max_pairs`` wins (``min_pairs`` defaults to
     0, a null ``max_pairs`` admits all): a tuned entry claims only the token counts it measured.
 
@@ -155,7 +188,8 @@ def select(num_pairs: int, operand_bytes: int = 2, table: str = "default", shape
     """
     if (forced := _FORCED.get()) is not None:
         return forced.narrowed_k(max(1, operand_bytes // 2))
-    for buckets in _candidate_buckets(table, shape):
+    tables = table_chain(table) if isinstance(table, str) else tuple(table)
+    for buckets in _candidate_buckets(tables, shape):
         for min_pairs, max_pairs, config in buckets:
             if min_pairs <= num_pairs and (max_pairs is None or num_pairs <= max_pairs):
                 return config.narrowed_k(max(1, operand_bytes // 2))

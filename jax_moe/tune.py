@@ -16,7 +16,10 @@ written after every tuned T: a run stopped part way leaves the old tiles where i
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
 
-``jax_moe`` picks the file up by the GPU's name at trace time. A bucket's tiles are measured at its
+``jax_moe`` picks the file up by the GPU's name at trace time, and reads the table of the GPU's
+architecture after it (``tile_configs.device_tables``: a Hopper card falls back to the H100's
+tuned tiles), so a new card's file need hold only the shapes and token counts tuned on it; the
+"table's tiles" each line reports are what that lookup gave before. A bucket's tiles are measured at its
 own T only: tune the token counts you serve (Mixtral's small row blocks chosen at T = 32 ran
 1.2-1.3x slower at T = 64, where an expert's rows span several blocks that each stream its weights).
 
@@ -196,8 +199,7 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     input_sets = _input_sets(shape, num_tokens, dtype)
     pairs = num_tokens * shape.slots
     base = tile_configs.select(
-        pairs, jnp.dtype(dtype).itemsize, tile_configs.gpu_table_name(jax.devices()[0].device_kind),
-        shape.tile_key(dtype),
+        pairs, jnp.dtype(dtype).itemsize, tile_configs.device_tables(jax.devices()[0]), shape.tile_key(dtype)
     )
     block_ms = _block_m_candidates(pairs, shape.num_experts + shape.num_shared)
     configs = [base] + [

@@ -1,6 +1,7 @@
 """Tile configs as data: lookup order, buckets, dtype adjustment."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -113,9 +114,53 @@ def test_every_shipped_table_parses():
         if path.name.endswith(".json"):
             data = tile_configs._table(path.name.removesuffix(".json"))
             buckets = [*data.get("buckets", []), *(b for entry in data.get("shapes", {}).values() for b in entry)]
-            assert buckets, path.name
+            assert buckets or data.get("fallback"), path.name
+            if "fallback" in data:
+                assert tile_configs._table(data["fallback"]) is not None, (path.name, data["fallback"])
             for bucket in buckets:
                 tile_configs.TileConfig.from_dict(bucket)
+
+
+def test_a_table_falls_back_to_the_tables_it_names(monkeypatch):
+    real = tile_configs._table
+    fake = {
+        "new-gpu": {"shapes": {SHAPE: [{**_bucket(100, 64), "min_pairs": 50}]}, "fallback": "old-gpu"},
+        "old-gpu": {"shapes": {SHAPE: [_bucket(None, 16)]}, "fallback": "new-gpu"},
+    }
+    monkeypatch.setattr(tile_configs, "_table", lambda name: fake[name] if name in fake else real(name))
+    assert tile_configs.table_chain("new-gpu") == ("new-gpu", "old-gpu")  # the cycle ends the chain
+    assert tile_configs.select(50, table="new-gpu", shape=SHAPE).block_m == 64
+    assert tile_configs.select(49, table="new-gpu", shape=SHAPE).block_m == 16
+    assert tile_configs.select(101, table="new-gpu", shape=SHAPE).block_m == 16
+    assert tile_configs.select(101, table="new-gpu", shape="E=3,H=1,F=1,k=1,bfloat16") == tile_configs.select(101)
+
+
+def _device(device_kind, compute_capability=None):
+    return types.SimpleNamespace(device_kind=device_kind, compute_capability=compute_capability)
+
+
+def test_devices_read_their_own_table_then_their_architectures():
+    h100 = "nvidia-h100-80gb-hbm3"
+    assert tile_configs.device_tables(_device("NVIDIA H100 80GB HBM3", "9.0")) == (h100, "cuda-sm90")
+    assert tile_configs.device_tables(_device("NVIDIA H100 PCIe", "9.0")) == ("nvidia-h100-pcie", "cuda-sm90", h100)
+    assert tile_configs.device_tables(_device("NVIDIA A100-SXM4-80GB", "8.0")) == ("nvidia-a100-sxm4-80gb", "cuda-sm80")
+    assert tile_configs.device_tables(types.SimpleNamespace(device_kind="cpu")) == ("cpu",)
+
+
+def test_an_untuned_hopper_card_takes_the_h100s_tuned_tiles():
+    """Every H100-tuned shape, at every token count the benchmark runs: a card of the same
+    architecture with no table of its own (nor a shape entry, for the H200) selects the same
+    tiles as the H100, not the defaults."""
+    h100 = "nvidia-h100-80gb-hbm3"
+    differs_from_default = 0
+    for model in arg_specs.MODELS:
+        shape = model.tile_key(jnp.bfloat16)
+        for tokens in (1, 8, 64, 512, 4096):
+            pairs = tokens * model.slots
+            tuned = tile_configs.select(pairs, table=h100, shape=shape)
+            assert tile_configs.select(pairs, table=tile_configs.device_tables(_device("NVIDIA H100 NVL", "9.0")), shape=shape) == tuned
+            differs_from_default += tuned != tile_configs.select(pairs)
+    assert differs_from_default > 10
 
 
 def test_every_launch_takes_its_own_fields_tiles(benchmark_module):

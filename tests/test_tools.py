@@ -375,3 +375,34 @@ def test_compile_all_compiles_the_same_program_once():
     assert len({id(c) for c in compiled.values()}) == 3
     np.testing.assert_array_equal(compiled["b"](jnp.arange(3.0)), [0.0, 2.0, 4.0])
     np.testing.assert_array_equal(compiled["d"](jnp.arange(3.0)), [0.0, 3.0, 6.0])
+
+
+def test_tile_tables_times_the_tiles_each_table_selects(benchmark_module, monkeypatch, capsys):
+    """Every case is built with the tiles ``select`` gives for each table (``device``: this GPU's
+    tables, an architecture's fallback included) and reported against the first table's time."""
+    tile_tables = benchmark_module("tile_tables")
+    tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
+    hopper = type("Device", (), {"device_kind": "NVIDIA H200", "compute_capability": "9.0"})()
+    h100, real_table = "nvidia-h100-80gb-hbm3", tile_configs._table
+    tuned = {**dataclasses.asdict(tile_configs.select(1)), "block_m": 128, "max_pairs": None}
+    monkeypatch.setattr(
+        tile_configs, "_table",
+        lambda name: {"shapes": {tiny.tile_key(jnp.bfloat16): [tuned]}} if name == h100 else real_table(name),
+    )
+    monkeypatch.setattr(arg_specs, "MODELS", (tiny,))
+    monkeypatch.setattr(tile_tables.jax, "devices", lambda: [hopper])
+    monkeypatch.setattr(tune, "_with_tiles", lambda build, shape, config: config)
+    monkeypatch.setattr(timing, "compile_all", lambda programs, threads: {k: fn for k, (fn, _) in programs.items()})
+    monkeypatch.setattr(timing, "median_call_us", lambda config, sets, **kwargs: float(config.block_m))
+    tile_tables.main(["--tables", "default", "device", "--models", "tiny", "--tokens", "1", "512"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "('nvidia-h200', 'cuda-sm90', 'nvidia-h100-80gb-hbm3')" in lines[0]
+    for line, tokens in zip(lines[1:], (1, 512)):
+        default = tile_configs.select(tokens * tiny.slots, 2, "default").block_m
+        device = 128  # the H100's tiles, reached through cuda-sm90
+        assert default != device
+        assert line.split() == [
+            "tiny", f"T={tokens}", "default", f"{default:.1f}", "us", "(1.000)",
+            "device", f"{device:.1f}", "us", f"({device / default:.3f})",
+        ]
+    assert len(lines) == 3
