@@ -5,7 +5,7 @@
 #   bash benchmarks/device_check.sh tests            # all GPU tests but the gradient ones
 #   bash benchmarks/device_check.sh grad-tests bench # ... stages run in the order given
 # Stages: tests, grad-tests, families, demo, example, bench, bench-full, bench-families, train-bench,
-# train-bench-full, tune, tune-backward, profile.
+# train-bench-full, tile-tables, tune, tune-backward, profile.
 # profile: per-kernel times under Nsight Compute for each ';'-separated argument list of
 # benchmarks/kernel_profile.py in $PROFILE_CASES.
 set -uo pipefail
@@ -46,6 +46,7 @@ for stage in "$@"; do
     bench-families) python3 benchmarks/moe_bench.py --quick --models deepseek-v3 gpt-oss-120b qwen2-57b-a14b --tag families 2>&1 | tee "$OUT/bench-families.log"; cp benchmarks/results/*-families.* "$OUT/" ;;
     train-bench) python3 benchmarks/train_bench.py --quick 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train-quick.* "$OUT/" ;;
     train-bench-full) python3 benchmarks/train_bench.py 2>&1 | tee "$OUT/train-bench.log"; cp benchmarks/results/*-train.* "$OUT/" ;;
+    tile-tables) python3 benchmarks/tile_tables.py --tables default device 2>&1 | tee "$OUT/tile-tables.log" ;;
     tune) python3 -m jax_moe.tune --models ${TUNE_MODELS:-mixtral-8x7b} --tokens ${TUNE_TOKENS:-1 64 512 4096} 2>&1 | tee "$OUT/tune.log"; cp jax_moe/configs/nvidia-*.json "$OUT/" ;;
     tune-backward) python3 -m jax_moe.tune --models ${TUNE_MODELS:-mixtral-8x7b} --tokens ${TUNE_TOKENS:-8192} --backward --keep-forward 2>&1 | tee "$OUT/tune-backward.log"; cp jax_moe/configs/nvidia-*.json "$OUT/" ;;
     profile)

@@ -3,7 +3,9 @@ architecture on any machine (no GPU needed: Triton's bundled ptxas does the work
 
     python benchmarks/kernel_resources.py --model mixtral-8x7b --tokens 8192 [--train] [--arch 90]
 
-The layer is traced (``jax.eval_shape``, nothing runs) with a launcher that records each launch's
+The layer (routed experts, plain softmax routing), with the tiles the architecture's table
+selects (``configs/cuda-sm<arch>.json`` and its fallbacks: the H100's for sm_90), is traced
+(``jax.eval_shape``, nothing runs) with a launcher that records each launch's
 kernel, operand dtypes, launch options and constexprs; each record is then compiled with the
 pointer alignment jax-triton declares (16 bytes). Spills to local memory cost a GEMM kernel
 dearly, and they show up here before any device time is spent.
@@ -73,10 +75,16 @@ def resource_usage(compiled) -> dict:
     return {k: int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", report)}
 
 
-def trace(shape: arg_specs.MoeShape, num_tokens: int, train: bool, config: tile_configs.TileConfig | None):
+def trace(
+    shape: arg_specs.MoeShape, num_tokens: int, train: bool, config: tile_configs.TileConfig | None,
+    table: str = "cuda-sm90",
+):
+    """The launches of one layer call (with ``train``, of its forward and backward), with
+    ``config``'s tiles or those ``table`` selects (by default the ones a Hopper card without a
+    table of its own reads: the H100's)."""
     records: list[Launch] = []
     config = config or tile_configs.select(
-        num_tokens * shape.top_k, 2, "nvidia-h100-80gb-hbm3",
+        num_tokens * shape.top_k, 2, table,
         tile_configs.shape_key(shape.num_experts, shape.hidden, shape.intermediate, shape.top_k, "bfloat16"),
     )
     plan = pipeline.Plan(config=config, dot_precision="tf32", launch=recording_launcher(records))
@@ -114,7 +122,7 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     shape = next(m for m in arg_specs.MODELS if m.name == args.model)
-    for record in trace(shape, args.tokens, args.train, None):
+    for record in trace(shape, args.tokens, args.train, None, table=f"cuda-sm{args.arch}"):
         compiled = compile_record(record, args.arch)
         usage = resource_usage(compiled)
         tiles = {k: v for k, v in record.constexprs.items() if k.startswith("BLOCK") or k in ("GROUP_M",)}
