@@ -145,11 +145,18 @@ def _candidate_buckets(tables: tuple[str, ...], shape: str | None):
 
 
 def table_chain(table: str) -> tuple[str, ...]:
-    """``table`` and the tables its ``"fallback"`` entries name, in order (a cycle ends the chain)."""
-    chain = []
-    while table is not None and table not in chain:
-        chain.append(table)
-        table = (_table(table) or {}).get("fallback")
+    """``table`` and the tables its ``"fallback"`` entries name, in order (a cycle ends the chain).
+    ``table`` itself need not exist (a GPU nobody tuned); a fallback that names no table is an
+    error, not a silent stop at the defaults."""
+    if not isinstance(table, str):
+        raise TypeError(f"table: expected a table name (str), got {type(table).__name__}")
+    chain = [table]
+    data = _table(table)
+    while data is not None and (fallback := data.get("fallback")) is not None and fallback not in chain:
+        data = _table(fallback)
+        if data is None:
+            raise ValueError(f"configs/{chain[-1]}.json: its fallback {fallback!r} names no table in configs/")
+        chain.append(fallback)
     return tuple(chain)
 
 
@@ -161,6 +168,8 @@ def device_tables(device) -> tuple[str, ...]:
     A Hopper card nobody tuned (an H100 PCIe, an H200) thus takes the tiles tuned on another
     Hopper card, which shares its SMs, instead of the untuned defaults (up to 1.67x faster on an
     H200: ``benchmarks/tile_tables.py``), and its own table needs to hold only what it tuned."""
+    if not isinstance(getattr(device, "device_kind", None), str):
+        raise TypeError(f"device: expected a jax.Device (with a device_kind), got {type(device).__name__}")
     names = [gpu_table_name(device.device_kind)]
     if compute_capability := getattr(device, "compute_capability", None):
         names.append("cuda-sm" + compute_capability.replace(".", ""))
@@ -189,6 +198,8 @@ def select(
     if (forced := _FORCED.get()) is not None:
         return forced.narrowed_k(max(1, operand_bytes // 2))
     tables = table_chain(table) if isinstance(table, str) else tuple(table)
+    if not tables or not all(isinstance(name, str) for name in tables):
+        raise TypeError(f"table: expected a table name or a non-empty tuple of them, got {table!r}")
     for buckets in _candidate_buckets(tables, shape):
         for min_pairs, max_pairs, config in buckets:
             if min_pairs <= num_pairs and (max_pairs is None or num_pairs <= max_pairs):

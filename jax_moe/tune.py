@@ -19,9 +19,10 @@ written after every tuned T: a run stopped part way leaves the old tiles where i
 ``jax_moe`` picks the file up by the GPU's name at trace time, and reads the table of the GPU's
 architecture after it (``tile_configs.device_tables``: a Hopper card falls back to the H100's
 tuned tiles), so a new card's file need hold only the shapes and token counts tuned on it; the
-"table's tiles" each line reports are what that lookup gave before. A bucket's tiles are measured at its
-own T only: tune the token counts you serve (Mixtral's small row blocks chosen at T = 32 ran
-1.2-1.3x slower at T = 64, where an expert's rows span several blocks that each stream its weights).
+"table's tiles" each line reports are what that lookup gave before. A bucket's tiles are measured
+at its own T only: tune the token counts you serve (Mixtral's small row blocks chosen at T = 32
+ran 1.2-1.3x slower at T = 64, where an expert's rows span several blocks that each stream its
+weights).
 
 ``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``input_grad``,
 ``down_weight_grad``, ``gate_up_weight_grad``, one after the other), timing forward + backward;
@@ -58,9 +59,10 @@ GROUP_M_CANDIDATES = (0, 8)
 
 # Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
-# for mid-size T. Every prefill tile the tables hold runs one program per SM, so an epilogue runs
-# with no loads in flight on its SM; the 8-warp 64 x 64 x 3 tile fits two (gate/up, 128-row
-# blocks: 127 registers, 96 KB; kernel_resources.py, sm_90).
+# for mid-size T. The larger prefill tiles run one program per SM, so an epilogue runs with no
+# loads in flight on its SM; the 8-warp 64 x 64 x 3 tile fits two for gate/up and three for the
+# down projection at 128-row blocks (kernel_resources.py, sm_90). It won the H200's Qwen3 down
+# projection at T = 2048.
 GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
     GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),

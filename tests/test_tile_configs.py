@@ -135,6 +135,21 @@ def test_a_table_falls_back_to_the_tables_it_names(monkeypatch):
     assert tile_configs.select(101, table="new-gpu", shape="E=3,H=1,F=1,k=1,bfloat16") == tile_configs.select(101)
 
 
+def test_tables_that_are_missing_or_misnamed_are_refused(monkeypatch):
+    real = tile_configs._table
+    fake = {"gpu-with-typo": {"shapes": {}, "fallback": "nvidia-h100-80gb-hmb3"}}
+    monkeypatch.setattr(tile_configs, "_table", lambda name: fake[name] if name in fake else real(name))
+    with pytest.raises(ValueError, match="configs/gpu-with-typo.json: its fallback 'nvidia-h100-80gb-hmb3' names no table"):
+        tile_configs.select(8, table="gpu-with-typo")
+    assert tile_configs.table_chain("untuned-gpu") == ("untuned-gpu",)
+    with pytest.raises(TypeError, match="table: expected a table name or a non-empty tuple of them, got \\(\\)"):
+        tile_configs.select(8, table=())
+    with pytest.raises(TypeError, match="table: expected a table name \\(str\\), got int"):
+        tile_configs.table_chain(3)
+    with pytest.raises(TypeError, match="device: expected a jax.Device \\(with a device_kind\\), got str"):
+        tile_configs.device_tables("NVIDIA H200")
+
+
 def _device(device_kind, compute_capability=None):
     return types.SimpleNamespace(device_kind=device_kind, compute_capability=compute_capability)
 
