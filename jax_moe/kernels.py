@@ -763,18 +763,24 @@ def _gemm_combine_rows(
         )
         finishes = is_real & (arrived_before == TOP_K - 1)
         tl.debug_barrier()
-        total = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        # The reload is latency-bound: a whole-tile fp32 sum leaves registers for one slot's rows
+        # in flight at a time, TOP_K round trips to L2 per tile. Column chunks of 64 fit all TOP_K
+        # loads at once; the sum per element is the same, in the same order.
+        chunk_cols: tl.constexpr = 64 if BLOCK_N > 64 else BLOCK_N
         first_pair = tokens * TOP_K
-        for slot in tl.static_range(TOP_K):
-            # .cg: read from L2, where other programs' partial rows landed, not from a stale L1.
-            total += tl.load(
-                partial_ptr + (first_pair + slot)[:, None] * N + cols[None, :],
-                mask=finishes[:, None] & col_ok[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            ).to(tl.float32)
-        out_ptrs = out_ptr + tokens[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, total.to(out_dtype), mask=finishes[:, None] & col_ok[None, :])
+        for chunk_start in tl.static_range(0, BLOCK_N, chunk_cols):
+            chunk = col_tile * BLOCK_N + chunk_start + tl.arange(0, chunk_cols)
+            chunk_mask = finishes[:, None] & (chunk < N)[None, :]
+            total = tl.zeros([ROWS, chunk_cols], dtype=tl.float32)
+            for slot in tl.static_range(TOP_K):
+                # .cg: read from L2, where other programs' partial rows landed, not from a stale L1.
+                total += tl.load(
+                    partial_ptr + (first_pair + slot)[:, None] * N + chunk[None, :],
+                    mask=chunk_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                ).to(tl.float32)
+            tl.store(out_ptr + tokens[:, None] * N + chunk[None, :], total.to(out_dtype), mask=chunk_mask)
 
 
 @triton.jit

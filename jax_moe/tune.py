@@ -10,7 +10,7 @@ other program order (``group_m`` 0 or 8). Each grid is compiled first, several p
 time, then timed one program after another. The winners become
 buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split
 at the geometric midpoints between the tuned token counts (and claiming nothing below half the
-smallest). The file keeps entries it already had for other shapes, and this shape's
+smallest or above twice the largest). The file keeps entries it already had for other shapes, and this shape's
 buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart. It is
 written after every tuned T: a run stopped part way leaves the old tiles where it did not get to.
 
@@ -306,15 +306,18 @@ def main(argv=None) -> None:
         old_buckets = shapes.get(key, [])
         tuned = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
-        # claims down to half its own, so smaller counts keep the fallback configs.
+        # claims down to half its own and the last up to twice its own, so the counts around the
+        # run keep the tiles they had: this file's, or its fallback tables' (decode sizes tuned on
+        # an H200 once took over its T = 512 with T = 128's row blocks: 364 -> 452 us, Qwen3).
         lower = tokens[0] * shape.slots // 2
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))
             if args.backward:
                 config = tune_backward(shape, num_tokens, jnp.dtype(args.dtype), config)
-            upper = None if i + 1 == len(tokens) else int(math.sqrt(num_tokens * tokens[i + 1])) * shape.slots
+            last = i + 1 == len(tokens)
+            upper = (2 * num_tokens if last else int(math.sqrt(num_tokens * tokens[i + 1]))) * shape.slots
             tuned.append((num_tokens * shape.slots, _bucket(lower, upper, config)))
-            lower = upper + 1 if upper is not None else None
+            lower = upper + 1
             # Written after every T: a run stopped part way keeps what it measured.
             shapes[key] = _merge_buckets(old_buckets, tuned)
             output.write_text(json.dumps(table, indent=1) + "\n")

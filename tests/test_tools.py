@@ -348,6 +348,24 @@ def test_tuner_writes_the_table_after_every_token_count(tmp_path, monkeypatch):
     ]
 
 
+
+def test_tuned_token_counts_claim_up_to_twice_the_largest(tmp_path, monkeypatch):
+    """Decode sizes tuned on their own leave the larger counts to the tiles they had: here an old
+    bucket of the file; where the file has none, its fallback tables'."""
+    monkeypatch.setattr(backend_triton, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(tune.jax, "devices", lambda: [type("Device", (), {"device_kind": "Test GPU"})()])
+    fast = tile_configs.select(16, 2, "default")
+    monkeypatch.setattr(tune, "tune_one", lambda shape, num_tokens, dtype: (fast, 1.0))
+    key = "E=8,H=4096,F=14336,k=2,bfloat16"
+    old = tile_configs.select(1 << 20, 2, "default")
+    output = tmp_path / "table.json"
+    output.write_text(json.dumps({"shapes": {key: [{"min_pairs": 1024, "max_pairs": None, **dataclasses.asdict(old)}]}}))
+    tune.main(["--models", "mixtral-8x7b", "--tokens", "8", "32", "--output", str(output)])
+    buckets = json.loads(output.read_text())["shapes"][key]
+    assert [(b["min_pairs"], b["max_pairs"], tile_configs.TileConfig.from_dict(b)) for b in buckets] == [
+        (8, 32, fast), (33, 128, fast), (1024, None, old)
+    ]
+
 def test_input_sets_share_the_weights_and_draw_fresh_activations(key):
     shape = arg_specs.MoeShape("s", num_experts=8, top_k=2, hidden=16, intermediate=8, shared_intermediate=8)
     weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, key)
