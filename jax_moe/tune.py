@@ -7,12 +7,12 @@ family's routing, biases, activation and shared experts; random router logits) o
 candidate grid: every row-block size that suits T with every gate/up candidate (down tiles as the
 table has them), then every down candidate with each row-block size's best, then the winner's
 other program order (``group_m`` 0 or 8). Each grid is compiled first, several programs at a
-time, then timed one program after another. The winners become
-buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part of the shape), split
-at the geometric midpoints between the tuned token counts (and claiming nothing below half the
-smallest or above twice the largest). The file keeps entries it already had for other shapes, and this shape's
-buckets that hold none of the tuned counts, so decode and prefill sizes can be tuned apart. It is
-written after every tuned T: a run stopped part way leaves the old tiles where it did not get to.
+time, then timed one program after another. The winners become buckets of that shape's entry
+(``MoeShape.tile_key``: shared experts are part of the shape), split at the geometric midpoints
+between the tuned token counts, claiming nothing below half the smallest or above twice the
+largest. The file keeps entries it already had for other shapes, and this shape's buckets that
+hold none of the tuned counts, so decode and prefill sizes can be tuned apart. It is written
+after every tuned T: a run stopped part way leaves the old tiles where it did not get to.
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
 
