@@ -32,8 +32,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 512, 4096])
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    tables = {name: tile_configs.device_tables(device) if name == "device" else name for name in args.tables}
-    print(f"{device.device_kind}: device tables {tile_configs.device_tables(device)}", flush=True)
+    device_tables = tile_configs.device_tables(device)
+    tables = {name: device_tables if name == "device" else name for name in args.tables}
+    print(f"{device.device_kind}: device tables {device_tables}", flush=True)
     programs, input_sets = {}, {}
     for shape in (m for m in arg_specs.MODELS if m.name in args.models):
         for num_tokens in args.tokens:
