@@ -4,15 +4,17 @@
 
 For each model and token count T it times the layer as its users run it (``fused_moe`` with the
 family's routing, biases, activation and shared experts; random router logits) over a small
-candidate grid: every row-block size that suits T with every gate/up candidate (down tiles as the
-table has them), then every down candidate with each row-block size's best, then the winner's
-other program order (``group_m`` 0 or 8). Each grid is compiled first, several programs at a
-time, then timed one program after another. The winners become buckets of that shape's entry
-(``MoeShape.tile_key``: shared experts are part of the shape), split at the geometric midpoints
-between the tuned token counts, claiming nothing below half the smallest or above twice the
-largest. The file keeps entries it already had for other shapes, and this shape's buckets that
-hold none of the tuned counts, so decode and prefill sizes can be tuned apart. It is written
-after every tuned T: a run stopped part way leaves the old tiles where it did not get to.
+candidate grid: every row-block size that suits T with every gate/up candidate (down tiles as
+the table has them), then every down candidate with each row-block size's best, then the
+winner's other program order (``group_m`` 0 or 8). Each grid is compiled first, several programs
+at a time, then timed one program after another. A winner other than the table's tiles then has
+to beat them again, timed longer, in each of two interleaved rounds, or the table's tiles stay.
+The winners become buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part
+of the shape), split at the geometric midpoints between the tuned token counts, claiming nothing
+below half the smallest or above twice the largest. The file keeps entries it already had for
+other shapes, and this shape's buckets that hold none of the tuned counts, so decode and prefill
+sizes can be tuned apart. It is written after every tuned T: a run stopped part way leaves the
+old tiles where it did not get to.
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
 
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,8 @@ COMPILE_THREADS = min(16, os.cpu_count() or 1)
 # blocks at a time at Mixtral T = 32 skewed, 512 and 2048, DeepSeek-V3 T = 4096; even elsewhere).
 # The winner is also timed with 8 row blocks at a time, whoever's they are.
 GROUP_M_CANDIDATES = (0, 8)
+# Interleaved rounds of the sweep's winner against the table's tiles (``_confirmed``).
+CONFIRM_ROUNDS = 2
 
 # Decode streams weights: the narrow 4-warp tiles make more, smaller programs (an even last wave)
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
@@ -147,10 +152,12 @@ def _with_tiles(build, shape, config: TileConfig, save_activations: bool = False
 
 
 def time_configs(
-    shape, configs, input_sets, build=_layer, save_activations: bool = False, threads: int = COMPILE_THREADS
+    shape, configs, input_sets, build=_layer, save_activations: bool = False, threads: int = COMPILE_THREADS,
+    calls: int = 10, repeats: int = 3,
 ) -> list[float]:
     """Microseconds per call of ``build(shape)`` with each config (inf where it fails to compile
-    or run); all are compiled first, several at a time, then timed one after another."""
+    or run); all are compiled first, several at a time, then timed one after another
+    (``timing.median_call_us`` with ``calls`` and ``repeats``)."""
     programs = {i: (_with_tiles(build, shape, c, save_activations), input_sets[0]) for i, c in enumerate(configs)}
     compiled = timing.compile_all(programs, threads)
     times = []
@@ -158,7 +165,7 @@ def time_configs(
         try:
             if isinstance(compiled[i], Exception):
                 raise compiled[i]
-            times.append(timing.median_call_us(compiled[i], input_sets, calls=10, repeats=3, warmup=1))
+            times.append(timing.median_call_us(compiled[i], input_sets, calls=calls, repeats=repeats, warmup=1))
         except Exception as e:  # a config the compiler or the chip refuses (shared memory, registers)
             print(f"    skipped {config}: {type(e).__name__}: {str(e)[:100]}")
             times.append(math.inf)
@@ -221,8 +228,26 @@ def tune_one(shape, num_tokens: int, dtype) -> tuple[TileConfig, float]:
     orders = [dataclasses.replace(best, group_m=g) for g in GROUP_M_CANDIDATES if g != best.group_m]
     finalists = [(best, best_us), *zip(orders, time_configs(shape, orders, input_sets))]
     best, best_us = _best(*zip(*finalists))
+    if best != base:
+        best, best_us, base_us = _confirmed(shape, base, best, input_sets)
     print(f"  {shape.name} T={num_tokens}: {best_us:.1f} us (table's tiles {base_us:.1f} us): {best}")
     return best, best_us
+
+
+def _confirmed(shape, base: TileConfig, best: TileConfig, input_sets) -> tuple[TileConfig, float, float]:
+    """The sweep's winner if it beats the table's tiles in each of CONFIRM_ROUNDS interleaved,
+    longer timings, else the table's tiles; with both times (the medians over the rounds).
+
+    The sweep times each of ~50 configs briefly and keeps the fastest, so a config that only
+    drew a quick sample can win: gpt-oss-120b's T = 8192 entry won the H200's sweep by 1% and ran
+    5-6% slower than the tiles it replaced when the two were timed side by side."""
+    times = time_configs(shape, [base, best] * CONFIRM_ROUNDS, input_sets, calls=20, repeats=7)
+    base_times, best_times = times[0::2], times[1::2]
+    base_us, best_us = statistics.median(base_times), statistics.median(best_times)
+    if all(b < a for a, b in zip(base_times, best_times)):
+        return best, best_us, base_us
+    print(f"    the sweep's winner did not confirm ({best_us:.1f} us against {base_us:.1f}): {best}")
+    return base, base_us, base_us
 
 
 def _bucket(min_pairs: int, max_pairs: int | None, config: TileConfig) -> dict:

@@ -319,7 +319,33 @@ def test_tuner_times_its_winner_in_the_other_program_order(monkeypatch):
     monkeypatch.setattr(tune, "_block_m_candidates", lambda pairs, experts: [16])
     best, us = tune.tune_one(shape, 8, jnp.float32)
     assert (best.group_m, us) == (8, 9.0)
-    assert swept_orders[-1] == {8} and 0 in swept_orders[0]
+    # The sweeps, the other order alone, then the confirmation of the winner against the table's.
+    assert swept_orders[-2] == {8} and 0 in swept_orders[0]
+
+
+@pytest.mark.parametrize("confirming_rounds,expect_winner", [(2, True), (1, False), (0, False)])
+def test_tuner_keeps_the_tables_tiles_unless_the_winner_confirms(monkeypatch, confirming_rounds, expect_winner):
+    """The sweep's winner must beat the table's tiles again in every interleaved, longer round."""
+    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
+    confirmations = []
+
+    def fake_times(shape, configs, input_sets, *args, calls=10, repeats=3, **kwargs):
+        if calls == 10:  # the sweep: the wide down tile looks fastest
+            return [5.0 if c.down == tune.DOWN_CANDIDATES[-1] else 10.0 for c in configs]
+        confirmations.append(configs)
+        rounds = [(9.0, 8.0)] * confirming_rounds + [(9.0, 9.5)] * (tune.CONFIRM_ROUNDS - confirming_rounds)
+        return [t for pair in rounds for t in pair]
+
+    monkeypatch.setattr(tune, "time_configs", fake_times)
+    monkeypatch.setattr(tune, "_block_m_candidates", lambda pairs, experts: [16])
+    base = tile_configs.select(16, 4, tile_configs.device_tables(jax.devices()[0]), shape.tile_key(jnp.float32))
+    best, us = tune.tune_one(shape, 8, jnp.float32)
+    assert len(confirmations) == 1 and len(confirmations[0]) == 2 * tune.CONFIRM_ROUNDS
+    assert confirmations[0][0::2] == [base] * tune.CONFIRM_ROUNDS
+    if expect_winner:
+        assert best.down == tune.DOWN_CANDIDATES[-1] and us == 8.0
+    else:
+        assert best == base and us == 9.0
 
 
 def test_tuner_writes_the_table_after_every_token_count(tmp_path, monkeypatch):
