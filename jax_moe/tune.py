@@ -156,16 +156,17 @@ def time_configs(
     calls: int = 10, repeats: int = 3,
 ) -> list[float]:
     """Microseconds per call of ``build(shape)`` with each config (inf where it fails to compile
-    or run); all are compiled first, several at a time, then timed one after another
-    (``timing.median_call_us`` with ``calls`` and ``repeats``)."""
-    programs = {i: (_with_tiles(build, shape, c, save_activations), input_sets[0]) for i, c in enumerate(configs)}
+    or run); all are compiled first, several at a time (a config listed more than once, once),
+    then timed one after another, in the order given (``timing.median_call_us`` with ``calls``
+    and ``repeats``)."""
+    programs = {c: (_with_tiles(build, shape, c, save_activations), input_sets[0]) for c in dict.fromkeys(configs)}
     compiled = timing.compile_all(programs, threads)
     times = []
-    for i, config in enumerate(configs):
+    for config in configs:
         try:
-            if isinstance(compiled[i], Exception):
-                raise compiled[i]
-            times.append(timing.median_call_us(compiled[i], input_sets, calls=calls, repeats=repeats, warmup=1))
+            if isinstance(compiled[config], Exception):
+                raise compiled[config]
+            times.append(timing.median_call_us(compiled[config], input_sets, calls=calls, repeats=repeats, warmup=1))
         except Exception as e:  # a config the compiler or the chip refuses (shared memory, registers)
             print(f"    skipped {config}: {type(e).__name__}: {str(e)[:100]}")
             times.append(math.inf)

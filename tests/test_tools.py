@@ -374,7 +374,6 @@ def test_tuner_writes_the_table_after_every_token_count(tmp_path, monkeypatch):
     ]
 
 
-
 def test_tuned_token_counts_claim_up_to_twice_the_largest(tmp_path, monkeypatch):
     """Decode sizes tuned on their own leave the larger counts to the tiles they had: here an old
     bucket of the file; where the file has none, its fallback tables'."""
@@ -391,6 +390,24 @@ def test_tuned_token_counts_claim_up_to_twice_the_largest(tmp_path, monkeypatch)
     assert [(b["min_pairs"], b["max_pairs"], tile_configs.TileConfig.from_dict(b)) for b in buckets] == [
         (8, 32, fast), (33, 128, fast), (1024, None, old)
     ]
+
+
+def test_time_configs_compiles_a_repeated_config_once_and_times_it_each_time(monkeypatch):
+    """The confirmation rounds list the same two configs again: one compile each, timed in order."""
+    first, second = tile_configs.select(16, 2, "default"), tile_configs.select(1 << 20, 2, "default")
+    compiled_configs, timed = [], []
+
+    def compile_all(programs, threads):
+        compiled_configs.extend(programs)
+        return {config: config for config in programs}
+
+    monkeypatch.setattr(tune, "_with_tiles", lambda build, shape, config, save_activations=False: config)
+    monkeypatch.setattr(timing, "compile_all", compile_all)
+    monkeypatch.setattr(timing, "median_call_us", lambda config, sets, **kwargs: timed.append(config) or len(timed))
+    times = tune.time_configs(None, [first, second, first, second], [()])
+    assert compiled_configs == [first, second]
+    assert timed == [first, second, first, second] and times == [1, 2, 3, 4]
+
 
 def test_input_sets_share_the_weights_and_draw_fresh_activations(key):
     shape = arg_specs.MoeShape("s", num_experts=8, top_k=2, hidden=16, intermediate=8, shared_intermediate=8)
