@@ -11,10 +11,10 @@ at a time, then timed one program after another. A winner other than the table's
 to beat them again, timed longer, in each of two interleaved rounds, or the table's tiles stay.
 The winners become buckets of that shape's entry (``MoeShape.tile_key``: shared experts are part
 of the shape), split at the geometric midpoints between the tuned token counts, claiming nothing
-below half the smallest or above twice the largest. The file keeps entries it already had for
-other shapes, and this shape's buckets that hold none of the tuned counts, so decode and prefill
-sizes can be tuned apart. It is written after every tuned T: a run stopped part way leaves the
-old tiles where it did not get to.
+below half the smallest or above twice the largest; neighbouring buckets with the same tiles
+merge. The file keeps entries it already had for other shapes, and this shape's buckets that
+hold none of the tuned counts, so decode and prefill sizes can be tuned apart. It is written
+after every tuned T: a run stopped part way leaves the old tiles where it did not get to.
 
     python -m jax_moe.tune --models mixtral-8x7b --tokens 1 8 32 128
 
@@ -267,7 +267,8 @@ def _merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]
     """``old`` buckets that hold none of the tuned pair counts; each ``(pairs, bucket)`` of
     ``tuned`` cut back to the part of its range around ``pairs`` that no kept bucket claims; and
     the parts of the other old buckets that no tuned bucket claims then (a run stopped before
-    its larger token counts leaves their old tiles in place)."""
+    its larger token counts leaves their old tiles in place); neighbours with the same tiles
+    merged."""
     holds_tuned = [any(lo <= p <= hi for p, _ in tuned) for lo, hi in map(_pair_range, old)]
     kept = [b for b, held in zip(old, holds_tuned) if not held]
     merged = list(kept)
@@ -289,7 +290,24 @@ def _merge_buckets(old: list[dict], tuned: list[tuple[int, dict]]) -> list[dict]
             lo = max(lo, claimed_hi + 1)
         if lo <= hi and lo < math.inf:
             merged.append(_with_range(bucket, lo, hi))
-    return sorted(merged, key=lambda b: b.get("min_pairs") or 0)
+    return _coalesced(sorted(merged, key=lambda b: b.get("min_pairs") or 0))
+
+
+def _coalesced(buckets: list[dict]) -> list[dict]:
+    """Sorted ``buckets`` with each run of neighbours that have the same tiles and touching
+    ranges made one bucket (a tuned count whose winner is the tiles it had would otherwise split
+    their bucket in two, and each such run would split it again)."""
+    def tiles(bucket):
+        return {k: v for k, v in bucket.items() if k not in ("min_pairs", "max_pairs")}
+
+    out = []
+    for bucket in buckets:
+        lo, hi = _pair_range(bucket)
+        if out and tiles(out[-1]) == tiles(bucket) and _pair_range(out[-1])[1] + 1 == lo:
+            out[-1] = _with_range(out[-1], _pair_range(out[-1])[0], hi)
+        else:
+            out.append(bucket)
+    return out
 
 
 def main(argv=None) -> None:

@@ -91,6 +91,10 @@ def test_tuning_new_token_counts_keeps_the_buckets_that_hold_none_of_them():
     assert [(b["min_pairs"], b["max_pairs"], b["tag"]) for b in merged] == [
         (0, 100, "old decode"), (101, 511, "new 64"), (512, 2896, "old 512"), (2897, None, "new 4096"),
     ]
+    # Neighbours with the same tiles and touching ranges become one bucket; a gap keeps them apart.
+    merged = tune._merge_buckets([bucket(0, 100, "same"), bucket(2000, None, "same")],
+                                 [(256, bucket(101, 1024, "same"))])
+    assert [(b["min_pairs"], b["max_pairs"], b["tag"]) for b in merged] == [(0, 1024, "same"), (2000, None, "same")]
 
 
 @pytest.mark.skipif(backend_triton.unavailable_reason() is None, reason="a GPU with jax-triton is here")
@@ -388,7 +392,7 @@ def test_tuned_token_counts_claim_up_to_twice_the_largest(tmp_path, monkeypatch)
     tune.main(["--models", "mixtral-8x7b", "--tokens", "8", "32", "--output", str(output)])
     buckets = json.loads(output.read_text())["shapes"][key]
     assert [(b["min_pairs"], b["max_pairs"], tile_configs.TileConfig.from_dict(b)) for b in buckets] == [
-        (8, 32, fast), (33, 128, fast), (1024, None, old)
+        (8, 128, fast), (1024, None, old)
     ]
 
 
