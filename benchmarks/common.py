@@ -18,12 +18,10 @@ from jax_moe import tile_configs, timing
 RESULTS = pathlib.Path(__file__).parent / "results"
 INPUT_SETS = 3
 # Slower calls are timed one at a time, three times: launch gaps are under 1% of them, and 140
-# calls of every slow route take a full grid to the edge of 10 minutes.
+# calls of every slow route would make the full grid's run several minutes longer.
 SLOW_CALL_US = 10_000
 # Below that, a repeat holds 20 back-to-back calls, or as few as 5 where those make at least 20 ms
-# of device work: the host's gaps stay hidden behind a queue that long. It saves little (the
-# full grid's timing phases went 36 / 79 / 35 / 45 s -> 32-34 / 68-72 / 38-41 / 37 s, H100): most
-# of a case's time is not its timed calls.
+# of device work: the host's gaps stay hidden behind a queue that long.
 CALLS_PER_REPEAT = 20
 MIN_CALLS_PER_REPEAT = 5
 REPEAT_US = 20_000
@@ -34,7 +32,9 @@ def gpu_slug() -> str:
 
 
 def results_name(kind: str = "", quick: bool = False, tag: str = "") -> str:
-    """``<gpu>[-kind][-quick][-tag]``: a results file's name without its suffix."""
+    """``<gpu>[-kind][-quick][-tag]``: a results file's name without its suffix. A full run writes
+    ``<gpu>`` (``<gpu>-train``) and replaces the run before it; a ``--quick`` run, a subset of the
+    grid, writes its own ``-quick`` file; ``--tag`` keeps a run apart from both."""
     return "-".join(part for part in (gpu_slug(), kind, "quick" if quick else "", tag) if part)
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Device session in one script: versions, GPU tests, demo, training example, benchmarks, tuning.
-# From the repository root on the GPU machine, with the wheels of ../shared/device-setup.sh in .whl/
-# (jax-triton; tokamax and its pure-Python dependencies to compare against it). Logs go to $OUT.
+# Everything a GPU machine checks, in one script: versions, GPU tests, demo, training example,
+# benchmarks, tile tables, tuning, profiles. Run from the repository root; logs go to $OUT.
+# Wheels in .whl/ (jax-triton; tokamax and its pure-Python dependencies, to compare against it)
+# are installed first when present.
 #   bash benchmarks/device_check.sh tests            # all GPU tests but the gradient ones
 #   bash benchmarks/device_check.sh grad-tests bench # ... stages run in the order given
 # Stages: tests, grad-tests, families, demo, example, bench, bench-full, bench-families, train-bench,
 # train-bench-full, tile-tables, tune, tune-backward, profile.
+# bench and train-bench are the --quick grids (results/<gpu>-quick.*, <gpu>-train-quick.*);
+# bench-full and train-bench-full write results/<gpu>.* and <gpu>-train.*.
 # profile: per-kernel times under Nsight Compute for each ';'-separated argument list of
 # benchmarks/kernel_profile.py in $PROFILE_CASES.
 set -uo pipefail
@@ -21,10 +24,10 @@ export PYTHONUNBUFFERED=1
   python3 -c "import jax, jaxlib, triton, jax_triton, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax-triton', jax_triton.__version__, 'flax', flax.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
 # GPU tests under tests/ (or the paths given first), with extra pytest arguments. With
-# PYTEST_WORKERS=N (pytest-xdist, e.g. carried in .whl/) N processes share the GPU, none
-# preallocating: compiling is most of the tests' time, and 4 of them ran the whole GPU suite in 7.5
-# minutes on an H100 (a run with 6 failed 4 tests, cause not recorded). Under a time limit, stop
-# pytest with SIGINT (`timeout -s INT`): it still prints its summary.
+# PYTEST_WORKERS=N (pytest-xdist, e.g. installed from .whl/) N processes share the GPU, none
+# preallocating: compiling is most of the tests' time. Each worker holds its own arrays: use 4 on
+# an 80 GB card and up to 6 on an H200 (8 ran the gradient and family tests out of memory there).
+# Under a time limit, stop pytest with SIGINT (`timeout -s INT`): it still prints its summary.
 pytest() {
   if [ -n "${PYTEST_WORKERS:-}" ]; then
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider -m gpu -rfE -n "$PYTEST_WORKERS" "$@"

@@ -96,7 +96,7 @@ def trace(
                 logits, None, routing=routing, launch=plan.launch, num_shared=0, block_m=config.block_m
             )
         else:
-            weights, ids = pipeline.route(logits, None, routing=routing, launch=plan.launch)
+            weights, ids = pipeline.top_k_routing(logits, None, routing=routing, launch=plan.launch)
         out = pipeline.experts(
             x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan, dispatched=dispatched
         )

@@ -1,6 +1,6 @@
 """Forward MoE layer: jax_moe beside the JAX routes a user would otherwise pick, against the floor.
 
-    python benchmarks/moe_bench.py [--quick]
+    python benchmarks/moe_bench.py [--quick] [--models ...] [--tag NAME]
 
 Per model (bf16, with its family's routing, biases, activation and shared experts) and token
 count T: every route's time, its parity with ``jax_moe.reference`` (checked before timing), the
@@ -10,18 +10,20 @@ hardware floor measured in the same run,
                    layer FLOPs (2 * T * (k + S) * 3 * H * F) / bf16 GEMM rate),
 
 averaged over the input sets the timing cycles through (each selects its own experts), and
-floor_fraction = floor / time. Writes benchmarks/results/<gpu>.json, .md and .png.
+floor_fraction = floor / time.
 
-At decode sizes (T <= IN_GRAPH_MAX_TOKENS) jax_moe is also timed the way a model runs it: IN_GRAPH_LAYERS layers
-in one jitted program (each with its own activations and logits, the same weights), so that the
-host's fixed cost per jitted call (46 us for a jitted ``x + 1`` on the H100 machine) is shared by
-the layers: ``in_graph_us`` per layer, against the floor of those layers' inputs.
+Writes benchmarks/results/<gpu>.json, .md and .png; ``--quick`` writes <gpu>-quick.* instead (a
+subset of the grid never replaces the full one), and ``--tag NAME`` appends ``-NAME``.
+
+At decode sizes (T <= IN_GRAPH_MAX_TOKENS) jax_moe is also timed the way a model runs it:
+IN_GRAPH_LAYERS layers in one jitted program (each with its own activations and logits, the same
+weights), so that the host's fixed cost per jitted call is shared by the layers: ``in_graph_us``
+per layer, against the floor of those layers' inputs.
 
     python benchmarks/moe_bench.py --refloor benchmarks/results/<name>.json
 
 recomputes the floors of recorded results from their header's bandwidth and GEMM rate and the
-routing of the same input sets, drawn alone (no GPU needed; runs before 2026-11-27 21:00 UTC
-took the floor of the first input set only).
+routing of the same input sets, drawn alone (no GPU needed).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def _model_weights(shape):
 
 
 def _expert_ids_per_set(shape, weights, sets) -> list:
-    return [routes.route(shape, s[1], weights.extras)[1] for s in sets]
+    return [routes.reference_routing(shape, s[1], weights.extras)[1] for s in sets]
 
 
 def _skip_reason(error: Exception) -> str:
@@ -122,7 +124,7 @@ def _inputs(shape, weights, cases):
 
 
 def _in_graph_inputs(shape, weights, num_tokens: int, routing: str) -> list[tuple]:
-    """Two argument tuples ``(xs, logits, w_gate, w_up, w_down, extras)`` for ``_layers``, each
+    """Two argument tuples ``(xs, logits, w_gate, w_up, w_down, extras)`` for ``_stacked_layers``, each
     with IN_GRAPH_LAYERS activations and logits of its own (timing alternates between them)."""
     sets = arg_specs.input_sets(
         shape, weights, num_tokens, jax.random.key(1000 + num_tokens), count=2 * IN_GRAPH_LAYERS, routing=routing
@@ -131,7 +133,7 @@ def _in_graph_inputs(shape, weights, num_tokens: int, routing: str) -> list[tupl
     return [(tuple(s[0] for s in g), tuple(s[1] for s in g), *g[0][2:]) for g in groups]
 
 
-def _layers(layer):
+def _stacked_layers(layer):
     """IN_GRAPH_LAYERS applications of ``layer`` in one program, one per activation."""
     return lambda xs, logits, *weights: tuple(layer(x, lg, *weights) for x, lg in zip(xs, logits))
 
@@ -140,8 +142,7 @@ def _costs_every_expert_s(shape, route, num_tokens, gemm_rate) -> float:
     """GEMM seconds of a route that multiplies its rows by every routed expert (0 for the others).
 
     The dense einsum does it with each token's row; ``jax.lax.ragged_dot``, which XLA lowers to one
-    masked matmul over all groups on this stack, with each of a token's ``top_k`` sorted rows
-    (measured: 1.4-6x the dense route's time from T = 256 on).
+    masked matmul over all groups on this stack, with each of a token's ``top_k`` sorted rows.
     """
     if route not in EVERY_EXPERT_ROUTES:
         return 0.0
@@ -149,34 +150,40 @@ def _costs_every_expert_s(shape, route, num_tokens, gemm_rate) -> float:
     return 2 * rows * shape.num_experts * 3 * shape.hidden * shape.intermediate / gemm_rate
 
 
-def model_programs(shape, token_counts, skewed_counts, gemm_rate) -> dict:
+def _selected_routes(available: dict, selected) -> dict:
+    """The routes to time: all available, or those named in ``selected``."""
+    return {name: fn for name, fn in available.items() if selected is None or name in selected}
+
+
+def model_programs(shape, token_counts, skewed_counts, gemm_rate, selected=None) -> dict:
     """``{(model, route, T): (layer, abstract arguments)}``: one program per route and T (the
     routings differ only in the logits' values), plus the parity reference. Built from shapes
     alone: nothing is allocated."""
-    layers = routes.available(shape)
+    available = routes.available(shape)
+    layers = _selected_routes(available, selected)
     inputs, parity = jax.eval_shape(lambda: _inputs(shape, _model_weights(shape), _cases(token_counts, skewed_counts)))
     programs = {}
     for case, sets in inputs.items():
         num_tokens = case[0]
         parity_args = parity[case]
-        programs[(shape.name, "reference", parity_args[0].shape[0])] = (layers["dense_einsum"], parity_args)
+        programs[(shape.name, "reference", parity_args[0].shape[0])] = (available["dense_einsum"], parity_args)
         for name, fn in layers.items():
             if _costs_every_expert_s(shape, name, num_tokens, gemm_rate) > MAX_DENSE_SECONDS:
                 continue
             if name == "jax_moe+dense_shared" and num_tokens not in SHARED_COMPARISON_TOKENS:
                 continue
             programs[(shape.name, name, num_tokens)] = (fn, sets[0])
-        if num_tokens <= IN_GRAPH_MAX_TOKENS:
+        if num_tokens <= IN_GRAPH_MAX_TOKENS and "jax_moe" in layers:
             layered = jax.eval_shape(lambda: _in_graph_inputs(shape, _model_weights(shape), *case))
-            programs[(shape.name, "jax_moe in graph", num_tokens)] = (_layers(layers["jax_moe"]), layered[0])
+            programs[(shape.name, "jax_moe in graph", num_tokens)] = (_stacked_layers(layers["jax_moe"]), layered[0])
     return programs
 
 
 def compile_programs(programs: dict, threads: int) -> dict:
     """All models' programs in one pool, so that no model waits for the last compile of the one
     before it. XLA's (every route but jax_moe's) go first: they autotune their GEMMs on the GPU
-    and take the longest (30-110 s each in the pool), so none of them should start last. Smallest
-    T first among them, the ones that need the least GPU memory to autotune; concurrent
+    and take the longest (tens of seconds each in the pool), so none of them should start last.
+    Smallest T first among them, the ones that need the least GPU memory to autotune; concurrent
     autotuning can still run out of it, and ``timing.compile_all`` retries those alone."""
     order = sorted(programs, key=lambda key: (key[1].startswith("jax_moe"), key[2]))  # jax_moe* last
     start = time.perf_counter()
@@ -189,11 +196,11 @@ def compile_programs(programs: dict, threads: int) -> dict:
     return compiled
 
 
-def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled) -> list[dict]:
+def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled, selected=None) -> list[dict]:
     """Checks and times every route of one model whose program ``compiled`` holds."""
     start = time.perf_counter()
     weights = _model_weights(shape)
-    layers = routes.available(shape)
+    layers = _selected_routes(routes.available(shape), selected)
     inputs, parity_inputs = _inputs(shape, weights, _cases(token_counts, skewed_counts))
     rows = []
     for case, sets in inputs.items():
@@ -223,7 +230,7 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled) 
                 except Exception as e:
                     row["skipped"] = _skip_reason(e)
             case_rows.append(row)
-        if num_tokens <= IN_GRAPH_MAX_TOKENS:
+        if num_tokens <= IN_GRAPH_MAX_TOKENS and "jax_moe" in layers:
             ours = next(r for r in case_rows if r["route"] == "jax_moe")
             _time_in_graph(ours, shape, weights, case, compiled, read_bw, gemm_rate)
         common.add_speedup(case_rows)
@@ -242,7 +249,7 @@ def _time_in_graph(row, shape, weights, case, compiled, read_bw, gemm_rate) -> N
     first_layer = (groups[0][0][0], groups[0][1][0], *groups[0][2:])
     layer_ref = compiled[(shape.name, "reference", case[0])](*first_layer)
     row["in_graph_rel_err"] = common.rel_error(executable(*groups[0])[0], layer_ref)
-    ids = [routes.route(shape, logits, weights.extras)[1] for group in groups for logits in group[1]]
+    ids = [routes.reference_routing(shape, logits, weights.extras)[1] for group in groups for logits in group[1]]
     floor = floor_us(shape, case[0], ids, read_bw, gemm_rate)
     row["in_graph_us"] = common.time_route(executable, groups) / IN_GRAPH_LAYERS
     row["in_graph_floor_fraction"] = floor / row["in_graph_us"]
@@ -320,7 +327,9 @@ def main(argv=None):
         "--models", nargs="+", default=DEFAULT_MODELS, choices=[m.name for m in arg_specs.MODELS],
         help=f"default: {' '.join(DEFAULT_MODELS)}",
     )
-    parser.add_argument("--tag", default="", help="appended to the results' file name")
+    parser.add_argument("--tag", default="", help="appended to the results' file name (<gpu>[-quick]-TAG)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="uniform-routing token counts only (give a --tag)")
+    parser.add_argument("--routes", nargs="+", help="time these routes only, e.g. jax_moe (give a --tag)")
     parser.add_argument(
         "--compile-threads", type=int, default=min(16, os.cpu_count() or 1), help="programs lowered and compiled at a time"
     )
@@ -333,15 +342,17 @@ def main(argv=None):
     head = {**common.header(read_bw, gemm_rate), "floor": FLOOR_METHOD, "in_graph": IN_GRAPH_METHOD}
     print(head)
     tokens, skewed = (QUICK_TOKENS, QUICK_SKEWED_TOKENS) if args.quick else (TOKENS, SKEWED_TOKENS)
+    if args.tokens:
+        tokens, skewed = tuple(args.tokens), ()
     shapes = [shape for shape in arg_specs.MODELS if shape.name in args.models]
     programs = {}
     for shape in shapes:
-        programs |= model_programs(shape, tokens, skewed, gemm_rate)
+        programs |= model_programs(shape, tokens, skewed, gemm_rate, args.routes)
     compiled = compile_programs(programs, args.compile_threads)
     rows = []
     name = common.results_name(quick=args.quick, tag=args.tag)
     for shape in shapes:
-        rows += run_model(shape, tokens, skewed, read_bw, gemm_rate, compiled)
+        rows += run_model(shape, tokens, skewed, read_bw, gemm_rate, compiled, args.routes)
         # Written after each model, so that a run cut short keeps what it measured.
         path = common.write(name, head, rows, COLUMNS + ["skipped"])
         plot(rows, path.with_suffix(".png"))

@@ -16,9 +16,6 @@ import jax.numpy as jnp
 
 import jax_moe
 from jax_moe import arg_specs, reference
-from jax_moe.options import as_activation
-
-ROUTING_OPTIONS = ("top_k", "renormalize", "scoring", "num_groups", "top_groups", "routed_scaling_factor")
 
 
 def fused(shape: arg_specs.MoeShape, **layer_options):
@@ -43,10 +40,9 @@ def fused_then_dense_shared(shape: arg_specs.MoeShape):
     return moe
 
 
-def route(shape, logits, extras):
-    """The routing every route shares: ``jax_moe.reference.route`` with the model's options."""
-    options = {k: v for k, v in shape.static_options().items() if k in ROUTING_OPTIONS}
-    return reference.route(logits, selection_bias=extras.get("selection_bias"), **options)
+def reference_routing(shape, logits, extras):
+    """The routing every route shares: ``jax_moe.reference.route`` with the model's routing."""
+    return reference.route(logits, shape.routing, extras.get("selection_bias"))
 
 
 def _shared_mlp(shape, x, extras):
@@ -64,12 +60,12 @@ def _shared_mlp(shape, x, extras):
 
 def dense_einsum(shape: arg_specs.MoeShape):
     """Every token through every routed expert, unchosen ones zeroed by the combine weights."""
-    activation = as_activation(shape.activation)
 
     def moe(x, logits, w_gate, w_up, w_down, extras):
-        weights, ids = route(shape, logits, extras)
+        weights, ids = reference_routing(shape, logits, extras)
         biases = {k: extras[k] for k in ("gate_bias", "up_bias", "down_bias") if k in extras}
-        routed = reference.moe_experts(x, weights, ids, w_gate, w_up, w_down, activation=activation, **biases)
+        experts = jax_moe.ExpertWeights(w_gate, w_up, w_down, **biases)
+        routed = reference.moe_experts(x, weights, ids, experts, shape.activation)
         return (routed.astype(jnp.float32) + _shared_mlp(shape, x, extras)).astype(x.dtype)
 
     return moe
@@ -77,13 +73,13 @@ def dense_einsum(shape: arg_specs.MoeShape):
 
 def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot):
     """Sort the (token, slot) pairs by expert, three ragged GEMMs, weight, scatter-add back."""
-    activation = as_activation(shape.activation)
+    activation = shape.activation
     top_k = shape.top_k
 
     def moe(x, logits, w_gate, w_up, w_down, extras):
         num_tokens = x.shape[0]
         num_experts = w_gate.shape[0]
-        weights, ids = route(shape, logits, extras)
+        weights, ids = reference_routing(shape, logits, extras)
         order = jnp.argsort(ids.reshape(-1), stable=True)
         tokens = order // top_k
         sorted_ids = ids.reshape(-1)[order]

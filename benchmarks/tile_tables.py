@@ -8,10 +8,8 @@ with its fallbacks (``tile_configs.table_chain``), or ``device``: the tables thi
 (``tile_configs.device_tables``). For each model and T it times ``fused_moe`` as the tuner does
 (``jax_moe.tune``: the family's routing, biases, activation and shared experts; three input sets),
 with each table's tiles, all compiled first, and prints one line per case with the times in
-microseconds and each table's time over the first's.
-
-Recorded: ``results/nvidia-h200-session14.log`` (an H200 with no table of its own, default
-tiles against the H100's).
+microseconds and each table's time over the first's. Prints only; what it has shown is in
+benchmarks/README.md ("Tile tables and tuning").
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ counts memory,
 
 (the weights read by the forward and again by the backward, their gradients written: with few
 rows per expert, DeepSeek-V3's step at T = 2048 is bound by that traffic, not by its GEMMs).
-Writes benchmarks/results/<gpu>-train[-quick][-tag].json and .md.
+
+Writes benchmarks/results/<gpu>-train.json and .md; ``--quick`` writes <gpu>-train-quick.*
+instead, and ``--tag NAME`` appends ``-NAME``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_moe import arg_specs, timing
+from jax_moe.options import Routing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import common  # noqa: E402
@@ -33,7 +36,7 @@ import routes  # noqa: E402
 
 # The routed experts of each model with plain softmax routing: the shapes the training target names.
 MODELS = tuple(
-    arg_specs.MoeShape(m.name, m.num_experts, m.top_k, m.hidden, m.intermediate)
+    arg_specs.MoeShape(m.name, m.num_experts, Routing(m.top_k), m.hidden, m.intermediate)
     for m in (arg_specs.MIXTRAL_8X7B, arg_specs.DEEPSEEK_V3, arg_specs.QWEN3_30B_A3B)
 )
 TOKENS = (2048, 8192, 16384)
@@ -117,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="T = 8192 only")
     parser.add_argument("--models", nargs="+", default=[m.name for m in MODELS])
     parser.add_argument("--tokens", nargs="+", type=int, help="token counts (default: the full list)")
-    parser.add_argument("--tag", default="", help="appended to the results' file name")
+    parser.add_argument("--tag", default="", help="appended to the results' file name (<gpu>-train[-quick]-TAG)")
     args = parser.parse_args(argv)
     read_bw, gemm_rate = common.measure_read_bandwidth(), common.measure_gemm_rate()
     head = common.header(read_bw, gemm_rate)

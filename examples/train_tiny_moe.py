@@ -1,7 +1,10 @@
 """Train a tiny MoE transformer block for ~100 steps on synthetic data and watch the loss fall.
 
     python examples/train_tiny_moe.py                   # backend "auto": triton on a GPU, else reference
-    python examples/train_tiny_moe.py --backend interpret --steps 20
+    python examples/train_tiny_moe.py --backend interpret --steps 3
+
+``--backend interpret`` runs the Triton kernels through Triton's interpreter on the CPU: a step
+takes about 13 s on 2 cores (the reference backend: milliseconds), so give it few steps.
 
 The task: sequences of random tokens in which every token is followed by ``(3 * token + 1) % V``
 at even positions, so a model that attends to its input and routes well can drive the loss down.
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax_moe import Routing
 from flax_layers import FusedMoE
 
 VOCAB, SEQ, BATCH = 64, 32, 16
@@ -32,7 +36,7 @@ class TinyMoeBlock(nnx.Module):
         )
         self.moe_norm = nnx.RMSNorm(width, rngs=rngs)
         self.moe = FusedMoE(
-            width, 2 * width, experts, top_k, dtype=dtype, backend=backend,
+            width, 2 * width, experts, Routing(top_k), dtype=dtype, backend=backend,
             load_balancing_loss_weight=0.01, rngs=rngs,
         )
         self.out_norm = nnx.RMSNorm(width, rngs=rngs)
@@ -59,12 +63,10 @@ def train(backend: str = "auto", steps: int = 100, seed: int = 0, dtype=jnp.floa
     @nnx.jit
     def step(model, optimizer, tokens):
         def loss_fn(model):
-            logits = model(tokens[:, :-1])
+            logits, aux = nnx.capture(model, nnx.Intermediate)(tokens[:, :-1])
             ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
-            aux = nnx.pop(model, nnx.Intermediate)
-            aux_total = sum(v.get_value()[0] for v in jax.tree.leaves(aux, is_leaf=lambda v: isinstance(v, nnx.Variable)))
             # Only odd positions are predictable; the loss counts those.
-            return jnp.mean(ce[:, ::2]) + aux_total
+            return jnp.mean(ce[:, ::2]) + sum(jax.tree.leaves(aux))
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)

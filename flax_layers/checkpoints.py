@@ -59,31 +59,28 @@ def layer_kwargs(family: str, config: Mapping) -> dict:
     _check_family(family)
     hidden = config["hidden_size"]
     if family in ("mixtral", "gpt_oss"):
-        kwargs = dict(
-            hidden_size=hidden, intermediate_size=config["intermediate_size"],
-            num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
-        )
+        intermediate, num_experts = config["intermediate_size"], config["num_local_experts"]
+        routing = jax_moe.Routing(top_k=config["num_experts_per_tok"])
     elif family in ("qwen2_moe", "qwen3_moe"):
-        kwargs = dict(
-            hidden_size=hidden, intermediate_size=config["moe_intermediate_size"],
-            num_experts=config["num_experts"], top_k=config["num_experts_per_tok"],
-            renormalize=bool(config.get("norm_topk_prob", False)),
+        intermediate, num_experts = config["moe_intermediate_size"], config["num_experts"]
+        routing = jax_moe.Routing(
+            top_k=config["num_experts_per_tok"], renormalize=bool(config.get("norm_topk_prob", False))
         )
     else:
-        kwargs = dict(
-            hidden_size=hidden, intermediate_size=config["moe_intermediate_size"],
-            num_experts=config["n_routed_experts"], top_k=config["num_experts_per_tok"],
-            renormalize=bool(config.get("norm_topk_prob", True)),
-            scoring=config.get("scoring_func", "sigmoid"),
-            use_selection_bias=config.get("topk_method", "noaux_tc") == "noaux_tc",
-            num_groups=config.get("n_group", 1), top_groups=config.get("topk_group", 1),
+        intermediate, num_experts = config["moe_intermediate_size"], config["n_routed_experts"]
+        routing = jax_moe.Routing(
+            top_k=config["num_experts_per_tok"], renormalize=bool(config.get("norm_topk_prob", True)),
+            scoring=config.get("scoring_func", "sigmoid"), num_groups=config.get("n_group", 1),
+            top_groups=config.get("topk_group", 1),
             routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
         )
-    if family == "qwen2_moe":
-        kwargs["num_shared_experts"] = math.ceil(config["shared_expert_intermediate_size"] / kwargs["intermediate_size"])
-        kwargs["use_shared_expert_gate"] = True
+    kwargs = dict(hidden_size=hidden, intermediate_size=intermediate, num_experts=num_experts, routing=routing)
     if family == "deepseek_v3":
+        kwargs["use_selection_bias"] = config.get("topk_method", "noaux_tc") == "noaux_tc"
         kwargs["num_shared_experts"] = config.get("n_shared_experts", 0) or 0
+    if family == "qwen2_moe":
+        kwargs["num_shared_experts"] = math.ceil(config["shared_expert_intermediate_size"] / intermediate)
+        kwargs["use_shared_expert_gate"] = True
     if family == "gpt_oss":
         kwargs.update(
             activation=jax_moe.Activation("clamped_swiglu", GPT_OSS_ALPHA, float(config.get("swiglu_limit", 7.0))),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
+import jax_moe
 from flax_layers import moe_math
 
 
@@ -49,8 +50,9 @@ class FusedMoE(nn.Module):
     Example::
 
       >>> import jax, jax.numpy as jnp
+      >>> from jax_moe import Routing
       >>> from flax_layers.linen import FusedMoE
-      >>> layer = FusedMoE(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2, backend="reference")
+      >>> layer = FusedMoE(16, 32, num_experts=4, routing=Routing(top_k=2), backend="reference")
       >>> params = layer.init(jax.random.key(0), jnp.ones((3, 16)))
       >>> layer.apply(params, jnp.ones((3, 16))).shape
       (3, 16)
@@ -59,14 +61,9 @@ class FusedMoE(nn.Module):
     hidden_size: int
     intermediate_size: int
     num_experts: int
-    top_k: int
-    renormalize: bool = True
-    scoring: str = "softmax"
+    routing: jax_moe.Routing
     use_selection_bias: bool = False
-    num_groups: int = 1
-    top_groups: int | None = None
-    routed_scaling_factor: float = 1.0
-    activation: tp.Any = "silu"
+    activation: str | jax_moe.Activation = "silu"
     use_expert_bias: bool = False
     num_shared_experts: int = 0
     use_shared_expert_gate: bool = False
@@ -87,21 +84,16 @@ class FusedMoE(nn.Module):
 
     @property
     def options(self) -> moe_math.LayerOptions:
-        return moe_math.LayerOptions(
-            top_k=self.top_k, renormalize=self.renormalize, scoring=self.scoring,
-            num_groups=self.num_groups, top_groups=self.top_groups,
-            routed_scaling_factor=self.routed_scaling_factor, activation=self.activation,
-            dtype=self.dtype, backend=self.backend,
-            load_balancing_loss_weight=self.load_balancing_loss_weight,
-            router_z_loss_weight=self.router_z_loss_weight,
+        return moe_math.layer_options(
+            self.routing, self.activation, self.dtype, self.backend, self.load_balancing_loss_weight,
+            self.router_z_loss_weight,
         )
 
     def __post_init__(self):
         moe_math.check_config(
-            self.hidden_size, self.intermediate_size, self.num_experts, self.num_shared_experts, self.options
+            self.hidden_size, self.intermediate_size, self.num_experts, self.num_shared_experts,
+            self.use_shared_expert_gate, self.options,
         )
-        if self.use_shared_expert_gate and not self.num_shared_experts:
-            raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
         super().__post_init__()
 
     @nn.compact

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 import jax_moe
-import jax_moe.options
 
 LOAD_BALANCING_LOSS = "load_balancing_loss"
 ROUTER_Z_LOSS = "router_z_loss"
@@ -25,52 +24,49 @@ def expert_kernel_init():
 
 @dataclasses.dataclass(frozen=True)
 class LayerOptions:
-    """The static configuration both FusedMoE twins pass to ``moe_forward`` (see their docstrings)."""
+    """The static configuration both FusedMoE twins pass to ``moe_forward`` (see their docstrings).
+    The routing and activation are jax_moe's own typed options, embedded as they are."""
 
-    top_k: int
-    renormalize: bool = True
-    scoring: str = "softmax"
-    num_groups: int = 1
-    top_groups: int | None = None
-    routed_scaling_factor: float = 1.0
-    activation: str | jax_moe.Activation = "silu"
+    routing: jax_moe.Routing
+    activation: jax_moe.Activation = jax_moe.SILU
     dtype: tp.Any = None
     backend: str = "auto"
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
 
 
-def check_config(hidden_size, intermediate_size, num_experts, num_shared_experts, options: LayerOptions) -> None:
+def layer_options(routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight) -> LayerOptions:
+    """``LayerOptions`` from a twin's constructor arguments, with a clear error for each bad one."""
+    if not isinstance(routing, jax_moe.Routing):
+        raise TypeError(f"routing must be a jax_moe.Routing (e.g. jax_moe.Routing(top_k=2)); got {type(routing).__name__}")
+    if backend not in jax_moe.BACKENDS:
+        raise ValueError(f"backend must be one of {jax_moe.BACKENDS}; got {backend!r}")
+    for name, weight in (("load_balancing_loss_weight", load_balancing_loss_weight),
+                         ("router_z_loss_weight", router_z_loss_weight)):
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0; got {weight}")
+    return LayerOptions(
+        routing=routing, activation=jax_moe.Activation.of(activation), dtype=dtype, backend=backend,
+        load_balancing_loss_weight=load_balancing_loss_weight, router_z_loss_weight=router_z_loss_weight,
+    )
+
+
+def check_config(hidden_size, intermediate_size, num_experts, num_shared_experts, use_shared_expert_gate,
+                 options: LayerOptions) -> None:
     """Raises on a bad layer configuration before any parameter is created."""
     for name, value, least in (
         ("hidden_size", hidden_size, 1),
         ("intermediate_size", intermediate_size, 1),
         ("num_experts", num_experts, 1),
-        ("top_k", options.top_k, 1),
         ("num_shared_experts", num_shared_experts, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
         if value < least:
             raise ValueError(f"{name} must be >= {least}; got {value}")
-    if options.top_k > num_experts:
-        raise ValueError(f"top_k must lie in [1, num_experts={num_experts}]; got {options.top_k}")
-    if options.backend not in jax_moe.BACKENDS:
-        raise ValueError(f"backend must be one of {jax_moe.BACKENDS}; got {options.backend!r}")
-    for name in ("load_balancing_loss_weight", "router_z_loss_weight"):
-        if getattr(options, name) < 0:
-            raise ValueError(f"{name} must be >= 0; got {getattr(options, name)}")
-    # The routing and activation options are checked where jax_moe uses them: trace them once on
-    # abstract inputs, so a bad combination fails here, at construction, and not at the first call.
-    jax.eval_shape(
-        lambda logits: jax_moe.route(
-            logits, top_k=options.top_k, renormalize=options.renormalize, scoring=options.scoring,
-            num_groups=options.num_groups, top_groups=options.top_groups,
-            routed_scaling_factor=options.routed_scaling_factor, backend="reference",
-        ),
-        jax.ShapeDtypeStruct((1, num_experts), jnp.float32),
-    )
-    jax_moe.options.as_activation(options.activation)
+    options.routing.check_experts(num_experts)
+    if use_shared_expert_gate and not num_shared_experts:
+        raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
 
 
 def load_balancing_loss(router_logits, ids, num_experts: int, scoring: str = "softmax"):
@@ -108,6 +104,11 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     ``options.dtype``, or the promoted dtype of ``x`` and the weights when that is None. Biases
     and the shared gate stay in their parameter dtype.
     """
+    hidden = router_kernel.shape[0]
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must have a floating-point dtype; got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != hidden:
+        raise ValueError(f"x must have shape [..., hidden_size] = [..., {hidden}]; got shape {list(x.shape)}")
     compute_dtype = options.dtype or jnp.result_type(x.dtype, experts["wi_0"].dtype)
     # HIGHEST: on GPUs a float32 dot may otherwise round its inputs to tf32 (~1e-3), enough to
     # flip experts whose scores are that close; the router is a small GEMM beside the experts.
@@ -117,22 +118,19 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     if router_bias is not None:
         logits = logits + router_bias.astype(jnp.float32)
     matrices = {"wi_0", "wi_1", "wo", "shared_wi_0", "shared_wi_1", "shared_wo"}
-    expert_args = {
-        _FUSED_MOE_NAMES[name]: value.astype(compute_dtype) if name in matrices else value
-        for name, value in experts.items()
-    }
-    w_gate, w_up, w_down = (expert_args.pop(name) for name in ("w_gate", "w_up", "w_down"))
+    weights = jax_moe.ExpertWeights(
+        **{_FUSED_MOE_NAMES[name]: value.astype(compute_dtype) if name in matrices else value
+           for name, value in experts.items()},
+        shared_gate=shared_gate,
+    )
     y, _, ids = jax_moe.fused_moe(
-        x.astype(compute_dtype), logits, w_gate, w_up, w_down,
-        top_k=options.top_k, renormalize=options.renormalize, scoring=options.scoring,
-        selection_bias=selection_bias, num_groups=options.num_groups, top_groups=options.top_groups,
-        routed_scaling_factor=options.routed_scaling_factor, activation=options.activation,
-        shared_gate=shared_gate, backend=options.backend, return_routing=True, **expert_args,
+        x.astype(compute_dtype), logits, experts=weights, routing=options.routing, selection_bias=selection_bias,
+        activation=options.activation, backend=options.backend, return_routing=True,
     )
     aux = {}
     if options.load_balancing_loss_weight:
         aux[LOAD_BALANCING_LOSS] = options.load_balancing_loss_weight * load_balancing_loss(
-            logits, ids, w_gate.shape[0], options.scoring
+            logits, ids, weights.num_routed, options.routing.scoring
         )
     if options.router_z_loss_weight:
         aux[ROUTER_Z_LOSS] = options.router_z_loss_weight * router_z_loss(logits)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
+import jax_moe
 from flax_layers import moe_math
 
 
@@ -34,24 +35,26 @@ class FusedMoE(nnx.Module):
     ``embed_axis``, ``mlp_axis``).
 
     Auxiliary losses, weighted and sown as ``nnx.Intermediate`` when their weight is non-zero:
-    ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE). Collect them after
-    a call with ``nnx.pop(model, nnx.Intermediate)``.
+    ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE). Collect them with
+    ``nnx.capture(model, nnx.Intermediate)``, which returns them beside the output.
 
     Example::
 
       >>> import jax.numpy as jnp
       >>> from flax import nnx
+      >>> from jax_moe import Routing
       >>> from flax_layers import FusedMoE
-      >>> layer = FusedMoE(hidden_size=16, intermediate_size=32, num_experts=4, top_k=2,
-      ...                  backend="reference", load_balancing_loss_weight=0.01, rngs=nnx.Rngs(0))
-      >>> y = layer(jnp.ones((2, 3, 16)))
+      >>> layer = FusedMoE(16, 32, num_experts=4, routing=Routing(top_k=2), backend="reference",
+      ...                  load_balancing_loss_weight=0.01, rngs=nnx.Rngs(0))
+      >>> y, aux = nnx.capture(layer, nnx.Intermediate)(jnp.ones((2, 3, 16)))
       >>> y.shape
       (2, 3, 16)
-      >>> sorted(nnx.pop(layer, nnx.Intermediate).keys())
+      >>> sorted(aux.keys())
       ['load_balancing_loss']
-      >>> deepseek_like = FusedMoE(hidden_size=16, intermediate_size=8, num_experts=16, top_k=4,
-      ...                          scoring="sigmoid", use_selection_bias=True, num_groups=4,
-      ...                          top_groups=2, routed_scaling_factor=2.5, num_shared_experts=1,
+      >>> deepseek_routing = Routing(top_k=4, scoring="sigmoid", num_groups=4, top_groups=2,
+      ...                            routed_scaling_factor=2.5)
+      >>> deepseek_like = FusedMoE(16, 8, num_experts=16, routing=deepseek_routing,
+      ...                          use_selection_bias=True, num_shared_experts=1,
       ...                          backend="reference", rngs=nnx.Rngs(0))
       >>> deepseek_like(jnp.ones((3, 16))).shape
       (3, 16)
@@ -60,13 +63,8 @@ class FusedMoE(nnx.Module):
       hidden_size: H, the model dimension.
       intermediate_size: F, each expert's hidden dimension.
       num_experts: E, routed experts.
-      top_k: experts per token, in [1, E].
-      renormalize: divide the top-k routing weights by their sum (Mixtral, Qwen3, DeepSeek-V3,
-        gpt-oss; Qwen2-MoE does not).
-      scoring: "softmax" over the experts, or "sigmoid" per expert (DeepSeek-V3).
+      routing: a ``jax_moe.Routing``: top_k, scoring, renormalization, groups, scaling.
       use_selection_bias: a per-expert bias added to the scores for selection only (DeepSeek-V3).
-      num_groups, top_groups: group-limited routing (DeepSeek-V3: 8 and 4); see ``jax_moe.fused_moe``.
-      routed_scaling_factor: multiplies the routed experts' weights (DeepSeek-V3: 2.5).
       activation: "silu", "clamped_swiglu" (gpt-oss) or a ``jax_moe.Activation``.
       use_expert_bias: biases on the expert projections (gpt-oss).
       num_shared_experts: S shared experts of width F that every token uses, computed in the same
@@ -93,15 +91,10 @@ class FusedMoE(nnx.Module):
         hidden_size: int,
         intermediate_size: int,
         num_experts: int,
-        top_k: int,
+        routing: jax_moe.Routing,
         *,
-        renormalize: bool = True,
-        scoring: str = "softmax",
         use_selection_bias: bool = False,
-        num_groups: int = 1,
-        top_groups: int | None = None,
-        routed_scaling_factor: float = 1.0,
-        activation: tp.Any = "silu",
+        activation: str | jax_moe.Activation = "silu",
         use_expert_bias: bool = False,
         num_shared_experts: int = 0,
         use_shared_expert_gate: bool = False,
@@ -121,15 +114,12 @@ class FusedMoE(nnx.Module):
         mlp_axis: str | None = "mlp",
         rngs: nnx.Rngs,
     ):
-        self.options = moe_math.LayerOptions(
-            top_k=top_k, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
-            top_groups=top_groups, routed_scaling_factor=routed_scaling_factor, activation=activation,
-            dtype=dtype, backend=backend, load_balancing_loss_weight=load_balancing_loss_weight,
-            router_z_loss_weight=router_z_loss_weight,
+        self.options = moe_math.layer_options(
+            routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight
         )
-        moe_math.check_config(hidden_size, intermediate_size, num_experts, num_shared_experts, self.options)
-        if use_shared_expert_gate and not num_shared_experts:
-            raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
+        moe_math.check_config(
+            hidden_size, intermediate_size, num_experts, num_shared_experts, use_shared_expert_gate, self.options
+        )
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts

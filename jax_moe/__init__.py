@@ -2,7 +2,7 @@
 
 from jax_moe import reference
 from jax_moe.api import BACKENDS, fused_moe, moe_experts, route, split_shared_expert
-from jax_moe.options import GPT_OSS_SWIGLU, SILU, Activation, Routing
+from jax_moe.options import GPT_OSS_SWIGLU, SILU, Activation, ExpertWeights, Routing
 
 __version__ = "0.1.0"
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "GPT_OSS_SWIGLU",
     "SILU",
     "Activation",
+    "ExpertWeights",
     "Routing",
     "fused_moe",
     "moe_experts",

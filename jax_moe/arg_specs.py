@@ -10,28 +10,28 @@ import jax
 import jax.numpy as jnp
 
 from jax_moe import tile_configs
+from jax_moe.options import GPT_OSS_SWIGLU, SILU, Activation, Routing
 
 
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
-    """One MoE layer: its routed experts and, for the families that have them, routing options,
-    expert biases, activation and shared experts (defaults: Mixtral's plain softmax top-k SwiGLU)."""
+    """One MoE layer: its routed experts, its routing and activation (jax_moe's typed options) and,
+    for the families that have them, a selection bias, expert biases and shared experts."""
 
     name: str
     num_experts: int
-    top_k: int
+    routing: Routing
     hidden: int
     intermediate: int
-    renormalize: bool = True
-    scoring: str = "softmax"
-    num_groups: int = 1
-    top_groups: int | None = None
-    routed_scaling_factor: float = 1.0
+    activation: Activation = SILU
     selection_bias: bool = False
     expert_bias: bool = False
-    activation: str = "silu"
     shared_intermediate: int = 0  # total width of the shared expert(s), split into F-wide ones
     shared_gate: bool = False
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
 
     @property
     def num_shared(self) -> int:
@@ -44,11 +44,7 @@ class MoeShape:
 
     def static_options(self) -> dict:
         """The keyword arguments of ``jax_moe.fused_moe`` that are not arrays."""
-        return dict(
-            top_k=self.top_k, renormalize=self.renormalize, scoring=self.scoring,
-            num_groups=self.num_groups, top_groups=self.top_groups,
-            routed_scaling_factor=self.routed_scaling_factor, activation=self.activation,
-        )
+        return dict(routing=self.routing, activation=self.activation)
 
     def tile_key(self, dtype) -> str:
         """The name of this layer's entry in a tuned tile table (``tile_configs.shape_key``)."""
@@ -59,16 +55,17 @@ class MoeShape:
     def with_experts(self, num_experts: int) -> MoeShape:
         """The same layer with fewer experts (to fit a test in memory); top_k and the groups are
         capped to match."""
-        groups = self.num_groups if num_experts % self.num_groups == 0 and num_experts >= self.num_groups else 1
-        top_groups = None if groups == 1 or self.top_groups is None else min(self.top_groups, groups)
+        routing = self.routing
+        groups = routing.num_groups if num_experts % routing.num_groups == 0 and num_experts >= routing.num_groups else 1
+        top_groups = None if groups == 1 or routing.top_groups is None else min(routing.top_groups, groups)
         eligible = (top_groups or groups) * (num_experts // groups)
         return dataclasses.replace(
             self,
             name=f"{self.name}[E={num_experts}]",
             num_experts=num_experts,
-            top_k=min(self.top_k, eligible),
-            num_groups=groups,
-            top_groups=top_groups,
+            routing=dataclasses.replace(
+                routing, top_k=min(routing.top_k, eligible), num_groups=groups, top_groups=top_groups
+            ),
         )
 
     def weight_bytes(self, dtype) -> int:
@@ -76,18 +73,19 @@ class MoeShape:
         return 3 * experts * self.hidden * self.intermediate * jnp.dtype(dtype).itemsize
 
 
-MIXTRAL_8X7B = MoeShape("mixtral-8x7b", num_experts=8, top_k=2, hidden=4096, intermediate=14336)
+MIXTRAL_8X7B = MoeShape("mixtral-8x7b", num_experts=8, routing=Routing(2), hidden=4096, intermediate=14336)
 DEEPSEEK_V3 = MoeShape(
-    "deepseek-v3", num_experts=256, top_k=8, hidden=7168, intermediate=2048, scoring="sigmoid",
-    num_groups=8, top_groups=4, routed_scaling_factor=2.5, selection_bias=True, shared_intermediate=2048,
+    "deepseek-v3", num_experts=256, hidden=7168, intermediate=2048,
+    routing=Routing(8, scoring="sigmoid", num_groups=8, top_groups=4, routed_scaling_factor=2.5),
+    selection_bias=True, shared_intermediate=2048,
 )
-QWEN3_30B_A3B = MoeShape("qwen3-30b-a3b", num_experts=128, top_k=8, hidden=2048, intermediate=768)
+QWEN3_30B_A3B = MoeShape("qwen3-30b-a3b", num_experts=128, routing=Routing(8), hidden=2048, intermediate=768)
 GPT_OSS_120B = MoeShape(
-    "gpt-oss-120b", num_experts=128, top_k=4, hidden=2880, intermediate=2880, expert_bias=True,
-    activation="clamped_swiglu",
+    "gpt-oss-120b", num_experts=128, routing=Routing(4), hidden=2880, intermediate=2880, expert_bias=True,
+    activation=GPT_OSS_SWIGLU,
 )
 QWEN2_57B_A14B = MoeShape(
-    "qwen2-57b-a14b", num_experts=64, top_k=8, hidden=3584, intermediate=2560, renormalize=False,
+    "qwen2-57b-a14b", num_experts=64, routing=Routing(8, renormalize=False), hidden=3584, intermediate=2560,
     shared_intermediate=20480, shared_gate=True,
 )
 MODELS = (MIXTRAL_8X7B, DEEPSEEK_V3, QWEN3_30B_A3B, GPT_OSS_120B, QWEN2_57B_A14B)
@@ -147,7 +145,7 @@ def random_inputs(shape: MoeShape, num_tokens: int, dtype, key: jax.Array) -> Mo
     if shape.shared_gate:
         extras["shared_gate"] = normal((h,), h**-0.5)
     # gpt-oss's clamps (limit 7) should bind now and then: larger gate/up pre-activations.
-    gain = 4.0 if shape.activation == "clamped_swiglu" else 1.0
+    gain = 4.0 if shape.activation.name == "clamped_swiglu" else 1.0
     return MoeInputs(
         hidden_states=normal((num_tokens, h)),
         router_logits=normal((num_tokens, e), as_dtype=jnp.float32),

@@ -12,6 +12,9 @@ Two deliberate differences from the GPU:
 * bfloat16 buffers are handed to the interpreter as float32 and outputs are rounded back to bfloat16
   afterwards: the interpreter's bf16 ``tl.dot`` is wrong in triton 3.6. bf16 kernels proper are
   tested on the GPU.
+
+Supported triton versions: ``jax_moe.stacks.INTERPRETER_TRITON``; importing this module (which
+happens when the backend is first used) raises ``stacks.UnsupportedTritonError`` outside them.
 """
 
 from __future__ import annotations
@@ -25,8 +28,17 @@ from types import MappingProxyType
 import jax
 import jax.numpy as jnp
 import numpy as np
-from triton.runtime import interpreter
-from triton.runtime.jit import JITFunction
+
+from jax_moe import stacks
+
+# This module is imported when the interpret backend is first used. It patches private parts of
+# Triton's interpreter (_patch_lang, _patch_lang_tensor, InterpretedFunction) that change between
+# releases: outside the tested range, a clear error here rather than an AttributeError or wrong
+# results later.
+stacks.check_interpreter_triton()
+
+from triton.runtime import interpreter  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 # The interpreter keeps the current program id in module state: one launch at a time.
 _INTERPRETER_LOCK = threading.Lock()

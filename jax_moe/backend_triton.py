@@ -6,12 +6,13 @@ which breaks every other Triton user; the variable is put back as it was.
 
 Kernels are compiled without line info (``TRITON_DISABLE_LINE_INFO=1``, set on first use unless
 the variable is already set: ``TRITON_DISABLE_LINE_INFO=0`` keeps it, for profiling by source
-line). XLA launches a ``triton_call`` through a legacy custom call whose operand is the kernel's
-compressed proto (PTX and TTIR), and its cost on the host grows with that operand's size on every
-launch, not only the first: 8 to 66 us per launch for a small to a large kernel, measured on an H200 machine. Line
-info makes the PTX ~1.7x larger; without it a Qwen3-30B-A3B layer at T = 1 took 39 instead of
-62 us (8 layers in one program) and 65 instead of 99 us (one per call), where the host is the
-bottleneck (``benchmarks/launch_cost.py``).
+line). Each launch carries the kernel's compressed proto (PTX and TTIR) as its operand, and
+line info makes the PTX ~1.7x larger. jax-triton 0.3.x launches through a legacy custom call
+(``triton_kernel_call``) whose cost on the host grows with that operand's size on every launch,
+a measurable share of a decode layer (``benchmarks/launch_cost.py`` and the benchmark guide), and
+which XLA never puts in a CUDA graph. jax-triton 0.4.x lowers to the XLA FFI custom call
+``triton_kernel_call_ffi``, which XLA's command buffers can capture, and hands Triton the global
+scratch that device-side TMA descriptors need (``jax_moe.stacks`` says which one is installed).
 
 Both call conventions are supported: 0.3.x takes ``out_shape=``, 0.4.x ``out_type=``. Kernels
 list their output pointers after their inputs, which both versions bind the same way. Aliased
@@ -35,8 +36,9 @@ from types import MappingProxyType
 import jax
 
 INSTALL_HINT = (
-    "install it with `pip install 'jax-moe[cuda13]'` (or `pip install jax-triton`: 0.3.1 for "
-    "triton 3.6, 0.4.x for triton >= 3.7 and jax < 0.12)"
+    "install a tested stack with `pip install 'jax-moe[cuda13]'` (jax-triton 0.4.1, triton 3.7.1), or "
+    "`pip install 'jax-moe[cuda13-triton36]'` where triton must stay 3.6 (python -m jax_moe.stacks "
+    "shows what is installed)"
 )
 
 
@@ -115,8 +117,9 @@ def launch(
 
 
 def kernel_protos(lowered: jax.stages.Lowered) -> list[bytes]:
-    """The operand of each ``triton_kernel_call`` of a lowered program, decompressed: the kernel's
-    serialized proto (PTX and TTIR inside), as XLA receives it on every launch.
+    """The operand of each jax-triton launch of a lowered program, decompressed: the kernel's
+    serialized proto (PTX and TTIR inside), as XLA receives it. The legacy custom call carries it
+    as its ``backend_config``, the FFI one (jax-triton >= 0.4) as its ``opaque`` attribute.
 
     The program text prints the compressed bytes escaped the way MLIR prints string attributes:
     a backslash as two, quotes and non-printable bytes as a backslash and two hex digits.
@@ -124,7 +127,8 @@ def kernel_protos(lowered: jax.stages.Lowered) -> list[bytes]:
     if not callable(getattr(lowered, "as_text", None)):
         raise TypeError(f"lowered: expected a jax.stages.Lowered (jax.jit(f).lower(...)), got {type(lowered).__name__}")
     escaped = re.findall(
-        r'@triton_kernel_call\(.*?backend_config = "((?:[^"\\]|\\\\|\\[0-9A-Fa-f]{2})*)"', lowered.as_text()
+        r'@triton_kernel_call(?:_ffi)?\(.*?(?:backend_config = |opaque = )"((?:[^"\\]|\\\\|\\[0-9A-Fa-f]{2})*)"',
+        lowered.as_text(),
     )
     return [zlib.decompress(_unescape_mlir_string(text)) for text in escaped]
 

@@ -18,8 +18,9 @@ import numpy as np
 
 import jax_moe
 from jax_moe import arg_specs, backend_triton, timing
+from jax_moe.options import Routing
 
-SMALL_LAYER = arg_specs.MoeShape("small", num_experts=8, top_k=2, hidden=96, intermediate=160)
+SMALL_LAYER = arg_specs.MoeShape("small", num_experts=8, routing=Routing(2), hidden=96, intermediate=160)
 GPU_TOKENS = (1, 32, 512)
 CPU_TOKENS = (1, 16)
 SEED = 0
@@ -39,8 +40,8 @@ def run(shape: arg_specs.MoeShape, tokens, dtype, backend: str, timed: bool) -> 
     for num_tokens in tokens:
         keys = jax.random.split(jax.random.key(SEED + num_tokens), INPUT_SETS)
         sets = [arg_specs.random_inputs(shape, num_tokens, dtype, k).as_args() for k in keys]
-        fused = jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=shape.top_k, backend=backend))
-        ref = jax.jit(lambda *a: jax_moe.reference.fused_moe(*a, top_k=shape.top_k))
+        fused = jax.jit(lambda *a: jax_moe.fused_moe(*a, routing=shape.routing, backend=backend))
+        ref = jax.jit(lambda *a: jax_moe.fused_moe(*a, routing=shape.routing, backend="reference"))
         row = {"tokens": num_tokens, "rel_err": _rel_error(fused(*sets[0]), ref(*sets[0]))}
         if timed:
             row[f"{backend}_us"] = timing.median_call_us(fused, sets)

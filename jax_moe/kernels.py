@@ -95,14 +95,16 @@ def route_kernel(
     Every pick is one max reduction over int64 keys that pack a value with its id
     (``_ranking_keys``): the latency of one token's ~30 dependent picks (DeepSeek-V3) is what
     routing costs at decode sizes. The picks are loops, not unrolled: the host's cost per launch
-    grows with the kernel's code (``backend_triton``), and unrolled they made routing the largest
-    kernel (Qwen3's decode routing + dispatch: 24 KB compressed, 16 KB with loops, 12 KB with
-    loops and a one-token tile at T = 1).
+    grows with the kernel's code (``backend_triton``), and unrolled picks would make routing the
+    largest kernel.
     """
     _route_tokens(
-        tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T), logits_ptr, selection_bias_ptr, weights_ptr, ids_ptr,
-        NUM_TOKENS, NUM_EXPERTS, EXPERTS_PAD, TOP_K, TOP_K_PAD, SCORING, HAS_SELECTION_BIAS, NUM_GROUPS,
-        GROUPS_PAD, TOP_GROUPS, RENORMALIZE, SCALING_FACTOR, NUM_SHARED, SHARED_PAD, BLOCK_T,
+        tokens=tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T), logits_ptr=logits_ptr,
+        selection_bias_ptr=selection_bias_ptr, weights_ptr=weights_ptr, ids_ptr=ids_ptr,
+        NUM_TOKENS=NUM_TOKENS, NUM_EXPERTS=NUM_EXPERTS, EXPERTS_PAD=EXPERTS_PAD, TOP_K=TOP_K,
+        TOP_K_PAD=TOP_K_PAD, SCORING=SCORING, HAS_SELECTION_BIAS=HAS_SELECTION_BIAS, NUM_GROUPS=NUM_GROUPS,
+        GROUPS_PAD=GROUPS_PAD, TOP_GROUPS=TOP_GROUPS, RENORMALIZE=RENORMALIZE, SCALING_FACTOR=SCALING_FACTOR,
+        NUM_SHARED=NUM_SHARED, SHARED_PAD=SHARED_PAD, BLOCK_T=BLOCK_T,
     )
 
 
@@ -230,8 +232,10 @@ def dispatch_kernel(
     than chunks of pairs, so that describing the blocks is spread over the chip too.
     """
     _dispatch_program(
-        tl.program_id(0), expert_ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, NUM_PAIRS,
-        EXPERTS_PAD, BLOCK_M, MAX_BLOCKS, CHUNK, RANK_BLOCK, BLOCKS_PER_STEP, NUM_PROGRAMS, HIST_BLOCK,
+        pid=tl.program_id(0), expert_ids_ptr=expert_ids_ptr, sorted_pairs_ptr=sorted_pairs_ptr,
+        block_expert_ptr=block_expert_ptr, expert_row_end_ptr=expert_row_end_ptr, NUM_PAIRS=NUM_PAIRS,
+        EXPERTS_PAD=EXPERTS_PAD, BLOCK_M=BLOCK_M, MAX_BLOCKS=MAX_BLOCKS, CHUNK=CHUNK, RANK_BLOCK=RANK_BLOCK,
+        BLOCKS_PER_STEP=BLOCKS_PER_STEP, NUM_PROGRAMS=NUM_PROGRAMS, HIST_BLOCK=HIST_BLOCK,
     )
 
 
@@ -334,16 +338,21 @@ def route_dispatch_kernel(
     """
     for start in range(0, NUM_TOKENS, BLOCK_T):
         _route_tokens(
-            start + tl.arange(0, BLOCK_T), logits_ptr, selection_bias_ptr, weights_ptr, ids_ptr, NUM_TOKENS,
-            NUM_EXPERTS, EXPERTS_PAD, TOP_K, TOP_K_PAD, SCORING, HAS_SELECTION_BIAS, NUM_GROUPS, GROUPS_PAD,
-            TOP_GROUPS, RENORMALIZE, SCALING_FACTOR, NUM_SHARED, SHARED_PAD, BLOCK_T,
+            tokens=start + tl.arange(0, BLOCK_T), logits_ptr=logits_ptr,
+            selection_bias_ptr=selection_bias_ptr, weights_ptr=weights_ptr, ids_ptr=ids_ptr,
+            NUM_TOKENS=NUM_TOKENS, NUM_EXPERTS=NUM_EXPERTS, EXPERTS_PAD=EXPERTS_PAD, TOP_K=TOP_K,
+            TOP_K_PAD=TOP_K_PAD, SCORING=SCORING, HAS_SELECTION_BIAS=HAS_SELECTION_BIAS,
+            NUM_GROUPS=NUM_GROUPS, GROUPS_PAD=GROUPS_PAD, TOP_GROUPS=TOP_GROUPS, RENORMALIZE=RENORMALIZE,
+            SCALING_FACTOR=SCALING_FACTOR, NUM_SHARED=NUM_SHARED, SHARED_PAD=SHARED_PAD, BLOCK_T=BLOCK_T,
         )
     tl.debug_barrier()
     num_pairs: tl.constexpr = NUM_TOKENS * (TOP_K + NUM_SHARED)
     # As the only program it places every pair: its chunk is the whole (HIST_BLOCK-long) list.
     _dispatch_program(
-        0, ids_ptr, sorted_pairs_ptr, block_expert_ptr, expert_row_end_ptr, num_pairs, SLOT_EXPERTS_PAD, BLOCK_M,
-        MAX_BLOCKS, HIST_BLOCK, RANK_BLOCK, BLOCKS_PER_STEP, 1, HIST_BLOCK,
+        pid=0, expert_ids_ptr=ids_ptr, sorted_pairs_ptr=sorted_pairs_ptr, block_expert_ptr=block_expert_ptr,
+        expert_row_end_ptr=expert_row_end_ptr, NUM_PAIRS=num_pairs, EXPERTS_PAD=SLOT_EXPERTS_PAD,
+        BLOCK_M=BLOCK_M, MAX_BLOCKS=MAX_BLOCKS, CHUNK=HIST_BLOCK, RANK_BLOCK=RANK_BLOCK,
+        BLOCKS_PER_STEP=BLOCKS_PER_STEP, NUM_PROGRAMS=1, HIST_BLOCK=HIST_BLOCK,
     )
 
 
@@ -353,8 +362,8 @@ def _zero_fill(zeros_ptr, NUM_ZEROS: tl.constexpr, ZERO_BLOCK: tl.constexpr):
     ``NUM_ZEROS``): a grid of at least ``cdiv(NUM_ZEROS, ZERO_BLOCK)`` programs zeroes them all.
 
     The combine's arrival counters must start at zero. Zeroed by the kernel that runs before it,
-    they need no memset of their own, which costs the host ~6 us a layer at decode sizes (H100,
-    session 11's profile) and the GPU one more dependent operation."""
+    they need no memset of their own: one host launch and one dependent GPU operation fewer per
+    layer, which decode sizes feel."""
     if NUM_ZEROS > 0:
         offsets = tl.program_id(0) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
         tl.store(zeros_ptr + offsets, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=offsets < NUM_ZEROS)
@@ -476,24 +485,46 @@ def _swiglu(gate, up, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.c
 
 
 @triton.jit
+def _weight_tiles(w_ptr, K: tl.constexpr, N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tensor descriptor of one expert's row-major [K, N] weight matrix, read in
+    [BLOCK_K, BLOCK_N] tiles through Hopper's tensor memory accelerator (TMA): one copy instruction
+    per tile, no address arithmetic or masks in the program, zeros past the matrix's edges.
+
+    Made on the device, so it needs Triton's global scratch, which jax-triton >= 0.4 with jaxlib
+    >= 0.11.1 provides, and ``w_ptr`` and rows of ``N`` elements 16-byte aligned: the pipeline
+    turns ``USE_TMA`` on only where both hold (``pipeline._use_tma``)."""
+    return tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N])
+
+
+@triton.jit
 def _gathered_dual_gemm(
-    x_ptr, tokens, is_real, w1_ptr, w2_ptr, cols, col_ok,
+    x_ptr, tokens, is_real, w1_ptr, w2_ptr, col_start, cols, col_ok,
     K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``x[tokens] @ w1`` and ``x[tokens] @ w2`` for row-major [K, N] weights (already offset to
-    the expert), loading each [BLOCK_M, BLOCK_K] activation tile once for both."""
+    the expert), loading each [BLOCK_M, BLOCK_K] activation tile once for both; the weight tiles
+    of columns ``cols`` (from ``col_start``) through pointers or, with ``USE_TMA``, descriptors."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * K + ks[None, :]
     w_offsets = ks[:, None] * N + cols[None, :]
+    if USE_TMA:
+        w1_tiles = _weight_tiles(w1_ptr, K, N, BLOCK_K, BLOCK_N)
+        w2_tiles = _weight_tiles(w2_ptr, K, N, BLOCK_K, BLOCK_N)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
         x = tl.load(x_ptrs, mask=is_real[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        acc1 = tl.dot(x, tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0), acc1, input_precision=DOT_PRECISION)
-        acc2 = tl.dot(x, tl.load(w2_ptr + w_offsets, mask=w_mask, other=0.0), acc2, input_precision=DOT_PRECISION)
+        if USE_TMA:
+            w1 = w1_tiles.load([k_start, col_start])
+            w2 = w2_tiles.load([k_start, col_start])
+        else:
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            w1 = tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0)
+            w2 = tl.load(w2_ptr + w_offsets, mask=w_mask, other=0.0)
+        acc1 = tl.dot(x, w1, acc1, input_precision=DOT_PRECISION)
+        acc2 = tl.dot(x, w2, acc2, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_offsets += BLOCK_K * N
     return acc1, acc2
@@ -501,19 +532,27 @@ def _gathered_dual_gemm(
 
 @triton.jit
 def _gathered_gemm(
-    acc, a_ptr, a_rows, a_row_ok, b_ptr, cols, col_ok,
-    K: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, a_ptr, a_rows, a_row_ok, b_ptr, col_start, cols, col_ok,
+    K: tl.constexpr, N: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``acc + a[a_rows] @ b`` for row-major ``a`` with K columns and a [K, N] ``b`` (already
-    offset to the expert) laid out by its strides: a transposed weight is just other strides."""
+    offset to the expert) laid out by its strides: a transposed weight is just other strides.
+    ``USE_TMA`` (row-major ``b`` only: ``STRIDE_BN == 1``) reads ``b``'s tiles through a
+    descriptor."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * K + ks[None, :]
     b_ptrs = b_ptr + ks[:, None] * STRIDE_BK + cols[None, :] * STRIDE_BN
+    if USE_TMA:
+        tl.static_assert(STRIDE_BN == 1, "TMA weight tiles need a row-major weight")
+        b_tiles = _weight_tiles(b_ptr, K, N, BLOCK_K, BLOCK_N)
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
         a = tl.load(a_ptrs, mask=a_row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if USE_TMA:
+            b = b_tiles.load([k_start, col_start])
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * STRIDE_BK
@@ -523,18 +562,20 @@ def _gathered_gemm(
 @triton.jit
 def _gate_up_preactivations(
     x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
-    gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
+    gate_bias_ptr, up_bias_ptr, expert, col_start, cols, col_ok,
     NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr, INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """fp32 ``x[tokens] @ w_gate[e] (+ gate_bias[e])`` and the same for up, for one row block and
     column tile: what the forward computes and the backward recomputes."""
     matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
+    w_gate = _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size)
+    w_up = _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size)
     gate, up = _gathered_dual_gemm(
-        x_ptr, tokens, is_real,
-        _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size),
-        _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size),
-        cols, col_ok, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        x_ptr, tokens, is_real, w1_ptr=w_gate, w2_ptr=w_up, col_start=col_start, cols=cols, col_ok=col_ok,
+        K=HIDDEN, N=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
     )
     if HAS_BIAS:
         gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
@@ -577,6 +618,7 @@ def gate_up_kernel(
     HALF_BLOCKS: tl.constexpr,  # compute only the first half of blocks whose second half is padding
     NUM_ZEROS: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
+    USE_TMA: tl.constexpr,  # read the weight tiles through TMA descriptors (_weight_tiles)
 ):
     """Grouped gate and up projections with the gated activation in the epilogue.
 
@@ -595,23 +637,32 @@ def gate_up_kernel(
     _zero_fill(zeros_ptr, NUM_ZEROS, ZERO_BLOCK)
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
-        tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
+        tile=tl.program_id(0), block_expert_ptr=block_expert_ptr, expert_row_end_ptr=expert_row_end_ptr,
+        MAX_BLOCKS=MAX_BLOCKS, NUM_COL_TILES=num_col_tiles, GROUP_M=GROUP_M, BLOCK_M=BLOCK_M,
     )
     if expert < 0:
         return
     if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
         _gate_up_rows(
-            x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
-            sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert,
-            NUM_PAIRS, TOP_K, NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-            DOT_PRECISION, HAS_BIAS, ACTIVATION, ALPHA, LIMIT, SAVE_PREACTIVATIONS,
+            x_ptr=x_ptr, w_gate_ptr=w_gate_ptr, w_up_ptr=w_up_ptr, shared_w_gate_ptr=shared_w_gate_ptr,
+            shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr, up_bias_ptr=up_bias_ptr,
+            sorted_pairs_ptr=sorted_pairs_ptr, act_ptr=act_ptr, gate_preact_ptr=gate_preact_ptr,
+            up_preact_ptr=up_preact_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
+            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M,
+            ROWS=BLOCK_M // 2, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
+            HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT,
+            SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS, USE_TMA=USE_TMA,
         )
     else:
         _gate_up_rows(
-            x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
-            sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert,
-            NUM_PAIRS, TOP_K, NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
-            DOT_PRECISION, HAS_BIAS, ACTIVATION, ALPHA, LIMIT, SAVE_PREACTIVATIONS,
+            x_ptr=x_ptr, w_gate_ptr=w_gate_ptr, w_up_ptr=w_up_ptr, shared_w_gate_ptr=shared_w_gate_ptr,
+            shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr, up_bias_ptr=up_bias_ptr,
+            sorted_pairs_ptr=sorted_pairs_ptr, act_ptr=act_ptr, gate_preact_ptr=gate_preact_ptr,
+            up_preact_ptr=up_preact_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
+            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M,
+            ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+            ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT, SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS,
+            USE_TMA=USE_TMA,
         )
 
 
@@ -622,16 +673,19 @@ def _gate_up_rows(
     NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    ALPHA: tl.constexpr, LIMIT: tl.constexpr, SAVE_PREACTIVATIONS: tl.constexpr,
+    ALPHA: tl.constexpr, LIMIT: tl.constexpr, SAVE_PREACTIVATIONS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``gate_up_kernel``'s work on the first ``ROWS`` rows of a row block."""
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, ROWS)
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_start = col_tile * BLOCK_N
+    cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
     gate, up = _gate_up_preactivations(
-        x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
-        gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
-        NUM_ROUTED, HIDDEN, INTERMEDIATE, ROWS, BLOCK_N, BLOCK_K, DOT_PRECISION, HAS_BIAS,
+        x_ptr=x_ptr, tokens=tokens, is_real=is_real, w_gate_ptr=w_gate_ptr, w_up_ptr=w_up_ptr,
+        shared_w_gate_ptr=shared_w_gate_ptr, shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr,
+        up_bias_ptr=up_bias_ptr, expert=expert, col_start=col_start, cols=cols, col_ok=col_ok,
+        NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=ROWS, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, USE_TMA=USE_TMA,
     )
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
     act, _, _ = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
@@ -675,6 +729,7 @@ def expert_gemm_combine_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HALF_BLOCKS: tl.constexpr,  # compute only the first half of blocks whose second half is padding
+    USE_TMA: tl.constexpr,  # read the weight tiles through TMA descriptors (row-major b only)
 ):
     """Grouped GEMM over the sorted rows with a deterministic per-token top-k combine.
 
@@ -697,23 +752,32 @@ def expert_gemm_combine_kernel(
     """
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
-        tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
+        tile=tl.program_id(0), block_expert_ptr=block_expert_ptr, expert_row_end_ptr=expert_row_end_ptr,
+        MAX_BLOCKS=MAX_BLOCKS, NUM_COL_TILES=num_col_tiles, GROUP_M=GROUP_M, BLOCK_M=BLOCK_M,
     )
     if expert < 0:
         return
     if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
         _gemm_combine_rows(
-            a_ptr, b_ptr, shared_b_ptr, a2_ptr, b2_ptr, shared_b2_ptr, bias_ptr, routing_weights_ptr, sorted_pairs_ptr,
-            out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, NUM_PAIRS, TOP_K, NUM_ROUTED, K, N,
-            STRIDE_BK, STRIDE_BN, SECOND_TERM, HAS_BIAS, SCALE_BY_ROUTING_WEIGHT, BLOCK_M, BLOCK_M // 2, BLOCK_N,
-            BLOCK_K, DOT_PRECISION,
+            a_ptr=a_ptr, b_ptr=b_ptr, shared_b_ptr=shared_b_ptr, a2_ptr=a2_ptr, b2_ptr=b2_ptr,
+            shared_b2_ptr=shared_b2_ptr, bias_ptr=bias_ptr, routing_weights_ptr=routing_weights_ptr,
+            sorted_pairs_ptr=sorted_pairs_ptr, out_ptr=out_ptr, partial_ptr=partial_ptr,
+            arrivals_ptr=arrivals_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
+            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
+            SECOND_TERM=SECOND_TERM, HAS_BIAS=HAS_BIAS, SCALE_BY_ROUTING_WEIGHT=SCALE_BY_ROUTING_WEIGHT,
+            BLOCK_M=BLOCK_M, ROWS=BLOCK_M // 2, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
+            USE_TMA=USE_TMA,
         )
     else:
         _gemm_combine_rows(
-            a_ptr, b_ptr, shared_b_ptr, a2_ptr, b2_ptr, shared_b2_ptr, bias_ptr, routing_weights_ptr, sorted_pairs_ptr,
-            out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, NUM_PAIRS, TOP_K, NUM_ROUTED, K, N,
-            STRIDE_BK, STRIDE_BN, SECOND_TERM, HAS_BIAS, SCALE_BY_ROUTING_WEIGHT, BLOCK_M, BLOCK_M, BLOCK_N,
-            BLOCK_K, DOT_PRECISION,
+            a_ptr=a_ptr, b_ptr=b_ptr, shared_b_ptr=shared_b_ptr, a2_ptr=a2_ptr, b2_ptr=b2_ptr,
+            shared_b2_ptr=shared_b2_ptr, bias_ptr=bias_ptr, routing_weights_ptr=routing_weights_ptr,
+            sorted_pairs_ptr=sorted_pairs_ptr, out_ptr=out_ptr, partial_ptr=partial_ptr,
+            arrivals_ptr=arrivals_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
+            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
+            SECOND_TERM=SECOND_TERM, HAS_BIAS=HAS_BIAS, SCALE_BY_ROUTING_WEIGHT=SCALE_BY_ROUTING_WEIGHT,
+            BLOCK_M=BLOCK_M, ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
+            USE_TMA=USE_TMA,
         )
 
 
@@ -724,24 +788,27 @@ def _gemm_combine_rows(
     NUM_ROUTED: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
     SECOND_TERM: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``expert_gemm_combine_kernel``'s work on the first ``ROWS`` rows of a row block."""
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, ROWS)
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_start = col_tile * BLOCK_N
+    cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     matrix_size: tl.constexpr = K * N
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     acc = _gathered_gemm(
-        acc, a_ptr, rows, is_real, _expert_matrix(b_ptr, shared_b_ptr, expert, NUM_ROUTED, matrix_size),
-        cols, col_ok, K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
+        acc, a_ptr, rows, is_real, b_ptr=_expert_matrix(b_ptr, shared_b_ptr, expert, NUM_ROUTED, matrix_size),
+        col_start=col_start, cols=cols, col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
     )
     if SECOND_TERM:
         acc = _gathered_gemm(
-            acc, a2_ptr, rows, is_real, _expert_matrix(b2_ptr, shared_b2_ptr, expert, NUM_ROUTED, matrix_size),
-            cols, col_ok, K, STRIDE_BK, STRIDE_BN, BLOCK_K, DOT_PRECISION,
+            acc, a2_ptr, rows, is_real, b_ptr=_expert_matrix(b2_ptr, shared_b2_ptr, expert, NUM_ROUTED, matrix_size),
+            col_start=col_start, cols=cols, col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     if HAS_BIAS:
         acc += _expert_bias(bias_ptr, expert, cols, col_ok, NUM_ROUTED, N)
@@ -824,6 +891,7 @@ def gate_up_backward_kernel(
     RECOMPUTE: tl.constexpr,
     NUM_ZEROS: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
+    USE_TMA: tl.constexpr,  # recompute with the weight tiles read through TMA descriptors
 ):
     """Backward through the down projection and the gated activation, per row block and tile.
 
@@ -844,7 +912,8 @@ def gate_up_backward_kernel(
     _zero_fill(zeros_ptr, NUM_ZEROS, ZERO_BLOCK)
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
-        tl.program_id(0), block_expert_ptr, expert_row_end_ptr, MAX_BLOCKS, num_col_tiles, GROUP_M, BLOCK_M
+        tile=tl.program_id(0), block_expert_ptr=block_expert_ptr, expert_row_end_ptr=expert_row_end_ptr,
+        MAX_BLOCKS=MAX_BLOCKS, NUM_COL_TILES=num_col_tiles, GROUP_M=GROUP_M, BLOCK_M=BLOCK_M,
     )
     if expert < 0:
         return
@@ -856,9 +925,11 @@ def gate_up_backward_kernel(
 
     if RECOMPUTE:
         gate, up = _gate_up_preactivations(
-            x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
-            gate_bias_ptr, up_bias_ptr, expert, cols, col_ok,
-            NUM_ROUTED, HIDDEN, INTERMEDIATE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, HAS_BIAS,
+            x_ptr=x_ptr, tokens=tokens, is_real=is_real, w_gate_ptr=w_gate_ptr, w_up_ptr=w_up_ptr,
+            shared_w_gate_ptr=shared_w_gate_ptr, shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr,
+            up_bias_ptr=up_bias_ptr, expert=expert, col_start=col_tile * BLOCK_N, cols=cols, col_ok=col_ok,
+            NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, USE_TMA=USE_TMA,
         )
     else:
         gate = tl.load(gate_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
@@ -867,8 +938,9 @@ def gate_up_backward_kernel(
     g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     g = _gathered_gemm(
         g, grad_out_ptr, tokens, is_real,
-        _expert_matrix(w_down_ptr, shared_w_down_ptr, expert, NUM_ROUTED, matrix_size),
-        cols, col_ok, HIDDEN, 1, HIDDEN, BLOCK_K, DOT_PRECISION,
+        b_ptr=_expert_matrix(w_down_ptr, shared_w_down_ptr, expert, NUM_ROUTED, matrix_size),
+        col_start=col_tile * BLOCK_N, cols=cols, col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, STRIDE_BK=1,
+        STRIDE_BN=HIDDEN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=False,
     )
 
     act, act_by_gate, act_by_up = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)

@@ -1,10 +1,22 @@
-"""The fused layer as kernel launches: route, dispatch, gate/up, down + combine, and the backward.
-At decode sizes route and dispatch are one launch (``route_and_dispatch``).
+"""The fused layer as kernel launches, and the plan that decides how one call runs.
 
-Forward and backward are written once against a ``launch`` function (``backend_triton.launch`` on the GPU,
-``backend_interpret.launch`` on the CPU), so both backends run the same kernels with the same
-grids. Every size here is static at trace time; grids cover the worst case any routing can need
-and the kernels let surplus programs exit, so nothing waits on the host.
+``fused_moe``, ``moe_experts`` and ``route`` are what ``jax_moe.api`` calls for the kernel
+backends, after its checks, with 2-D ``[T, ...]`` arrays. They make the call's ``Plan`` (tiles
+from the tables, dot precision, launcher) and decide the launches:
+
+* routing and dispatch are one launch (``route_and_dispatch``) at decode sizes, else two;
+* ungated shared experts are appended to every token's choices by the routing kernel itself; a
+  gated one (Qwen2-MoE) takes its weight from the activations, in XLA, before dispatch;
+* then the gate/up kernel and the down + combine kernel (``experts``).
+
+Forward and backward are written once against a ``launch`` function (``backend_triton.launch`` on
+the GPU, ``backend_interpret.launch`` on the CPU), so both backends run the same kernels with the
+same grids. Every size here is static at trace time; grids cover the worst case any routing can
+need and the kernels let surplus programs exit, so nothing waits on the host.
+
+Absent optional operands follow one convention: an input the kernel does not read (its constexpr
+switch is off) is passed as ``_absent(dtype)``, one element of the dtype the kernel would read;
+an output it does not write is declared as ``_absent_output(dtype)``.
 """
 
 from __future__ import annotations
@@ -12,14 +24,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import triton
 
-from jax_moe import kernels, reference
-from jax_moe.options import SILU, Activation, Routing
+from jax_moe import kernels, stacks, tile_configs
+from jax_moe.layer_math import route_weights, shared_expert_weights, with_shared_experts
+from jax_moe.options import SILU, Activation, ExpertWeights, Routing
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
 Launch = Callable[..., tuple[jax.Array, ...]]
@@ -28,9 +40,8 @@ Launch = Callable[..., tuple[jax.Array, ...]]
 DISPATCH_RANK_BLOCK = 128
 # Every dispatch program histograms all the pairs, so the kernel's work grows with programs x
 # pairs: large layers place up to DISPATCH_MAX_CHUNK pairs per program, for about
-# DISPATCH_CHUNK_PROGRAMS programs. Fewer programs make each one's chain of steps longer. (H100,
-# ncu: DeepSeek-V3 at T = 8192, 73728 pairs, took 449 us in 576 programs of 128 pairs and 169 us
-# in 105 of up to 2048; Qwen3 at T = 2048 16 us in 128 programs of 128 pairs and 26 us in 64 of 256.)
+# DISPATCH_CHUNK_PROGRAMS programs. Fewer programs make each one's chain of steps longer
+# (the trade-off is measured in benchmarks/README.md).
 DISPATCH_MAX_CHUNK = 2048
 DISPATCH_CHUNK_PROGRAMS = 128
 # Rows a dispatch program describes per step, as whole row blocks.
@@ -87,7 +98,7 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
         return launch(
             kernel,
             logits,
-            logits if selection_bias is None else selection_bias,
+            _absent(jnp.float32) if selection_bias is None else selection_bias,
             out_shapes=out_shapes,
             grid=(grid,),
             num_warps=ROUTE_WARPS,
@@ -102,7 +113,7 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
             GROUPS_PAD=triton.next_power_of_2(routing.num_groups),
             TOP_GROUPS=routing.kept_groups,
             RENORMALIZE=routing.renormalize,
-            SCALING_FACTOR=float(routing.scaling_factor),
+            SCALING_FACTOR=float(routing.routed_scaling_factor),
             NUM_SHARED=num_shared,
             SHARED_PAD=triton.next_power_of_2(max(1, num_shared)),
             BLOCK_T=block_t,
@@ -120,7 +131,7 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
         # The shared experts' slots weigh a constant 1: only the routed ones have a gradient.
         ids, grad_weights = ids[:, : routing.top_k], grad_weights[:, : routing.top_k]
         logits, grad_weights = _first_order_only(logits, grad_weights)
-        _, pullback = jax.vjp(lambda l: reference.route_weights(l, ids, routing), logits)
+        _, pullback = jax.vjp(lambda l: route_weights(l, ids, routing), logits)
         # The selection bias only changes which experts win: no gradient flows to it.
         return (*pullback(grad_weights), None)
 
@@ -128,8 +139,8 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
     return route_op
 
 
-def route(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch,
-          num_shared: int = 0):
+def top_k_routing(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch,
+                  num_shared: int = 0):
     """[T, E] logits -> ([T, top_k + num_shared] float32 weights, [T, top_k + num_shared] int32
     expert ids): the routed choices, then the ``num_shared`` shared experts (ids ``E + s``, weight
     1) as ``experts`` takes them.
@@ -148,7 +159,7 @@ def routes_and_dispatches(num_pairs: int) -> bool:
 
 def route_and_dispatch(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch,
                        num_shared: int, block_m: int):
-    """``route`` and ``dispatch`` of its expert ids (``num_experts = E + num_shared``) in one
+    """``top_k_routing`` and ``dispatch`` of its expert ids (``num_experts = E + num_shared``) in one
     launch, for at most ROUTE_DISPATCH_MAX_PAIRS pairs: ``(weights, ids, (sorted_pairs,
     block_expert, expert_row_end))``, the last three as ``experts`` takes them."""
     num_pairs = logits.shape[0] * (routing.top_k + num_shared)
@@ -236,41 +247,29 @@ def _no_second_derivatives(primals, tangents):
     )
 
 
-class ExpertWeights(NamedTuple):
-    """The expert parameters one layer call reads. Optional parts are ``None``.
+def _absent(dtype) -> jax.Array:
+    """An optional input the kernel does not read: one element of the dtype it would read."""
+    return jnp.zeros((1,), dtype)
 
-    ``w_gate``, ``w_up`` [E, H, F] and ``w_down`` [E, F, H]: the routed experts. ``gate_bias``,
-    ``up_bias`` [E, F] and ``down_bias`` [E, H]: their biases (all three or none). ``shared_*``:
-    S shared experts in the same layouts ([S, H, F], [S, F, H]), expert ids ``E .. E + S - 1``.
-    """
 
-    w_gate: jax.Array
-    w_up: jax.Array
-    w_down: jax.Array
-    gate_bias: jax.Array | None = None
-    up_bias: jax.Array | None = None
-    down_bias: jax.Array | None = None
-    shared_w_gate: jax.Array | None = None
-    shared_w_up: jax.Array | None = None
-    shared_w_down: jax.Array | None = None
+def _absent_output(dtype) -> jax.ShapeDtypeStruct:
+    """An output the kernel does not write."""
+    return jax.ShapeDtypeStruct((1,), dtype)
 
-    @property
-    def num_routed(self) -> int:
-        return self.w_gate.shape[0]
 
-    @property
-    def num_shared(self) -> int:
-        return 0 if self.shared_w_gate is None else self.shared_w_gate.shape[0]
+def _kernel_weights(params: ExpertWeights) -> tuple[jax.Array, ...]:
+    """The six weight arrays the row-block kernels take: routed gate, up, down, then the shared
+    ones (the kernels read those only for ids >= E; absent ones are never read)."""
+    if params.num_shared:
+        shared = (params.shared_w_gate, params.shared_w_up, params.shared_w_down)
+    else:
+        shared = (_absent(params.w_gate.dtype),) * 3
+    return (params.w_gate, params.w_up, params.w_down, *shared)
 
-    @property
-    def has_bias(self) -> bool:
-        return self.gate_bias is not None
 
-    def shared_or_routed(self):
-        """The shared weight arrays, or the routed ones standing in (never read) when there are none."""
-        if self.shared_w_gate is None:
-            return self.w_gate, self.w_up, self.w_down
-        return self.shared_w_gate, self.shared_w_up, self.shared_w_down
+def _biases(params: ExpertWeights, dtype) -> tuple[jax.Array, jax.Array]:
+    """The gate and up biases the gate/up kernels take (read only with ``HAS_BIAS``)."""
+    return (params.gate_bias, params.up_bias) if params.has_bias else (_absent(dtype), _absent(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +280,7 @@ class Plan:
     ``4 * (rows + row blocks + E)`` bytes, rows ~ ``T*k + E*block_m``) and recomputes the gate
     and up projections in the backward pass: one more pair of GEMMs. ``True`` stores both
     pre-activations instead: ``2 * rows * F`` elements of the activation dtype (Mixtral at
-    T = 8192, bf16: 0.94 GB per layer).
+    T = 8192, bf16: 0.94 GB per layer). ``make_plan`` makes the plan of a call.
     """
 
     config: TileConfig
@@ -289,6 +288,7 @@ class Plan:
     launch: Launch
     save_activations: bool = False
     activation: Activation = SILU
+    tma: bool = False  # the config asks for TMA weight tiles and the backend can give them
 
     def activation_args(self) -> dict:
         return dict(
@@ -296,6 +296,12 @@ class Plan:
             ALPHA=float(self.activation.alpha),
             LIMIT=float(self.activation.limit),
         )
+
+
+def _use_tma(plan: Plan, n_dim: int, dtype) -> bool:
+    """Whether a GEMM over row-major [K, n_dim] weights reads them through TMA descriptors: where
+    the plan has them and the weights' rows (and so every expert's matrix) are 16-byte aligned."""
+    return plan.tma and n_dim * jnp.dtype(dtype).itemsize % 16 == 0
 
 
 def _half_blocks(plan: Plan) -> bool:
@@ -336,29 +342,33 @@ def _zeros_for(counters: int, grid: int):
     )
 
 
-def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bias, routing_weights,
-             sorted_pairs, block_expert, expert_row_end, zeroed_arrivals, *, num_tokens: int, top_k: int,
-             num_routed: int, k_dim: int, n_dim: int, transposed_b: bool, second_term: bool, scale: bool,
-             out_dtype):
+def _combine(plan: Plan, tiles: GemmTiles, *, first_term, second_term, bias, routing_weights, dispatched,
+             zeroed_arrivals, num_tokens: int, top_k: int, num_routed: int, k_dim: int, n_dim: int,
+             transposed_b: bool, scale: bool, out_dtype):
     """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``.
-    ``zeroed_arrivals``: ``_arrival_counters`` zeros, made by the launch before."""
-    blocks = block_expert.shape[0]
+
+    ``first_term`` and ``second_term`` (or None) are ``(rows, routed weights, shared weights)``;
+    ``dispatched`` is ``(sorted_pairs, block_expert, expert_row_end)``; ``zeroed_arrivals``:
+    ``_arrival_counters`` zeros, made by the launch before."""
+    blocks = dispatched[1].shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
-    # The partial rows are written once and read back once: bf16 halves that traffic (Qwen3's
-    # T = 4096 forward, H100: 1123 -> 1058 us), and rounds each term as the bf16 output rounds
-    # their sum. fp16 keeps fp32 partials: a term may overflow where the sum does not.
+    # The partial rows are written once and read back once: bf16 halves that traffic, and rounds
+    # each term as the bf16 output rounds their sum. fp16 keeps fp32 partials: a term may
+    # overflow where the sum does not.
     partial_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.bfloat16 else jnp.float32
+    a, b, shared_b = first_term
+    a2, b2, shared_b2 = second_term or (_absent(a.dtype), _absent(b.dtype), _absent(b.dtype))
     inputs = (
-        a, b, shared_b, a2, b2, shared_b2, a if bias is None else bias, routing_weights,
-        sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
+        a, b, shared_b, a2, b2, shared_b2, _absent(a.dtype) if bias is None else bias, routing_weights,
+        *dispatched, zeroed_arrivals,
     )
     out, _, _ = plan.launch(
         kernels.expert_gemm_combine_kernel,
         *inputs,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens, n_dim), out_dtype),
-            jax.ShapeDtypeStruct((num_tokens * top_k, n_dim) if combines else (1, 1), partial_dtype),
+            jax.ShapeDtypeStruct((num_tokens * top_k, n_dim), partial_dtype) if combines else _absent_output(partial_dtype),
             jax.ShapeDtypeStruct(zeroed_arrivals.shape, zeroed_arrivals.dtype),
         ),
         grid=(blocks * col_tiles,),
@@ -367,10 +377,11 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
         N=n_dim,
         STRIDE_BK=1 if transposed_b else n_dim,
         STRIDE_BN=k_dim if transposed_b else 1,
-        SECOND_TERM=second_term,
+        SECOND_TERM=second_term is not None,
         HAS_BIAS=bias is not None,
         SCALE_BY_ROUTING_WEIGHT=scale,
         HALF_BLOCKS=_half_blocks(plan),
+        USE_TMA=not transposed_b and _use_tma(plan, n_dim, b.dtype),
         **_row_block_args(
             plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks, num_routed=num_routed
         ),
@@ -393,20 +404,23 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
             f"dispatched: the metadata is for {sorted_pairs.shape[0]} rows, the plan's tiles need "
             f"{blocks * block_m} ({blocks} blocks of {block_m})"
         )
-    shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
-    rows_shape = (blocks * block_m, intermediate) if plan.save_activations else (1, 1)
+    w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down = _kernel_weights(params)
+    preact = (
+        jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype) if plan.save_activations
+        else _absent_output(x.dtype)
+    )
     tiles = plan.config.gate_up
     grid = blocks * triton.cdiv(intermediate, tiles.block_n)
     zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.down, top_k), grid)
     act, gate_preact, up_preact, zeroed_arrivals = plan.launch(
         kernels.gate_up_kernel,
-        x, params.w_gate, params.w_up, shared_w_gate, shared_w_up,
-        *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
+        x, w_gate, w_up, shared_w_gate, shared_w_up,
+        *_biases(params, x.dtype),
         sorted_pairs, block_expert, expert_row_end,
         out_shapes=(
             jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype),
-            jax.ShapeDtypeStruct(rows_shape, x.dtype),
-            jax.ShapeDtypeStruct(rows_shape, x.dtype),
+            preact,
+            preact,
             zeros_shape,
         ),
         grid=(grid,),
@@ -415,6 +429,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
         HAS_BIAS=params.has_bias,
         SAVE_PREACTIVATIONS=plan.save_activations,
         HALF_BLOCKS=_half_blocks(plan),
+        USE_TMA=_use_tma(plan, intermediate, x.dtype),
         **zero_args,
         **plan.activation_args(),
         **_row_block_args(
@@ -424,10 +439,10 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     )
     flat_weights = weights.reshape(-1)
     out = _combine(
-        plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down,
-        params.down_bias, flat_weights, sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
-        num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
-        n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
+        plan, plan.config.down, first_term=(act, w_down, shared_w_down), second_term=None,
+        bias=params.down_bias, routing_weights=flat_weights, dispatched=dispatched,
+        zeroed_arrivals=zeroed_arrivals, num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed,
+        k_dim=intermediate, n_dim=hidden, transposed_b=False, scale=True, out_dtype=x.dtype,
     )
     saved = (gate_preact, up_preact) if plan.save_activations else None
     return out, (x, flat_weights, ids, params, sorted_pairs, block_expert, expert_row_end, saved)
@@ -447,14 +462,14 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     blocks = block_expert.shape[0]
     tiles = plan.config.gate_up_backward
     f_tiles = triton.cdiv(intermediate, tiles.block_n)
-    shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
-    gate_preact, up_preact = saved if saved is not None else (x, x)  # unread when recomputing
+    w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down = _kernel_weights(params)
+    gate_preact, up_preact = saved if saved is not None else (_absent(x.dtype),) * 2
     grid = blocks * f_tiles
     zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.input_grad, top_k), grid)
     weighted_act, grad_gate, grad_up, grad_weight_parts, zeroed_arrivals = plan.launch(
         kernels.gate_up_backward_kernel,
-        x, params.w_gate, params.w_up, params.w_down, shared_w_gate, shared_w_up, shared_w_down,
-        *((params.gate_bias, params.up_bias) if params.has_bias else (x, x)),
+        x, w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down,
+        *_biases(params, x.dtype),
         grad_out, flat_weights, gate_preact, up_preact, sorted_pairs, block_expert, expert_row_end,
         out_shapes=(
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
@@ -468,6 +483,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         INTERMEDIATE=intermediate,
         HAS_BIAS=params.has_bias,
         RECOMPUTE=saved is None,
+        USE_TMA=_use_tma(plan, intermediate, x.dtype),
         **zero_args,
         **plan.activation_args(),
         **_row_block_args(
@@ -475,10 +491,11 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         ),
     )
     grad_x = _combine(
-        plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up,
-        None, flat_weights, sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
+        plan, plan.config.input_grad, first_term=(grad_gate, w_gate, shared_w_gate),
+        second_term=(grad_up, w_up, shared_w_up), bias=None, routing_weights=flat_weights,
+        dispatched=(sorted_pairs, block_expert, expert_row_end), zeroed_arrivals=zeroed_arrivals,
         num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
-        transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
+        transposed_b=True, scale=False, out_dtype=x.dtype,
     )
     common = dict(
         routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
@@ -517,25 +534,24 @@ def _weight_grad(plan: Plan, tiles: WeightGradTiles, a, b, b2, *, routing_weight
                  weighted_bias_grad: bool):
     """One launch of ``expert_weight_grad_kernel``: the routed [E, m_dim, n_dim] and shared
     [S, m_dim, n_dim] gradients for ``b`` and (``DUAL``) ``b2``, and with biases the [E, n_dim]
-    bias gradients of both. Outputs that don't apply are 1-element placeholders."""
+    bias gradients of both; outputs that don't apply are absent."""
     dual = b2 is not None
     num_routed, num_shared = params.num_routed, params.num_shared
-    placeholder = jax.ShapeDtypeStruct((1,), a.dtype)
 
     def maybe(condition, shape, dtype=a.dtype):
-        return jax.ShapeDtypeStruct(shape, dtype) if condition else placeholder
+        return jax.ShapeDtypeStruct(shape, dtype) if condition else _absent_output(dtype)
 
     routed = jax.ShapeDtypeStruct((num_routed, m_dim, n_dim), a.dtype)
     shared = maybe(num_shared > 0, (num_shared, m_dim, n_dim))
     bias_dtype = params.gate_bias.dtype if params.has_bias else a.dtype
     return plan.launch(
         kernels.expert_weight_grad_kernel,
-        a, b, b2 if dual else b, routing_weights, sorted_pairs, expert_row_end,
+        a, b, b2 if dual else _absent(b.dtype), routing_weights, sorted_pairs, expert_row_end,
         out_shapes=(
             routed,
             shared,
-            routed if dual else placeholder,
-            shared if dual else placeholder,
+            maybe(dual, routed.shape),
+            maybe(dual and num_shared > 0, (num_shared, m_dim, n_dim)),
             maybe(params.has_bias, (num_routed, n_dim), bias_dtype),
             maybe(params.has_bias and dual, (num_routed, n_dim), bias_dtype),
         ),
@@ -586,6 +602,142 @@ def experts(x, weights, expert_ids, params: ExpertWeights, *, plan: Plan, dispat
     ([T, k] each; ids ``>= E`` name the shared experts). ``dispatched``: the ids' dispatch
     metadata if ``route_and_dispatch`` made it already, else it is made here.
 
-    Differentiable (once) with respect to x, weights and every expert parameter.
+    Differentiable (once) with respect to x, weights and every expert parameter. ``params`` has
+    no ``shared_gate``: the shared experts' weights are in ``weights`` already.
     """
+    if params.shared_gate is not None:
+        raise ValueError("experts: the shared gate belongs in the routing weights (see _with_shared_experts)")
     return _differentiable_experts(plan)(x, weights.astype(jnp.float32), expert_ids, params, dispatched)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan of a call, and the entry points of jax_moe.api's kernel backends
+# --------------------------------------------------------------------------------------------
+
+# Dispatch numbers the (token, expert) pairs and their padded rows in int32.
+MAX_DISPATCH_ROWS = 2**31 - 1
+
+
+def launcher(backend: str) -> Launch:
+    """The launch function of a kernel backend, ``"triton"`` or ``"interpret"``."""
+    if backend == "triton":
+        from jax_moe import backend_triton
+
+        return backend_triton.launch
+    if backend == "interpret":
+        from jax_moe import backend_interpret  # imports triton's interpreter only when asked for
+
+        return backend_interpret.launch
+    raise ValueError(f'backend: expected "triton" or "interpret"; got {backend!r}')
+
+
+def _dot_precision(dtype) -> str:
+    """How fp32 operands meet the tensor cores, following JAX's matmul precision setting.
+
+    Plain tf32 loses about 2e-3 relative over the layer's two chained GEMMs, which is more than an
+    fp32 user expects by default; tf32x3 (three tf32 products) keeps fp32 accuracy on the tensor
+    cores. Asking JAX for "tensorfloat32" (or less) gets tf32, "highest" gets exact fp32 FMA.
+    """
+    if dtype != jnp.float32:
+        return "tf32"  # ignored for 16-bit operands
+    setting = jax.config.jax_default_matmul_precision
+    if setting in ("highest", "float32"):
+        return "ieee"
+    if setting in ("tensorfloat32", "bfloat16", "fastest", "bfloat16_3x"):
+        return "tf32"
+    return "tf32x3"
+
+
+def _tile_config(backend: str, num_pairs: int, params: ExpertWeights, top_k: int) -> TileConfig:
+    """Tuned tiles for this GPU and layer shape where configs/ has them, else the fallbacks.
+    ``num_pairs`` counts the shared experts' rows too; ``top_k`` only the routed choices."""
+    num_experts, hidden, intermediate = params.w_gate.shape
+    dtype = jnp.dtype(params.w_gate.dtype)
+    shape = tile_configs.shape_key(num_experts, hidden, intermediate, top_k, dtype.name, params.num_shared)
+    if backend == "triton":
+        tables = tile_configs.device_tables(jax.devices()[0])
+        return tile_configs.select(num_pairs, dtype.itemsize, table=tables, shape=shape)
+    # The interpreter has no shared memory to fit: its tiles need no narrowing for fp32.
+    return tile_configs.select(num_pairs, table="interpret", shape=shape)
+
+
+def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: int, dtype,
+              save_activations: bool, activation: Activation) -> Plan:
+    """The plan of one call of ``num_tokens`` tokens with ``top_k`` routed choices each (the
+    shared experts come on top). Raises ValueError where dispatch's int32 rows would overflow."""
+    num_pairs = num_tokens * (top_k + params.num_shared)
+    config = _tile_config(backend, num_pairs, params, top_k)
+    rows = max_row_blocks(params.num_routed + params.num_shared, num_pairs, config.block_m) * config.block_m
+    if rows > MAX_DISPATCH_ROWS:
+        raise ValueError(
+            f"hidden_states: {num_tokens} tokens x {top_k + params.num_shared} experts each make {num_pairs} "
+            f"(token, expert) pairs, {rows} dispatch rows with padding; dispatch indexes rows in int32 "
+            f"(at most {MAX_DISPATCH_ROWS}): split the batch"
+        )
+    return Plan(
+        config=config, dot_precision=_dot_precision(jnp.dtype(dtype)), launch=launcher(backend),
+        save_activations=bool(save_activations), activation=activation,
+        tma=config.tma and tma_available(backend),
+    )
+
+
+@functools.cache
+def tma_available(backend: str) -> bool:
+    """Whether a backend can read weight tiles through TMA descriptors: the GPU where the stack
+    gives them (``stacks.installed().tma``: jax-triton >= 0.4, triton >= 3.7, jaxlib >= 0.11.1),
+    and Triton's interpreter, which emulates them. Elsewhere a config's ``tma`` is switched off."""
+    if backend == "triton":
+        return stacks.installed().tma
+    return backend == "interpret"
+
+
+def _with_shared_experts(plan: Plan, x, weights, ids, params: ExpertWeights, dispatched, *, shared_in_routing: bool):
+    """``experts`` for routed choices, appending the shared experts' slots unless the routing
+    kernel did (``shared_in_routing``); a shared gate's weights are computed here, in XLA."""
+    if params.num_shared and not shared_in_routing:
+        shared = shared_expert_weights(x, params.num_shared, params.shared_gate)
+        weights, ids = with_shared_experts(weights, ids, params.num_routed, shared)
+    return experts(x, weights, ids, params._replace(shared_gate=None), plan=plan, dispatched=dispatched)
+
+
+def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing, activation: Activation, *,
+              backend: str, save_activations: bool):
+    """The layer on a kernel backend: [T, H] ``x`` and [T, E] ``logits`` -> ([T, H] output,
+    [T, top_k] routing weights, [T, top_k] expert ids).
+
+    Routing and dispatch are one launch at decode sizes (``routes_and_dispatches``), where the
+    routing kernel appends the shared experts itself; it does so for any size when they are
+    ungated. A gated shared expert (Qwen2-MoE) takes its weight from the activations, in XLA.
+    """
+    num_tokens = x.shape[0]
+    num_shared = params.num_shared
+    shared_in_routing = num_shared if params.shared_gate is None else 0
+    plan = make_plan(
+        backend, params, num_tokens=num_tokens, top_k=routing.top_k, dtype=x.dtype,
+        save_activations=save_activations, activation=activation,
+    )
+    dispatched = None
+    if shared_in_routing == num_shared and routes_and_dispatches(num_tokens * (routing.top_k + num_shared)):
+        weights, ids, dispatched = route_and_dispatch(
+            logits, selection_bias, routing=routing, launch=plan.launch, num_shared=num_shared,
+            block_m=plan.config.block_m,
+        )
+    else:
+        weights, ids = top_k_routing(
+            logits, selection_bias, routing=routing, launch=plan.launch, num_shared=shared_in_routing
+        )
+    out = _with_shared_experts(
+        plan, x, weights, ids, params, dispatched, shared_in_routing=bool(shared_in_routing)
+    )
+    return out, weights[:, : routing.top_k], ids[:, : routing.top_k]
+
+
+def moe_experts(x, weights, ids, params: ExpertWeights, activation: Activation, *, backend: str,
+                save_activations: bool):
+    """The experts on a kernel backend for routing made by the caller: [T, H] ``x``, [T, k]
+    float32 ``weights`` and int32 ``ids`` in [0, E) -> [T, H]."""
+    plan = make_plan(
+        backend, params, num_tokens=x.shape[0], top_k=ids.shape[1], dtype=x.dtype,
+        save_activations=save_activations, activation=activation,
+    )
+    return _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=False)

@@ -1,46 +1,31 @@
 """Pure-JAX reference: the readable specification of what every backend computes.
 
 Dense over all experts (each token passes through every expert and the combine matrix zeroes what
-it did not choose), so it is simple rather than fast. Arguments are not validated here;
-``jax_moe.api`` does that before dispatching to any backend.
+it did not choose), so it is simple rather than fast. It takes the typed options only
+(``Routing``, ``ExpertWeights``, ``Activation``) and checks nothing: ``jax_moe.api`` validates
+before dispatching to any backend, this one included.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from jax_moe.options import SILU, Activation, Routing
+from jax_moe.layer_math import route_weights, scores, shared_expert_weights, with_shared_experts
+from jax_moe.options import SILU, Activation, ExpertWeights, Routing
 
 
-def scores(router_logits: jax.Array, scoring: str) -> jax.Array:
-    """Per-expert float32 scores: softmax over the experts, or a sigmoid each."""
-    logits = router_logits.astype(jnp.float32)
-    return jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
-
-
-def route(
-    router_logits: jax.Array, *, top_k: int, renormalize: bool = True, scoring: str = "softmax",
-    selection_bias: jax.Array | None = None, num_groups: int = 1, top_groups: int | None = None,
-    routed_scaling_factor: float = 1.0,
-):
+def route(router_logits: jax.Array, routing: Routing, selection_bias: jax.Array | None = None):
     """Top-k routing: ([..., top_k] float32 weights, [..., top_k] int32 expert ids).
-
-    See ``jax_moe.options.Routing`` for the arguments.
-    """
-    routing = Routing(top_k, scoring, renormalize, num_groups, top_groups, routed_scaling_factor)
-    return route_with(router_logits, routing, selection_bias)
-
-
-def route_with(router_logits: jax.Array, routing: Routing, selection_bias: jax.Array | None = None):
-    """``route`` for a ``Routing``.
 
     Experts are ranked on their scores, plus the selection bias if any (without bias or groups, on
     the logits: the same order, independent of how ``exp`` rounds). With groups, each group scores
-    the sum of its two best ranking values and only the ``top_groups`` best groups stay eligible. Ties
-    go to the lower index. Weights as in ``route_weights``.
+    the sum of its two best ranking values and only the ``top_groups`` best groups stay eligible.
+    Ties go to the lower index, NaN ranks above everything (``jax.lax.top_k``'s order). Weights as
+    in ``layer_math.route_weights``.
     """
     logits = jnp.asarray(router_logits).astype(jnp.float32)
     ranking = logits
@@ -60,18 +45,8 @@ def route_with(router_logits: jax.Array, routing: Routing, selection_bias: jax.A
     return route_weights(logits, ids, routing), ids
 
 
-def route_weights(router_logits: jax.Array, ids: jax.Array, routing: Routing) -> jax.Array:
-    """The routing weights of given expert choices: their scores, divided by their sum when
-    ``routing.renormalize``, times ``routing.scaling_factor``. (The kernels' routing backward
-    differentiates this.)"""
-    weights = jnp.take_along_axis(scores(router_logits, routing.scoring), ids, axis=-1)
-    if routing.renormalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights * routing.scaling_factor
-
-
 def swiglu(gate: jax.Array, up: jax.Array, activation: Activation = SILU) -> jax.Array:
-    """The gated activation of ``jax_moe.options.Activation``."""
+    """The gated activation of ``jax_moe.Activation``."""
     if activation.name == "clamped_swiglu":
         gate = jnp.minimum(gate, activation.limit)
         up = jnp.clip(up, -activation.limit, activation.limit) + 1.0
@@ -79,64 +54,37 @@ def swiglu(gate: jax.Array, up: jax.Array, activation: Activation = SILU) -> jax
     return jax.nn.silu(gate) * up
 
 
-def shared_expert_weights(hidden_states, num_shared: int, shared_gate=None) -> jax.Array:
-    """[..., S] float32 weights of the shared experts: 1 (DeepSeek-V3), or
-    ``sigmoid(x @ shared_gate)`` for all of them (Qwen2-MoE's gated shared expert)."""
-    lead = hidden_states.shape[:-1]
-    if shared_gate is None:
-        return jnp.ones((*lead, num_shared), jnp.float32)
-    logit = jnp.einsum(
-        "...h,h->...", hidden_states, shared_gate.astype(hidden_states.dtype),
-        preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST,
-    )
-    return jnp.broadcast_to(jax.nn.sigmoid(logit)[..., None], (*lead, num_shared))
-
-
-def with_shared_experts(weights, ids, num_routed: int, shared_weights):
-    """Appends the shared experts to every token's choices as ids ``E .. E + S - 1``."""
-    num_shared = shared_weights.shape[-1]
-    shared_ids = jnp.broadcast_to(
-        jnp.arange(num_routed, num_routed + num_shared, dtype=jnp.int32), shared_weights.shape
-    )
-    return (
-        jnp.concatenate([weights.astype(jnp.float32), shared_weights], axis=-1),
-        jnp.concatenate([ids.astype(jnp.int32), shared_ids], axis=-1),
-    )
-
-
-def moe_experts(
-    hidden_states, weights, ids, w_gate, w_up, w_down, *, gate_bias=None, up_bias=None,
-    down_bias=None, activation: Activation = SILU, shared_w_gate=None, shared_w_up=None,
-    shared_w_down=None, shared_gate=None,
-) -> jax.Array:
+def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation: Activation = SILU) -> jax.Array:
     """Weighted sum over each token's chosen experts of ``down(act(x @ gate + b_g, x @ up + b_u)) + b_d``.
 
-    Shared experts (no biases) are simply experts every token chooses, numbered after the routed
-    ones, with the weights of ``shared_expert_weights``; their outputs join the same sum.
-    Products accumulate in float32; the activation is rounded to the activation dtype before
-    the down projection, as the kernels store it. Returns [..., H] in the dtype of hidden_states.
+    Shared experts (no biases) are experts every token chooses, numbered after the routed ones,
+    with the weights of ``layer_math.shared_expert_weights``; their outputs join the same sum.
+    Products accumulate in float32; the activation is rounded to the activation dtype before the
+    down projection, as the kernels store it. Returns [..., H] in the dtype of hidden_states.
     """
-    if shared_w_gate is not None:
-        num_routed, num_shared = w_gate.shape[0], shared_w_gate.shape[0]
-        shared = shared_expert_weights(hidden_states, num_shared, shared_gate)
-        weights, ids = with_shared_experts(weights, ids, num_routed, shared)
+    w_gate, w_up, w_down = experts.w_gate, experts.w_up, experts.w_down
+    gate_bias, up_bias, down_bias = experts.gate_bias, experts.up_bias, experts.down_bias
+    if experts.num_shared:
+        shared = shared_expert_weights(hidden_states, experts.num_shared, experts.shared_gate)
+        weights, ids = with_shared_experts(weights, ids, experts.num_routed, shared)
         w_gate, w_up, w_down = (
             jnp.concatenate(pair, axis=0)
-            for pair in ((w_gate, shared_w_gate), (w_up, shared_w_up), (w_down, shared_w_down))
+            for pair in ((w_gate, experts.shared_w_gate), (w_up, experts.shared_w_up), (w_down, experts.shared_w_down))
         )
         gate_bias, up_bias, down_bias = (
-            None if b is None else jnp.pad(b, ((0, num_shared), (0, 0)))
+            None if b is None else jnp.pad(b, ((0, experts.num_shared), (0, 0)))
             for b in (gate_bias, up_bias, down_bias)
         )
     hidden = hidden_states.shape[-1]
+    num_tokens = math.prod(hidden_states.shape[:-1])
     num_experts = w_gate.shape[0]
-    x = hidden_states.reshape(-1, hidden)
+    x = hidden_states.reshape(num_tokens, hidden)
     top_k = ids.shape[-1]
-    ids = ids.reshape(-1, top_k)
+    ids = ids.reshape(num_tokens, top_k)
     combine = (
-        jnp.zeros((x.shape[0], num_experts), jnp.float32)
-        .at[jnp.arange(x.shape[0])[:, None], ids]
-        .add(weights.reshape(-1, top_k).astype(jnp.float32))
+        jnp.zeros((num_tokens, num_experts), jnp.float32)
+        .at[jnp.arange(num_tokens)[:, None], ids]
+        .add(weights.reshape(num_tokens, top_k).astype(jnp.float32))
     )
     einsum = functools.partial(
         jnp.einsum, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
@@ -154,15 +102,8 @@ def moe_experts(
     return out.astype(hidden_states.dtype).reshape(hidden_states.shape)
 
 
-def fused_moe(
-    hidden_states, router_logits, w_gate, w_up, w_down, *, top_k: int, renormalize: bool = True,
-    scoring: str = "softmax", selection_bias=None, num_groups: int = 1, top_groups: int | None = None,
-    routed_scaling_factor: float = 1.0, **expert_options,
-) -> jax.Array:
-    """The whole MoE layer: ``route``, then ``moe_experts`` (``expert_options``: its keywords)."""
-    weights, ids = route(
-        router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring,
-        selection_bias=selection_bias, num_groups=num_groups, top_groups=top_groups,
-        routed_scaling_factor=routed_scaling_factor,
-    )
-    return moe_experts(hidden_states, weights, ids, w_gate, w_up, w_down, **expert_options)
+def fused_moe(hidden_states, router_logits, experts: ExpertWeights, routing: Routing, *,
+              selection_bias=None, activation: Activation = SILU) -> jax.Array:
+    """The whole MoE layer: ``route``, then ``moe_experts``."""
+    weights, ids = route(router_logits, routing, selection_bias)
+    return moe_experts(hidden_states, weights, ids, experts, activation)

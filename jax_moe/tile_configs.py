@@ -53,7 +53,8 @@ class TileConfig:
     ``gate_up_backward``: the backward's recomputed gate/up and ``grad_out @ w_down^T`` (three
     accumulators, so it wants narrower tiles than ``gate_up``). ``down_weight_grad`` (one product)
     and ``gate_up_weight_grad`` (two products sharing the left operand) reduce over each expert's
-    rows.
+    rows. ``tma``: the GEMMs over row-major weights (gate/up, down, the backward's recompute) read
+    their weight tiles through TMA descriptors where the stack gives them (``pipeline.make_plan``).
     """
 
     block_m: int
@@ -64,6 +65,7 @@ class TileConfig:
     gate_up_backward: GemmTiles
     down_weight_grad: WeightGradTiles
     gate_up_weight_grad: WeightGradTiles
+    tma: bool = False
 
     def __post_init__(self):
         if self.group_m < 0:
@@ -79,6 +81,7 @@ class TileConfig:
             group_m=d["group_m"],
             **{name: GemmTiles(**d[name]) for name in gemm_fields},
             **{name: WeightGradTiles(**d[name]) for name in ("down_weight_grad", "gate_up_weight_grad")},
+            tma=bool(d.get("tma", False)),
         )
 
     def narrowed_k(self, factor: int) -> TileConfig:
@@ -166,8 +169,8 @@ def device_tables(device) -> tuple[str, ...]:
     (``cuda-sm90`` for compute capability ``9.0``), each with its fallbacks (``table_chain``).
 
     A Hopper card nobody tuned (an H100 PCIe, an H200) thus takes the tiles tuned on another
-    Hopper card, which shares its SMs, instead of the untuned defaults (up to 1.67x faster on an
-    H200: ``benchmarks/tile_tables.py``), and its own table needs to hold only what it tuned."""
+    Hopper card, which shares its SMs, instead of the untuned defaults (``benchmarks/tile_tables.py``
+    measures the difference), and its own table needs to hold only what it tuned."""
     if not isinstance(getattr(device, "device_kind", None), str):
         raise TypeError(f"device: expected a jax.Device (with a device_kind), got {type(device).__name__}")
     names = [gpu_table_name(device.device_kind)]

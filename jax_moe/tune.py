@@ -22,9 +22,8 @@ after every tuned T: a run stopped part way leaves the old tiles where it did no
 architecture after it (``tile_configs.device_tables``: a Hopper card falls back to the H100's
 tuned tiles), so a new card's file need hold only the shapes and token counts tuned on it; the
 "table's tiles" each line reports are what that lookup gave before. A bucket's tiles are measured
-at its own T only: tune the token counts you serve (Mixtral's small row blocks chosen at T = 32
-ran 1.2-1.3x slower at T = 64, where an expert's rows span several blocks that each stream its
-weights).
+at its own T only: tune the token counts you serve (small row blocks chosen for few tokens per
+expert lose where an expert's rows span several blocks, each of which streams its weights).
 
 ``--backward`` also sweeps the backward's tiles (``gate_up_backward``, ``input_grad``,
 ``down_weight_grad``, ``gate_up_weight_grad``, one after the other), timing forward + backward;
@@ -55,9 +54,8 @@ COMPILE_THREADS = min(16, os.cpu_count() or 1)
 # Program orders of the row-block kernels. The sweep runs each expert's blocks together (0,
 # kernels._row_block_tile): where an expert's rows span several blocks (large T, or skewed routing
 # at small T) the programs that read the same weight tile run at once and share it in L2, and
-# decode streams one weight matrix after another (H200, default tiles: 2-8% faster than 8 row
-# blocks at a time at Mixtral T = 32 skewed, 512 and 2048, DeepSeek-V3 T = 4096; even elsewhere).
-# The winner is also timed with 8 row blocks at a time, whoever's they are.
+# decode streams one weight matrix after another. The winner is also timed with 8 row blocks at a
+# time, whoever's they are.
 GROUP_M_CANDIDATES = (0, 8)
 # Interleaved rounds of the sweep's winner against the table's tiles (``_confirmed``).
 CONFIRM_ROUNDS = 2
@@ -66,8 +64,7 @@ CONFIRM_ROUNDS = 2
 # and the deep K tiles keep more bytes in flight per program; 8 warps at 4 stages do the latter
 # for mid-size T. The larger prefill tiles run one program per SM, so an epilogue runs with no
 # loads in flight on its SM; the 8-warp 64 x 64 x 3 tile fits two for gate/up and three for the
-# down projection at 128-row blocks (kernel_resources.py, sm_90). It won the H200's Qwen3 down
-# projection at T = 2048.
+# down projection at 128-row blocks (kernel_resources.py, sm_90).
 GEMM_CANDIDATES = (
     GemmTiles(block_n=64, block_k=128, num_warps=4, num_stages=4),
     GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
@@ -240,8 +237,7 @@ def _confirmed(shape, base: TileConfig, best: TileConfig, input_sets) -> tuple[T
     longer timings, else the table's tiles; with both times (the medians over the rounds).
 
     The sweep times each of ~50 configs briefly and keeps the fastest, so a config that only
-    drew a quick sample can win: gpt-oss-120b's T = 8192 entry won the H200's sweep by 1% and ran
-    5-6% slower than the tiles it replaced when the two were timed side by side."""
+    drew a quick sample can win a sweep by a percent and lose to the table's tiles side by side."""
     times = time_configs(shape, [base, best] * CONFIRM_ROUNDS, input_sets, calls=20, repeats=7)
     base_times, best_times = times[0::2], times[1::2]
     base_us, best_us = statistics.median(base_times), statistics.median(best_times)
@@ -351,8 +347,8 @@ def main(argv=None) -> None:
         tuned = []
         # Each tuned T claims the pairs up to the geometric midpoint with the next; the first
         # claims down to half its own and the last up to twice its own, so the counts around the
-        # run keep the tiles they had: this file's, or its fallback tables' (decode sizes tuned on
-        # an H200 once took over its T = 512 with T = 128's row blocks: 364 -> 452 us, Qwen3).
+        # run keep the tiles they had: this file's, or its fallback tables' (decode-sized row
+        # blocks must not claim prefill token counts).
         lower = tokens[0] * shape.slots // 2
         for i, num_tokens in enumerate(tokens):
             config, _ = tune_one(shape, num_tokens, jnp.dtype(args.dtype))

@@ -102,14 +102,21 @@ def _mlir_escaped(data: bytes) -> str:
     )
 
 
-def test_kernel_protos_reads_every_triton_call_back():
-    rng = np.random.default_rng()
+LEGACY_CALL = (
+    '%{i} = stablehlo.custom_call @triton_kernel_call(%a) {{api_version = 2 : i32, backend_config = '
+    '"{payload}", has_side_effect = false}} : (tensor<4xf32>) -> tensor<4xf32>'
+)
+FFI_CALL = (
+    '%{i} = stablehlo.custom_call @triton_kernel_call_ffi(%a) {{api_version = 4 : i32, backend_config = '
+    '{{opaque = "{payload}"}}, has_side_effect = false}} : (tensor<4xf32>) -> tensor<4xf32>'
+)
+
+
+@pytest.mark.parametrize("call", [LEGACY_CALL, FFI_CALL], ids=["legacy", "ffi"])
+def test_kernel_protos_reads_every_triton_call_back(call):
+    rng = np.random.default_rng(0)
     protos = [rng.bytes(3000) + b'\\"ptx"', b"", rng.bytes(10)]
-    text = "\n".join(
-        f'%{i} = stablehlo.custom_call @triton_kernel_call(%a) {{api_version = 2 : i32, backend_config = '
-        f'"{_mlir_escaped(zlib.compress(p))}", has_side_effect = false}} : (tensor<4xf32>) -> tensor<4xf32>'
-        for i, p in enumerate(protos)
-    )
+    text = "\n".join(call.format(i=i, payload=_mlir_escaped(zlib.compress(p))) for i, p in enumerate(protos))
     text += '\n%9 = stablehlo.custom_call @other_target(%a) {backend_config = "x"}'
     lowered = type("Lowered", (), {"as_text": lambda self: text})()
     assert backend_triton.kernel_protos(lowered) == protos

@@ -89,12 +89,13 @@ def test_dispatch_metadata(routing):
 
 
 @settings(max_examples=8, deadline=None)
-@given(routings(), st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 3]))
-def test_padding_rows_never_reach_the_output(routing, seed, group_m):
+@given(routings(), st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 3]), st.booleans())
+def test_padding_rows_never_reach_the_output(routing, seed, group_m, use_tma):
     """Padding rows carry the sentinel pair NUM_PAIRS, i.e. token T: give the output a guard row T
     and check the kernels leave it poisoned while writing every real row, also where they skip a
     block's second half of padding (HALF_BLOCKS, as the pipeline does at 128 rows), in every
-    program order (GROUP_M 0: each expert's blocks together; a missed tile leaves poison)."""
+    program order (GROUP_M 0: each expert's blocks together; a missed tile leaves poison), with
+    the weight tiles read through pointers or TMA descriptors."""
     ids, num_experts, block_m, _ = routing
     num_tokens, top_k = ids.shape
     hidden, intermediate = 24, 20
@@ -111,6 +112,7 @@ def test_padding_rows_never_reach_the_output(routing, seed, group_m):
         NUM_PAIRS=ids.size, TOP_K=top_k, NUM_ROUTED=num_experts, HAS_BIAS=False,
         MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=group_m, DOT_PRECISION="ieee",
         HALF_BLOCKS=block_m >= 32,  # halves of at least 16 rows, the smallest tl.dot
+        USE_TMA=use_tma,
     )
     counters = (num_tokens + 1) * 2  # + the guard row's: zeroed by the gate/up programs (poisoned before)
     zero_block = triton.next_power_of_2(triton.cdiv(counters, blocks * 2))
@@ -168,7 +170,7 @@ def test_route_and_dispatch_is_route_then_dispatch(case, seed):
     weights, ids, dispatched = pipeline.route_and_dispatch(
         logits, bias, routing=routing, launch=launch, num_shared=num_shared, block_m=block_m
     )
-    want_weights, want_ids = pipeline.route(logits, bias, routing=routing, launch=launch, num_shared=num_shared)
+    want_weights, want_ids = pipeline.top_k_routing(logits, bias, routing=routing, launch=launch, num_shared=num_shared)
     want_dispatched = pipeline.dispatch(want_ids, num_experts=num_experts + num_shared, block_m=block_m, launch=launch)
     np.testing.assert_array_equal(weights, want_weights)
     np.testing.assert_array_equal(ids, want_ids)

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 import jax_moe
-from jax_moe import api, arg_specs, backend_triton
+from jax_moe import api, arg_specs, backend_triton, pipeline
+from jax_moe.options import Routing
 
 E, H, F, T = 4, 16, 24, 5
 
 
 @pytest.fixture
 def args():
-    inputs = arg_specs.random_inputs(arg_specs.MoeShape("t", E, 2, H, F), T, "float32", jax.random.key(0))
+    inputs = arg_specs.random_inputs(arg_specs.MoeShape("t", E, Routing(2), H, F), T, "float32", jax.random.key(0))
     return dict(zip(["hidden_states", "router_logits", "w_gate", "w_up", "w_down"], inputs.as_args()))
 
 
@@ -60,9 +61,10 @@ def test_float64_activations_are_refused(args):
         call(args, hidden_states=np.asarray(args["hidden_states"], np.float64))
 
 
-@pytest.mark.parametrize("top_k", [0, -1, E + 1])
-def test_top_k_out_of_range(args, top_k):
-    with pytest.raises(ValueError, match=rf"top_k must lie in \[1, {E}\].*got {top_k}"):
+@pytest.mark.parametrize("top_k,message", [(0, "top_k must be >= 1; got 0"), (-1, "top_k must be >= 1; got -1"),
+                                           (E + 1, rf"top_k must lie in \[1, {E}\] \(the number of experts\); got {E + 1}")])
+def test_top_k_out_of_range(args, top_k, message):
+    with pytest.raises(ValueError, match=message):
         call(args, top_k=top_k)
 
 
@@ -109,9 +111,11 @@ def test_moe_experts_checks_routing(args):
         jax_moe.moe_experts(x, ids, ids, *experts, backend="interpret")
     with pytest.raises(ValueError, match=r"weights and ids must have the same shape; got \[5, 2\] and \[5, 3\]"):
         jax_moe.moe_experts(x, weights, jnp.zeros((T, 3), jnp.int32), *experts, backend="interpret")
-    with pytest.raises(ValueError, match=r"ids must have shape \[..., top_k\] with the leading dims of hidden_states \[5\]; got \[4, 2\]"):
+    with pytest.raises(ValueError, match=r"ids must have shape \[..., k\] = \[5, k\] \(the leading dims of hidden_states.*got shape \[4, 2\]"):
         jax_moe.moe_experts(x, weights, ids[:4], *experts, backend="interpret")
-    with pytest.raises(ValueError, match=r"top_k must lie in \[1, 4\].*got 5"):
+    with pytest.raises(ValueError, match=r"weights must have shape \[..., k\] = \[5, k\] .*got shape \[5\]"):
+        jax_moe.moe_experts(x, weights[:, 0], ids[:, 0], *experts, backend="interpret")
+    with pytest.raises(ValueError, match=r"ids: each token's number of experts \(its last dim\) must lie in \[1, 4\] \(E of w_gate\); got 5"):
         jax_moe.moe_experts(x, jnp.ones((T, 5)), jnp.zeros((T, 5), jnp.int32), *experts, backend="interpret")
 
 
@@ -134,12 +138,12 @@ def test_empty_input_gives_an_empty_result(args, backend):
 
 
 def test_dot_precision_follows_jax():
-    assert api._dot_precision(jnp.float32) == "tf32x3"
-    assert api._dot_precision(jnp.bfloat16) == "tf32"
+    assert pipeline._dot_precision(jnp.float32) == "tf32x3"
+    assert pipeline._dot_precision(jnp.bfloat16) == "tf32"
     with jax.default_matmul_precision("highest"):
-        assert api._dot_precision(jnp.float32) == "ieee"
+        assert pipeline._dot_precision(jnp.float32) == "ieee"
     with jax.default_matmul_precision("tensorfloat32"):
-        assert api._dot_precision(jnp.float32) == "tf32"
+        assert pipeline._dot_precision(jnp.float32) == "tf32"
 
 
 @pytest.mark.parametrize(
@@ -156,7 +160,6 @@ def test_dot_precision_follows_jax():
         (dict(gate_bias=jnp.zeros((E, F)), up_bias=jnp.zeros((E, F)), down_bias=jnp.zeros((E, F))),
          ValueError, r"down_bias must have shape \[E, H\] = \[4, 16\]; got \[4, 24\]"),
         (dict(activation="gelu"), ValueError, r"activation must be one of \('silu', 'clamped_swiglu'\); got 'gelu'"),
-        (dict(activation=jax_moe.Activation("clamped_swiglu", limit=-1.0)), ValueError, "limit must be positive"),
         (dict(activation=3), TypeError, "activation must be a name or a jax_moe.Activation; got int"),
         (dict(shared_w_gate=jnp.zeros((1, H, F))), ValueError, r"missing \['shared_w_up', 'shared_w_down'\]"),
         (dict(shared_w_gate=jnp.zeros((2, H, F)), shared_w_up=jnp.zeros((2, H, F)), shared_w_down=jnp.zeros((2, H, F))),
@@ -194,3 +197,94 @@ def test_empty_input_with_every_option(args, backend):
         shared_gate=jnp.ones((H,)), backend=backend,
     )
     assert out.shape == (0, H)
+
+
+def test_activation_checks_itself():
+    with pytest.raises(ValueError, match="the clamped_swiglu limit must be positive; got -1.0"):
+        jax_moe.Activation("clamped_swiglu", limit=-1.0)
+    with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'clamped_swiglu'\); got 'gelu'"):
+        jax_moe.Activation("gelu")
+
+
+@pytest.mark.parametrize(
+    "fields,error,message",
+    [
+        (dict(top_k=0), ValueError, "top_k must be >= 1; got 0"),
+        (dict(top_k=2.0), TypeError, "top_k must be a Python int; got float 2.0"),
+        (dict(top_k=2, scoring="relu"), ValueError, r"scoring must be one of \('softmax', 'sigmoid'\); got 'relu'"),
+        (dict(top_k=2, renormalize="yes"), TypeError, "renormalize must be a bool; got str"),
+        (dict(top_k=2, num_groups=0), ValueError, "num_groups must be a positive int; got 0"),
+        (dict(top_k=2, num_groups=2, top_groups=3), ValueError, r"top_groups must be an int in \[1, num_groups=2\]; got 3"),
+        (dict(top_k=2, routed_scaling_factor=float("inf")), TypeError, "routed_scaling_factor must be a finite Python number"),
+    ],
+)
+def test_routing_checks_its_fields_at_construction(fields, error, message):
+    with pytest.raises(error, match=message):
+        jax_moe.Routing(**fields)
+
+
+def test_options_come_typed_or_flat_never_both(args):
+    x, logits, w_gate, w_up, w_down = args.values()
+    experts = jax_moe.ExpertWeights(w_gate, w_up, w_down)
+    routing = jax_moe.Routing(2)
+    typed = jax_moe.fused_moe(x, logits, experts=experts, routing=routing, backend="reference")
+    flat = jax_moe.fused_moe(x, logits, w_gate, w_up, w_down, top_k=2, backend="reference")
+    np.testing.assert_array_equal(typed, flat)
+    with pytest.raises(TypeError, match=r"pass routing=Routing\(...\) or its fields \['top_k'\], not both"):
+        jax_moe.fused_moe(x, logits, experts=experts, routing=routing, top_k=2)
+    with pytest.raises(TypeError, match=r"pass experts=ExpertWeights\(...\) or the arrays \['w_gate'\], not both"):
+        jax_moe.fused_moe(x, logits, w_gate, experts=experts, routing=routing)
+    with pytest.raises(TypeError, match=r"fused_moe\(\) got unexpected keyword arguments \['topk'\]"):
+        jax_moe.fused_moe(x, logits, w_gate, w_up, w_down, topk=2)
+    with pytest.raises(TypeError, match=r"fused_moe\(\) needs routing=jax_moe.Routing\(...\) or top_k="):
+        jax_moe.fused_moe(x, logits, w_gate, w_up, w_down)
+    with pytest.raises(TypeError, match=r"missing \['w_down'\]"):
+        jax_moe.fused_moe(x, logits, w_gate, w_up, top_k=2)
+    with pytest.raises(TypeError, match=r"moe_experts\(\) got unexpected keyword arguments \['top_k'\]"):
+        jax_moe.moe_experts(x, jnp.ones((T, 2)), jnp.zeros((T, 2), jnp.int32), experts=experts, top_k=2)
+    with pytest.raises(TypeError, match="routing must be a jax_moe.Routing; got dict"):
+        jax_moe.route(logits, {"top_k": 2})
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_zero_width_layers_give_zeros(backend):
+    """H = 0 or F = 0: every expert's output is empty or zero, and so is the layer's."""
+    logits = jax.random.normal(jax.random.key(0), (T, E))
+    for hidden, intermediate in ((0, F), (H, 0)):
+        w_gate = jnp.ones((E, hidden, intermediate))
+        w_down = jnp.ones((E, intermediate, hidden))
+        out = jax_moe.fused_moe(jnp.ones((T, hidden)), logits, w_gate, w_gate, w_down, top_k=2, backend=backend)
+        assert out.shape == (T, hidden)
+        np.testing.assert_array_equal(out, np.zeros((T, hidden), np.float32))
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_nan_and_inf_router_logits_poison_only_their_token(args, backend, scoring):
+    """The contract: a NaN logit (and, under softmax, a +inf one) makes that token's routing
+    weights and output NaN; every other token comes out as without it."""
+    x, logits, w_gate, w_up, w_down = args.values()
+    bad = logits.at[1, 2].set(jnp.nan).at[3, 0].set(jnp.inf)
+    layer = lambda l: jax_moe.fused_moe(
+        x, l, w_gate, w_up, w_down, top_k=2, scoring=scoring, backend=backend, return_routing=True
+    )
+    out, weights, _ = layer(bad)
+    clean_out, _, _ = layer(logits)
+    assert np.isnan(out[1]).all() and np.isnan(weights[1]).all()
+    inf_token_is_nan = scoring == "softmax"
+    assert np.isnan(out[3]).all() == inf_token_is_nan and np.isnan(weights[3]).any() == inf_token_is_nan
+    for token in (0, 2, 4):
+        np.testing.assert_array_equal(out[token], clean_out[token])
+
+
+def test_more_pairs_than_int32_dispatch_rows_is_refused():
+    """Dispatch indexes (token, expert) pairs in int32: a batch past that fails at trace time."""
+    tokens = 2**29
+    x = jax.ShapeDtypeStruct((tokens, H), jnp.bfloat16)
+    logits = jax.ShapeDtypeStruct((tokens, E), jnp.float32)
+    w = jax.ShapeDtypeStruct((E, H, F), jnp.bfloat16)
+    w_down = jax.ShapeDtypeStruct((E, F, H), jnp.bfloat16)
+    layer = lambda *a: jax_moe.fused_moe(*a, top_k=E, backend="interpret")
+    message = r"hidden_states: 536870912 tokens x 4 experts each make 2147483648 \(token, expert\) pairs.*int32"
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(layer, x, logits, w, w, w_down)

@@ -233,7 +233,7 @@ def test_routing_kernel_appends_the_shared_experts(key):
     args, options = _case(key, "deepseek")
     top_k, num_shared = options["top_k"], args["shared_w_gate"].shape[0]
     routing = Routing(top_k, "sigmoid", True, 4, 2, 2.5)
-    weights, ids = pipeline.route(
+    weights, ids = pipeline.top_k_routing(
         args["router_logits"], args["selection_bias"], routing=routing, launch=backend_interpret.launch,
         num_shared=num_shared,
     )

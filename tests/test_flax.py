@@ -8,6 +8,7 @@ from flax import linen as nn
 from flax import nnx
 
 import jax_moe
+from jax_moe import Routing
 from flax_layers import FusedMoE
 from flax_layers import linen as moe_linen
 
@@ -17,7 +18,7 @@ H, F, E, K = 24, 40, 6, 2
 
 
 def _layer(backend="interpret", **kwargs):
-    return FusedMoE(H, F, E, K, backend=backend, rngs=nnx.Rngs(kwargs.pop("seed", 0)), **kwargs)
+    return FusedMoE(H, F, E, Routing(K), backend=backend, rngs=nnx.Rngs(kwargs.pop("seed", 0)), **kwargs)
 
 
 def _logits(layer, x):
@@ -61,7 +62,7 @@ def test_parameter_names_shapes_and_sharding():
     assert specs["wi_0"] == jax.sharding.PartitionSpec("expert", "embed", "mlp")
     assert specs["wo"] == jax.sharding.PartitionSpec("expert", "mlp", "embed")
     assert specs["gate"]["kernel"] == jax.sharding.PartitionSpec("embed", None)
-    renamed = FusedMoE(H, F, E, K, expert_axis="exp", embed_axis=None, mlp_axis="ff", rngs=nnx.Rngs(0))
+    renamed = FusedMoE(H, F, E, Routing(K), expert_axis="exp", embed_axis=None, mlp_axis="ff", rngs=nnx.Rngs(0))
     spec = nnx.get_partition_spec(nnx.state(renamed, nnx.Param))
     assert nnx.to_pure_dict(spec)["wi_1"] == jax.sharding.PartitionSpec("exp", None, "ff")
 
@@ -73,7 +74,7 @@ def _linen_params(layer):
 def test_linen_twin_has_the_same_parameters_and_results(key):
     """A checkpoint moves both ways between the twins; results are bitwise equal."""
     layer = _layer(use_router_bias=True)
-    twin = moe_linen.FusedMoE(H, F, E, K, backend="interpret", use_router_bias=True)
+    twin = moe_linen.FusedMoE(H, F, E, Routing(K), backend="interpret", use_router_bias=True)
     x = jax.random.normal(key, (5, H))
     initialized = twin.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, nn.meta.unbox(initialized)) == jax.tree.map(jnp.shape, _linen_params(layer))
@@ -91,7 +92,7 @@ def nnx_state_from_linen(layer, variables):
 
 
 def test_linen_logical_partitioning():
-    twin = moe_linen.FusedMoE(H, F, E, K, backend="reference")
+    twin = moe_linen.FusedMoE(H, F, E, Routing(K), backend="reference")
     variables = twin.init(jax.random.key(0), jnp.ones((2, H)))
     specs = nn.get_partition_spec(variables)["params"]
     assert specs["wi_0"] == jax.sharding.PartitionSpec("expert", "embed", "mlp")
@@ -101,8 +102,7 @@ def test_linen_logical_partitioning():
 def test_auxiliary_losses_match_numpy(key):
     layer = _layer("reference", load_balancing_loss_weight=0.5, router_z_loss_weight=0.25)
     x = jax.random.normal(key, (3, 11, H)) * 3
-    layer(x)
-    aux = nnx.pop(layer, nnx.Intermediate)
+    _, aux = nnx.capture(layer, nnx.Intermediate)(x)
     logits = _logits(layer, x).reshape(-1, E)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -110,25 +110,24 @@ def test_auxiliary_losses_match_numpy(key):
     fraction = np.array([(ids == e).any(axis=1).mean() for e in range(E)])
     load_balancing = E * np.sum(fraction * probs.mean(0))
     z = np.mean((np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)) ** 2)
-    np.testing.assert_allclose(aux["load_balancing_loss"].get_value()[0], 0.5 * load_balancing, rtol=1e-5)
-    np.testing.assert_allclose(aux["router_z_loss"].get_value()[0], 0.25 * z, rtol=1e-5)
+    np.testing.assert_allclose(aux["load_balancing_loss"][0], 0.5 * load_balancing, rtol=1e-5)
+    np.testing.assert_allclose(aux["router_z_loss"][0], 0.25 * z, rtol=1e-5)
 
 
 def test_auxiliary_losses_are_off_by_default(key):
     layer = _layer("reference")
-    layer(jax.random.normal(key, (4, H)))
-    assert not nnx.pop(layer, nnx.Intermediate)
+    _, aux = nnx.capture(layer, nnx.Intermediate)(jax.random.normal(key, (4, H)))
+    assert not aux
 
 
 def test_linen_sows_the_same_auxiliary_losses(key):
     layer = _layer("reference", load_balancing_loss_weight=0.5, router_z_loss_weight=0.25)
-    twin = moe_linen.FusedMoE(H, F, E, K, backend="reference", load_balancing_loss_weight=0.5, router_z_loss_weight=0.25)
+    twin = moe_linen.FusedMoE(H, F, E, Routing(K), backend="reference", load_balancing_loss_weight=0.5, router_z_loss_weight=0.25)
     x = jax.random.normal(key, (6, H))
-    layer(x)
-    aux = nnx.pop(layer, nnx.Intermediate)
+    _, aux = nnx.capture(layer, nnx.Intermediate)(x)
     _, state = twin.apply(_linen_params(layer), x, mutable=["intermediates"])
     for name in ("load_balancing_loss", "router_z_loss"):
-        np.testing.assert_allclose(state["intermediates"][name][0], aux[name].get_value()[0], rtol=1e-6)
+        np.testing.assert_allclose(state["intermediates"][name][0], aux[name][0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["interpret", "reference"])
@@ -139,9 +138,8 @@ def test_nnx_jit_and_grad(key, backend):
     @nnx.jit
     def loss_and_grads(model, x):
         def loss(model):
-            y = model(x)
-            aux = sum(v.get_value()[0] for v in jax.tree.leaves(nnx.pop(model, nnx.Intermediate), is_leaf=lambda v: isinstance(v, nnx.Variable)))
-            return jnp.mean(y**2) + aux
+            y, aux = nnx.capture(model, nnx.Intermediate)(x)
+            return jnp.mean(y**2) + sum(jax.tree.leaves(aux))
 
         return nnx.value_and_grad(loss)(model)
 
@@ -184,7 +182,7 @@ def test_orbax_round_trip(key, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(top_k=7), ValueError, r"top_k must lie in \[1, num_experts=6\]; got 7"),
+        (dict(top_k=7), ValueError, r"top_k must lie in \[1, 6\] \(the number of experts\); got 7"),
         (dict(top_k=0), ValueError, "top_k must be >= 1; got 0"),
         (dict(hidden_size=0), ValueError, "hidden_size must be >= 1; got 0"),
         (dict(intermediate_size=-3), ValueError, "intermediate_size must be >= 1; got -3"),
@@ -197,20 +195,42 @@ def test_orbax_round_trip(key, tmp_path):
         (dict(num_experts=2.0), TypeError, "num_experts must be an int; got float 2.0"),
         (dict(backend="cuda"), ValueError, r"backend must be one of .*got 'cuda'"),
         (dict(router_z_loss_weight=-1.0), ValueError, "router_z_loss_weight must be >= 0; got -1.0"),
+        (dict(routing=2), TypeError, r"routing must be a jax_moe.Routing \(e.g. jax_moe.Routing\(top_k=2\)\); got int"),
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs, error, message):
-    args = dict(hidden_size=H, intermediate_size=F, num_experts=E, top_k=K) | kwargs
+    """Routing fields fail where the Routing is made; the rest where the layer is."""
+    routing_fields = {k: v for k, v in kwargs.items() if k in jax_moe.options.ROUTING_KEYWORDS}
+    layer_fields = {k: v for k, v in kwargs.items() if k not in routing_fields}
+
+    def args():
+        return dict(hidden_size=H, intermediate_size=F, num_experts=E, routing=Routing(**({"top_k": K} | routing_fields))) | layer_fields
+
     with pytest.raises(error, match=message):
-        FusedMoE(**args, rngs=nnx.Rngs(0))
+        FusedMoE(**args(), rngs=nnx.Rngs(0))
     with pytest.raises(error, match=message):
-        moe_linen.FusedMoE(**args)
+        moe_linen.FusedMoE(**args())
+
+
+@pytest.mark.parametrize("twin", ["nnx", "linen"])
+def test_bad_input_fails_before_any_kernel(twin):
+    """The layer checks its input's width and dtype itself, naming the argument."""
+    if twin == "nnx":
+        call = _layer("interpret")
+    else:
+        layer = moe_linen.FusedMoE(H, F, E, Routing(K), backend="interpret")
+        variables = layer.init(jax.random.key(0), jnp.ones((2, H)))
+        call = lambda x: layer.apply(variables, x)
+    with pytest.raises(ValueError, match=rf"x must have shape \[..., hidden_size\] = \[..., {H}\]; got shape \[3, {H + 1}\]"):
+        call(jnp.ones((3, H + 1)))
+    with pytest.raises(TypeError, match="x must have a floating-point dtype; got int32"):
+        call(jnp.ones((3, H), jnp.int32))
 
 
 @pytest.mark.gpu
 def test_layer_on_gpu_trains_like_the_reference(key):
-    layer = FusedMoE(1024, 2048, 8, 2, dtype=jnp.bfloat16, backend="triton", rngs=nnx.Rngs(0))
-    ref = FusedMoE(1024, 2048, 8, 2, dtype=jnp.bfloat16, backend="reference", rngs=nnx.Rngs(0))
+    layer = FusedMoE(1024, 2048, 8, Routing(2), dtype=jnp.bfloat16, backend="triton", rngs=nnx.Rngs(0))
+    ref = FusedMoE(1024, 2048, 8, Routing(2), dtype=jnp.bfloat16, backend="reference", rngs=nnx.Rngs(0))
     x = jax.random.normal(key, (256, 1024), jnp.bfloat16)
     assert numpy_moe.rel_error(layer(x), np.asarray(ref(x).astype(jnp.float32), np.float64)) <= 1e-2
     grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x).astype(jnp.float32) ** 2)))
@@ -231,3 +251,12 @@ def test_example_block_trains():
     losses = example.train("reference", steps=40)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("module", ["flax_layers.nnx_moe", "flax_layers.linen"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

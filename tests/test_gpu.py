@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dataclasses
+
 import jax_moe
-from jax_moe import arg_specs, backend_triton
+from jax_moe import arg_specs, backend_triton, pipeline, stacks, tile_configs
 
 import numpy_moe
 
@@ -64,7 +66,7 @@ def test_triton_matches_references(key, shape, dtype, num_tokens):
     )
     assert numpy_moe.rel_error(out[sample], ref_sample) <= TOLERANCE[dtype]
 
-    ref = jax.jit(lambda *a: jax_moe.reference.fused_moe(*a, top_k=shape.top_k))(*inputs.as_args())
+    ref = jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=shape.top_k, backend="reference"))(*inputs.as_args())
     _assert_close_everywhere(out, ref.astype(jnp.float32), dtype)
 
 
@@ -92,7 +94,8 @@ def test_skewed_routing_and_many_tokens(key):
     logits = inputs.router_logits.at[:, 3].add(100.0).at[:, 11].add(90.0)
     layer = jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=2, backend="triton"))
     out = layer(inputs.hidden_states, logits, inputs.w_gate, inputs.w_up, inputs.w_down)
-    ref = jax_moe.reference.fused_moe(inputs.hidden_states, logits, inputs.w_gate, inputs.w_up, inputs.w_down, top_k=2)
+    ref = jax_moe.fused_moe(inputs.hidden_states, logits, inputs.w_gate, inputs.w_up, inputs.w_down, top_k=2,
+                            backend="reference")
     _assert_close_everywhere(out, ref.astype(jnp.float32), "bfloat16")
 
 
@@ -184,3 +187,35 @@ def test_gradients_are_deterministic(key):
     for _ in range(2):
         for a, b in zip(first, grad(*inputs.as_args())):
             np.testing.assert_array_equal(np.asarray(b.astype(jnp.float32)), a)
+
+
+def test_launches_lower_to_ffi_where_the_stack_gives_it():
+    """jax-triton >= 0.4 with triton >= 3.7 lowers every launch to the XLA FFI custom call, which
+    command buffers capture; 0.3.x to the legacy one."""
+    text = _lowered_decode_layer().as_text()
+    ffi, legacy = text.count("@triton_kernel_call_ffi("), text.count("@triton_kernel_call(")
+    assert (ffi, legacy) == ((3, 0) if stacks.installed().ffi_launches else (0, 3))
+
+
+@pytest.mark.parametrize("num_tokens", [8, 512])
+def test_tma_weight_tiles_where_the_stack_gives_them(key, num_tokens):
+    """A config that asks for TMA weight tiles runs them on a stack that gives them and falls back
+    to pointer loads on one that doesn't: the same results either way, forward and backward."""
+    shape = arg_specs.QWEN3_30B_A3B.with_experts(16)
+    inputs = arg_specs.random_inputs(shape, num_tokens, "bfloat16", key)
+    tables = tile_configs.device_tables(jax.devices()[0])
+    tuned = tile_configs.select(num_tokens * shape.top_k, 2, tables, shape.tile_key("bfloat16"))
+    cotangent = jax.random.normal(key, (num_tokens, shape.hidden))
+    with tile_configs.use(dataclasses.replace(tuned, tma=True)):
+        plan = pipeline.make_plan(
+            "triton", jax_moe.ExpertWeights(inputs.w_gate, inputs.w_up, inputs.w_down), num_tokens=num_tokens,
+            top_k=shape.top_k, dtype=jnp.bfloat16, save_activations=False, activation=jax_moe.SILU,
+        )
+        assert plan.tma == stacks.installed().tma
+        out = _triton_layer(shape.top_k)(*inputs.as_args())
+        grads = _grad_fn("triton", shape.top_k, cotangent)(*inputs.as_args())
+    ref = jax_moe.fused_moe(*inputs.as_args(), top_k=shape.top_k, backend="reference")
+    _assert_close_everywhere(out, ref.astype(jnp.float32), "bfloat16")
+    want = _grad_fn("reference", shape.top_k, cotangent)(*inputs.as_args())
+    for name, g, w in zip(("x", "logits", "w_gate", "w_up", "w_down"), grads, want):
+        assert numpy_moe.rel_error(g, np.asarray(w.astype(jnp.float32), np.float64)) <= 2e-2, name

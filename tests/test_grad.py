@@ -11,6 +11,7 @@ from jax.test_util import check_grads
 
 import jax_moe
 from jax_moe import arg_specs, tile_configs
+from jax_moe.options import Routing
 
 import numpy_moe
 
@@ -36,7 +37,7 @@ def _grads(backend, inputs, top_k, cotangent, **options):
 )
 @pytest.mark.parametrize("save_activations", [False, True])
 def test_gradients_match_reference(key, num_experts, top_k, renormalize, save_activations):
-    shape = arg_specs.MoeShape("odd", num_experts, top_k, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("odd", num_experts, Routing(top_k), HIDDEN, INTERMEDIATE)
     k_inputs, k_cot = jax.random.split(key)
     inputs = arg_specs.random_inputs(shape, 19, "float32", k_inputs)
     cotangent = jax.random.normal(k_cot, (19, HIDDEN))
@@ -52,7 +53,7 @@ def test_program_orders_of_popular_experts_give_the_reference_gradients(key, gro
     """Every token picks expert 0 (19 rows: two 16-row blocks, one of them partly padding): the
     row-block kernels' program orders, by expert (0) or by groups of blocks, cover every tile of
     the forward, the gate/up backward and the input gradient."""
-    shape = arg_specs.MoeShape("popular", 4, 2, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("popular", 4, Routing(2), HIDDEN, INTERMEDIATE)
     k_inputs, k_cot = jax.random.split(key)
     inputs = arg_specs.random_inputs(shape, 19, "float32", k_inputs)
     inputs = dataclasses.replace(inputs, router_logits=inputs.router_logits.at[:, 0].add(20.0))
@@ -66,7 +67,7 @@ def test_program_orders_of_popular_experts_give_the_reference_gradients(key, gro
 
 
 def test_experts_no_token_chose_get_zero_gradient(key):
-    shape = arg_specs.MoeShape("sparse", 8, 1, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("sparse", 8, Routing(1), HIDDEN, INTERMEDIATE)
     inputs = arg_specs.random_inputs(shape, 3, "float32", key)
     logits = jnp.full((3, 8), -5.0).at[:, 2].set(5.0).at[1, 6].set(9.0)  # experts 2 and 6 only
     cotangent = jnp.ones((3, HIDDEN))
@@ -81,7 +82,7 @@ def test_experts_no_token_chose_get_zero_gradient(key):
 
 def test_zero_routing_weights_give_zero_input_gradient(key):
     """moe_experts with custom routing: a token whose weights are all zero selects nothing."""
-    shape = arg_specs.MoeShape("custom", 3, 2, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("custom", 3, Routing(2), HIDDEN, INTERMEDIATE)
     inputs = arg_specs.random_inputs(shape, 4, "float32", key)
     ids = jnp.array([[0, 1], [1, 2], [2, 0], [0, 2]], jnp.int32)
     weights = jnp.array([[0.3, 0.7], [0.0, 0.0], [1.0, 0.5], [0.2, 0.2]], jnp.float32)
@@ -101,7 +102,7 @@ def test_zero_routing_weights_give_zero_input_gradient(key):
 
 
 def test_bfloat16_gradients(key):
-    shape = arg_specs.MoeShape("bf16", 8, 2, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("bf16", 8, Routing(2), HIDDEN, INTERMEDIATE)
     k_inputs, k_cot = jax.random.split(key)
     inputs = arg_specs.random_inputs(shape, 24, "bfloat16", k_inputs)
     cotangent = jax.random.normal(k_cot, (24, HIDDEN))
@@ -113,7 +114,7 @@ def test_bfloat16_gradients(key):
 
 
 def test_value_and_grad_checkpoint_and_leading_dims(key):
-    shape = arg_specs.MoeShape("t", 3, 2, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("t", 3, Routing(2), HIDDEN, INTERMEDIATE)
     inputs = arg_specs.random_inputs(shape, 6, "float32", key)
     x = inputs.hidden_states.reshape(2, 3, HIDDEN)
     logits = inputs.router_logits.reshape(2, 3, 3)
@@ -135,7 +136,7 @@ def test_value_and_grad_checkpoint_and_leading_dims(key):
 
 
 def test_second_derivatives_raise_a_clear_error(key):
-    shape = arg_specs.MoeShape("t", 3, 2, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("t", 3, Routing(2), HIDDEN, INTERMEDIATE)
     inputs = arg_specs.random_inputs(shape, 2, "float32", key)
     loss = lambda x: jnp.sum(jax_moe.fused_moe(x, *inputs.as_args()[1:], top_k=2, backend="interpret") ** 2)
     with pytest.raises(NotImplementedError, match="higher-order derivatives .* not supported"):
@@ -146,11 +147,11 @@ def test_second_derivatives_raise_a_clear_error(key):
 
 def test_reference_matches_finite_differences(key):
     """The yardstick of the tests above, checked against central differences on a tiny layer."""
-    shape = arg_specs.MoeShape("tiny", 3, 2, 5, 7)
+    shape = arg_specs.MoeShape("tiny", 3, Routing(2), 5, 7)
     inputs = arg_specs.random_inputs(shape, 2, "float32", key)
     # Logits far apart: a finite-difference step must not change which experts are chosen.
     logits = jnp.array([[2.0, 0.0, -2.0], [-2.0, 0.0, 2.0]])
-    f = lambda x, l, *ws: jax_moe.reference.fused_moe(x, l, *ws, top_k=2)
+    f = lambda x, l, *ws: jax_moe.reference.fused_moe(x, l, jax_moe.ExpertWeights(*ws), Routing(2))
     # The layer is about cubic in a joint step of x and the three weights, so central differences
     # are off by ~eps^2 / 6 times its third derivative along check_grads' unnormalized random
     # direction: eps = 1e-2 failed 14 of 201 seeds, 1e-3 none (float32 rounding stays well inside).

@@ -5,6 +5,7 @@ element that no program writes reaches the result as NaN, and ``rel_error`` fail
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 import jax_moe
-from jax_moe import arg_specs, tile_configs
+from jax_moe import arg_specs, pipeline, stacks, tile_configs
+from jax_moe.options import Routing
 
 import numpy_moe
 
@@ -22,7 +24,7 @@ EXPERTS_AND_TOP_K = [(1, 1), (3, 1), (3, 2), (8, 1), (8, 2), (8, 6), (60, 1), (6
 
 
 def _shape(num_experts, top_k):
-    return arg_specs.MoeShape("odd", num_experts, top_k, HIDDEN, INTERMEDIATE)
+    return arg_specs.MoeShape("odd", num_experts, Routing(top_k), HIDDEN, INTERMEDIATE)
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 5, 64, 257])
@@ -134,7 +136,7 @@ def test_out_of_range_ids_under_jit_poison_their_token(key):
 
 def test_many_experts_and_wide_top_k(key):
     """E = 160 (not a power of two) and top_k = 10 (beyond 8)."""
-    shape = arg_specs.MoeShape("wide", 160, 10, HIDDEN, INTERMEDIATE)
+    shape = arg_specs.MoeShape("wide", 160, Routing(10), HIDDEN, INTERMEDIATE)
     inputs = arg_specs.random_inputs(shape, 33, "float32", key)
     out = jax_moe.fused_moe(*inputs.as_args(), top_k=10, backend="interpret")
     assert numpy_moe.rel_error(out, numpy_moe.fused_moe(*inputs.as_args(), top_k=10)) <= 1e-5
@@ -144,7 +146,7 @@ def test_wide_column_tiles_combine_in_column_chunks(key):
     """Down-projection and input-gradient tiles of 128 columns sum a token's partial rows 64
     columns at a time; with H = 100 the second chunk is part padding. The forward and the
     gradients (whose input-gradient combine is the same kernel) must match the reference."""
-    shape = arg_specs.MoeShape("wide-columns", 8, 3, 100, INTERMEDIATE)
+    shape = arg_specs.MoeShape("wide-columns", 8, Routing(3), 100, INTERMEDIATE)
     inputs = arg_specs.random_inputs(shape, 40, "float32", key)
     wide = tile_configs.GemmTiles(block_n=128, block_k=32, num_warps=4, num_stages=1)
     config = dataclasses.replace(tile_configs.select(120, table="interpret"), down=wide, input_grad=wide)
@@ -162,3 +164,41 @@ def test_wide_column_tiles_combine_in_column_chunks(key):
     assert numpy_moe.rel_error(out, ref) <= 1e-5
     for grad, ref_grad in zip(grads, ref_grads):
         assert numpy_moe.rel_error(grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("intermediate", [48, 50])
+def test_tma_weight_tiles_match_the_reference(key, intermediate):
+    """TMA weight tiles (the interpreter emulates the descriptors) give the reference's results,
+    forward and backward, shared experts included; F = 50 fp32 rows are not 16-byte aligned, so the
+    gate/up GEMMs fall back to pointer loads there while the down projection keeps TMA."""
+    shape = arg_specs.MoeShape("tma", 6, Routing(2), 64, intermediate, shared_intermediate=intermediate)
+    inputs = arg_specs.random_inputs(shape, 20, "float32", key)
+    config = dataclasses.replace(tile_configs.select(20 * shape.slots, table="interpret"), tma=True)
+    plan = dataclasses.replace(pipeline.make_plan(
+        "interpret", jax_moe.ExpertWeights(inputs.w_gate, inputs.w_up, inputs.w_down), num_tokens=20, top_k=2,
+        dtype=jnp.float32, save_activations=False, activation=jax_moe.SILU,
+    ), config=config, tma=True)
+    assert pipeline._use_tma(plan, intermediate, jnp.float32) == (intermediate == 48)
+    assert pipeline._use_tma(plan, 64, jnp.float32)
+
+    def loss(backend, x):
+        return jnp.sum(jax_moe.fused_moe(x, *inputs.as_args()[1:], **inputs.extras, routing=shape.routing, backend=backend) ** 2)
+
+    with tile_configs.use(config):
+        value, grad = jax.value_and_grad(functools.partial(loss, "interpret"))(inputs.hidden_states)
+    want_value, want_grad = jax.value_and_grad(functools.partial(loss, "reference"))(inputs.hidden_states)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    assert numpy_moe.rel_error(grad, np.asarray(want_grad, np.float64)) <= 1e-5
+
+
+def test_tma_is_switched_off_where_the_stack_cannot_give_it(monkeypatch):
+    """A config's ``tma`` on a GPU stack without TMA (jax-triton 0.3.x) runs pointer loads."""
+    fake = stacks.Installed(python="3.12.0", jax="0.11.2", jaxlib="0.11.2", jax_triton="0.3.1", triton="3.6.0",
+                            cuda_plugins={})
+    monkeypatch.setattr(stacks, "installed", lambda: fake)
+    pipeline.tma_available.cache_clear()
+    try:
+        assert not pipeline.tma_available("triton")
+        assert pipeline.tma_available("interpret")
+    finally:
+        pipeline.tma_available.cache_clear()

@@ -7,17 +7,18 @@ import pytest
 
 import jax_moe
 from jax_moe import arg_specs
+from jax_moe.options import Routing
 
 import numpy_moe
 
-SMALL = arg_specs.MoeShape("small", num_experts=8, top_k=2, hidden=48, intermediate=40)
+SMALL = arg_specs.MoeShape("small", num_experts=8, routing=Routing(2), hidden=48, intermediate=40)
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("logits_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_route_matches_numpy(key, renormalize, logits_dtype):
     logits = jax.random.normal(key, (33, 60), jnp.float32).astype(logits_dtype)
-    weights, ids = jax_moe.reference.route(logits, top_k=6, renormalize=renormalize)
+    weights, ids = jax_moe.reference.route(logits, Routing(6, renormalize=renormalize))
     ref_weights, ref_ids = numpy_moe.route(logits, 6, renormalize)
     assert weights.dtype == jnp.float32 and ids.dtype == jnp.int32
     np.testing.assert_array_equal(ids, ref_ids)
@@ -28,14 +29,14 @@ def test_route_matches_numpy(key, renormalize, logits_dtype):
 
 def test_route_ties_go_to_the_lower_expert():
     logits = jnp.array([[1.0, 3.0, 3.0, 0.5, 3.0]])
-    _, ids = jax_moe.reference.route(logits, top_k=3)
+    _, ids = jax_moe.reference.route(logits, Routing(3))
     np.testing.assert_array_equal(ids, [[1, 2, 4]])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_fused_moe_matches_numpy(key, dtype):
     inputs = arg_specs.random_inputs(SMALL, 21, dtype, key)
-    out = jax_moe.reference.fused_moe(*inputs.as_args(), top_k=SMALL.top_k)
+    out = jax_moe.reference.fused_moe(*inputs.as_args()[:2], jax_moe.ExpertWeights(*inputs.as_args()[2:]), SMALL.routing)
     ref = numpy_moe.fused_moe(*inputs.as_args(), top_k=SMALL.top_k)
     assert out.dtype == jnp.dtype(dtype) and out.shape == ref.shape
     assert numpy_moe.rel_error(out, ref) <= numpy_moe.TOLERANCE[dtype]
@@ -47,9 +48,9 @@ def test_moe_experts_sums_repeated_experts(key):
     weights = jnp.full((4, 2), 0.5, jnp.float32)
     twice = jnp.array([[3, 3]] * 4, jnp.int32)
     once = jnp.array([[3]] * 4, jnp.int32)
-    args = (inputs.w_gate, inputs.w_up, inputs.w_down)
-    both = jax_moe.reference.moe_experts(inputs.hidden_states, weights, twice, *args)
-    single = jax_moe.reference.moe_experts(inputs.hidden_states, weights[:, :1] * 2, once, *args)
+    experts = jax_moe.ExpertWeights(inputs.w_gate, inputs.w_up, inputs.w_down)
+    both = jax_moe.reference.moe_experts(inputs.hidden_states, weights, twice, experts)
+    single = jax_moe.reference.moe_experts(inputs.hidden_states, weights[:, :1] * 2, once, experts)
     np.testing.assert_allclose(both, single, rtol=1e-5, atol=1e-6)
 
 

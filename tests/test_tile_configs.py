@@ -69,7 +69,7 @@ def test_layers_with_shared_experts_look_up_their_own_entry(monkeypatch):
         return select(num_pairs, *args, **kwargs)
 
     monkeypatch.setattr(tile_configs, "select", recording_select)
-    shape = arg_specs.MoeShape("s", num_experts=4, top_k=2, hidden=24, intermediate=40, shared_intermediate=40)
+    shape = arg_specs.MoeShape("s", num_experts=4, routing=Routing(2), hidden=24, intermediate=40, shared_intermediate=40)
     inputs = arg_specs.random_inputs(shape, 8, jnp.float32, jax.random.key(0))
 
     def layer(*args):
@@ -193,7 +193,7 @@ def test_every_launch_takes_its_own_fields_tiles(benchmark_module):
         "block_m": 16, "group_m": 1, "gate_up": gemm(16, 1), "down": gemm(32, 2), "input_grad": gemm(64, 4),
         "gate_up_backward": gemm(128, 8), "down_weight_grad": grad(16, 16), "gate_up_weight_grad": grad(32, 32),
     })
-    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=24, intermediate=40)
+    shape = arg_specs.MoeShape("small", num_experts=4, routing=Routing(2), hidden=24, intermediate=40)
     records = benchmark_module("kernel_resources").trace(shape, 8, True, config)
     tiled = [
         (r.kernel.__name__, r.num_warps, r.num_stages, r.constexprs["BLOCK_N"])
@@ -220,11 +220,11 @@ def test_top_k_combines_keep_partial_rows_in_bf16_only_for_bf16(benchmark_module
         config=tile_configs.select(16), dot_precision="tf32",
         launch=benchmark_module("kernel_resources").recording_launcher(records),
     )
-    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=24, intermediate=40)
+    shape = arg_specs.MoeShape("small", num_experts=4, routing=Routing(2), hidden=24, intermediate=40)
     inputs = arg_specs.random_inputs(shape, 8, dtype, jax.random.key(0))
 
     def loss(x, w_gate, w_up, w_down):
-        weights, ids = pipeline.route(inputs.router_logits, None, routing=Routing(2), launch=plan.launch)
+        weights, ids = pipeline.top_k_routing(inputs.router_logits, None, routing=Routing(2), launch=plan.launch)
         out = pipeline.experts(x, weights, ids, pipeline.ExpertWeights(w_gate, w_up, w_down), plan=plan)
         return jnp.sum(out.astype(jnp.float32))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jax_moe import arg_specs, backend_triton, reference, tile_configs, timing, tune
+from jax_moe.options import Routing
 
 
 def test_zipf_routing_is_skewed(key):
@@ -103,15 +104,22 @@ def test_tune_says_why_it_cannot_run_here():
         tune.main(["--models", "mixtral-8x7b"])
 
 
+def _extras_shapes(shape, key):
+    """The shapes of ``random_inputs``' extras, traced abstractly: real model widths, no memory."""
+    extras = jax.eval_shape(lambda k: arg_specs.random_inputs(shape, 2, jnp.bfloat16, k).extras, key)
+    return {name: a.shape for name, a in extras.items()}
+
+
 def test_random_inputs_carry_each_familys_extras(key):
-    deepseek = arg_specs.random_inputs(arg_specs.DEEPSEEK_V3.with_experts(16), 2, jnp.bfloat16, key)
-    assert deepseek.extras["selection_bias"].shape == (16,)
-    assert deepseek.extras["shared_w_down"].shape == (1, 2048, 7168)
-    qwen2 = arg_specs.random_inputs(arg_specs.QWEN2_57B_A14B.with_experts(8), 2, jnp.bfloat16, key)
-    assert arg_specs.QWEN2_57B_A14B.num_shared == 8 and qwen2.extras["shared_gate"].shape == (3584,)
-    gpt_oss = arg_specs.random_inputs(arg_specs.GPT_OSS_120B.with_experts(4), 2, jnp.bfloat16, key)
-    assert set(gpt_oss.extras) == {"gate_bias", "up_bias", "down_bias"}
-    assert arg_specs.DEEPSEEK_V3.with_experts(16).static_options()["num_groups"] == 8
+    deepseek = _extras_shapes(arg_specs.DEEPSEEK_V3.with_experts(16), key)
+    assert deepseek["selection_bias"] == (16,)
+    assert deepseek["shared_w_down"] == (1, 2048, 7168)
+    qwen2 = _extras_shapes(arg_specs.QWEN2_57B_A14B.with_experts(8), key)
+    assert arg_specs.QWEN2_57B_A14B.num_shared == 8 and qwen2["shared_gate"] == (3584,)
+    assert qwen2["shared_w_gate"] == (8, 3584, 2560)
+    gpt_oss = _extras_shapes(arg_specs.GPT_OSS_120B.with_experts(4), key)
+    assert gpt_oss == {"gate_bias": (4, 2880), "up_bias": (4, 2880), "down_bias": (4, 2880)}
+    assert arg_specs.DEEPSEEK_V3.with_experts(16).routing.num_groups == 8
 
 
 def test_deepseek_inputs_route_every_expert_evenly(key):
@@ -121,8 +129,7 @@ def test_deepseek_inputs_route_every_expert_evenly(key):
     logits_key, bias_key = jax.random.split(key)
     logits = jax.random.normal(logits_key, (4096, shape.num_experts))
     bias = arg_specs.SELECTION_BIAS_STD * jax.random.normal(bias_key, (shape.num_experts,))
-    options = {k: v for k, v in shape.static_options().items() if k != "activation"}
-    _, ids = reference.route(logits, selection_bias=bias, **options)
+    _, ids = reference.route(logits, shape.routing, bias)
     loads = np.bincount(np.asarray(ids).ravel(), minlength=shape.num_experts)
     mean = 4096 * shape.top_k / shape.num_experts
     assert loads.min() > 0.5 * mean and loads.max() < 1.5 * mean, (loads.min(), loads.max())
@@ -157,12 +164,12 @@ def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic(benchmark_m
     read_bw, gemm_rate = 3e12, 7e14
     # Mixtral at T = 8192, compute-bound: the forward's three GEMMs of 2 * 16384 * 4096 * 14336
     # FLOPs each, and the backward's six.
-    mixtral = arg_specs.MoeShape("m", 8, 2, 4096, 14336)
+    mixtral = arg_specs.MoeShape("m", 8, Routing(2), 4096, 14336)
     assert train_bench.floor_us(mixtral, 8192, read_bw, gemm_rate) == pytest.approx(
         9 * 2 * 16384 * 4096 * 14336 / gemm_rate * 1e6
     )
     # DeepSeek-V3's routed experts at T = 2048: 256 x 3 x 7168 x 2048 bf16 weights, read twice, written once.
-    deepseek = arg_specs.MoeShape("d", 256, 8, 7168, 2048)
+    deepseek = arg_specs.MoeShape("d", 256, Routing(8), 7168, 2048)
     assert train_bench.floor_us(deepseek, 2048, read_bw, gemm_rate) == pytest.approx(
         3 * 256 * 3 * 7168 * 2048 * 2 / read_bw * 1e6
     )
@@ -171,7 +178,7 @@ def test_train_bench_floor_is_the_slower_of_gemms_and_weight_traffic(benchmark_m
 def test_forward_floor_is_the_mean_over_the_input_sets(benchmark_module):
     """The timing cycles through input sets that select different experts: the floor must too."""
     moe_bench = benchmark_module("moe_bench")
-    shape = arg_specs.MoeShape("s", num_experts=8, top_k=2, hidden=64, intermediate=32)
+    shape = arg_specs.MoeShape("s", num_experts=8, routing=Routing(2), hidden=64, intermediate=32)
     expert_us = 3 * 64 * 32 * 2 / 1e9 * 1e6
     activation_us = 2 * 1 * 64 * 2 / 1e9 * 1e6
     floor = moe_bench.floor_us(shape, 1, [np.array([[0, 1]]), np.array([[2, 2]])], read_bw=1e9, gemm_rate=1e15)
@@ -203,8 +210,11 @@ def test_refloor_recomputes_recorded_floors_from_the_same_inputs(benchmark_modul
 def test_results_names(benchmark_module, monkeypatch):
     common = benchmark_module("common")
     monkeypatch.setattr(common, "gpu_slug", lambda: "nvidia-h100-80gb-hbm3")
+    # A full run replaces the run before it; --quick and --tag write files of their own.
+    assert common.results_name() == "nvidia-h100-80gb-hbm3"
+    assert common.results_name("train") == "nvidia-h100-80gb-hbm3-train"
     assert common.results_name(quick=True) == "nvidia-h100-80gb-hbm3-quick"
-    assert common.results_name("train", tag="session4") == "nvidia-h100-80gb-hbm3-train-session4"
+    assert common.results_name("train", tag="pcie") == "nvidia-h100-80gb-hbm3-train-pcie"
     assert common.results_name("train", quick=True, tag="x") == "nvidia-h100-80gb-hbm3-train-quick-x"
 
 
@@ -231,7 +241,7 @@ def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark
             routes.jax_moe, "fused_moe", lambda *args, backend, **kwargs: fused_moe(*args, **kwargs, backend="interpret")
         )
         monkeypatch.setattr(moe_bench, "IN_GRAPH_LAYERS", 2)  # the interpreter takes its time
-    tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
+    tiny = arg_specs.MoeShape("tiny", num_experts=8, routing=Routing(2), hidden=64, intermediate=32)
     programs = moe_bench.model_programs(tiny, (1, 8, 32), (8,), gemm_rate=1e12)
     # The routings share one program per route and T; the parity reference runs on all tokens
     # here (the dense route's own program); decode sizes get jax_moe's program of several layers.
@@ -296,7 +306,7 @@ def test_compile_all_keeps_the_error_of_a_program_that_fails():
 
 def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
     """A row-block size that loses with the table's down tiles can win with its own."""
-    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
+    shape = arg_specs.MoeShape("small", num_experts=4, routing=Routing(2), hidden=32, intermediate=16)
     winning_down = tune.DOWN_CANDIDATES[-1]  # the wide tile only the down sweep tries
 
     def fake_times(shape, configs, input_sets, *args, **kwargs):
@@ -312,7 +322,7 @@ def test_tuner_sweeps_the_down_tiles_of_every_row_block_size(monkeypatch):
 
 
 def test_tuner_times_its_winner_in_the_other_program_order(monkeypatch):
-    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
+    shape = arg_specs.MoeShape("small", num_experts=4, routing=Routing(2), hidden=32, intermediate=16)
     swept_orders = []
 
     def fake_times(shape, configs, input_sets, *args, **kwargs):
@@ -330,7 +340,7 @@ def test_tuner_times_its_winner_in_the_other_program_order(monkeypatch):
 @pytest.mark.parametrize("confirming_rounds,expect_winner", [(2, True), (1, False), (0, False)])
 def test_tuner_keeps_the_tables_tiles_unless_the_winner_confirms(monkeypatch, confirming_rounds, expect_winner):
     """The sweep's winner must beat the table's tiles again in every interleaved, longer round."""
-    shape = arg_specs.MoeShape("small", num_experts=4, top_k=2, hidden=32, intermediate=16)
+    shape = arg_specs.MoeShape("small", num_experts=4, routing=Routing(2), hidden=32, intermediate=16)
     confirmations = []
 
     def fake_times(shape, configs, input_sets, *args, calls=10, repeats=3, **kwargs):
@@ -414,7 +424,7 @@ def test_time_configs_compiles_a_repeated_config_once_and_times_it_each_time(mon
 
 
 def test_input_sets_share_the_weights_and_draw_fresh_activations(key):
-    shape = arg_specs.MoeShape("s", num_experts=8, top_k=2, hidden=16, intermediate=8, shared_intermediate=8)
+    shape = arg_specs.MoeShape("s", num_experts=8, routing=Routing(2), hidden=16, intermediate=8, shared_intermediate=8)
     weights = arg_specs.random_inputs(shape, 1, jnp.bfloat16, key)
     assert shape.slots == 3
     sets = arg_specs.input_sets(shape, weights, 5, key, count=2, routing="zipf", with_cotangent=True)
@@ -446,7 +456,7 @@ def test_tile_tables_times_the_tiles_each_table_selects(benchmark_module, monkey
     """Every case is built with the tiles ``select`` gives for each table (``device``: this GPU's
     tables, an architecture's fallback included) and reported against the first table's time."""
     tile_tables = benchmark_module("tile_tables")
-    tiny = arg_specs.MoeShape("tiny", num_experts=8, top_k=2, hidden=64, intermediate=32)
+    tiny = arg_specs.MoeShape("tiny", num_experts=8, routing=Routing(2), hidden=64, intermediate=32)
     hopper = type("Device", (), {"device_kind": "NVIDIA H200", "compute_capability": "9.0"})()
     h100, real_table = "nvidia-h100-80gb-hbm3", tile_configs._table
     tuned = {**dataclasses.asdict(tile_configs.select(1)), "block_m": 128, "max_pairs": None}
@@ -471,3 +481,23 @@ def test_tile_tables_times_the_tiles_each_table_selects(benchmark_module, monkey
             "device", f"{device:.1f}", "us", f"({device / default:.3f})",
         ]
     assert len(lines) == 3
+
+
+def test_launch_cost_counts_launches_inside_command_buffers(benchmark_module):
+    launch_cost = benchmark_module("launch_cost")
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "%command_buffer.2 (p0: f32[4]) -> f32[4] {",
+        '  %cc.1 = f32[4] custom-call(f32[4] %p0), custom_call_target="triton_kernel_call_ffi"',
+        '  %cc.2 = f32[4] custom-call(f32[4] %cc.1), custom_call_target="triton_kernel_call_ffi"',
+        "}",
+        "",
+        "ENTRY %main (a: f32[4]) -> f32[4] {",
+        '  %c1 = f32[4] custom-call(f32[4] %a), custom_call_target="triton_kernel_call"',
+        '  %other = f32[4] custom-call(f32[4] %c1), custom_call_target="cublas"',
+        "  ROOT %call = f32[4] call(f32[4] %other), to_apply=%command_buffer.2",
+        "}",
+    ])
+    compiled = type("Compiled", (), {"as_text": lambda self: text})()
+    assert launch_cost.captured_launches(compiled) == (2, 3)
