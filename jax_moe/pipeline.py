@@ -1,8 +1,9 @@
 """The fused layer as kernel launches, and the plan that decides how one call runs.
 
-``fused_moe``, ``moe_experts`` and ``route`` are what ``jax_moe.api`` calls for the kernel
-backends, after its checks, with 2-D ``[T, ...]`` arrays. They make the call's ``Plan`` (tiles
-from the tables, dot precision, launcher) and decide the launches:
+``fused_moe`` and ``moe_experts`` (and ``top_k_routing``, for ``jax_moe.route``) are what
+``jax_moe.api`` calls for the kernel backends, after its checks, with 2-D ``[T, ...]`` arrays.
+They make the call's ``Plan`` (``make_plan``: tiles from the tables, dot precision, launcher,
+TMA) and decide the launches:
 
 * routing and dispatch are one launch (``route_and_dispatch``) at decode sizes, else two;
 * ungated shared experts are appended to every token's choices by the routing kernel itself; a
