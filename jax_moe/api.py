@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_moe import backend_triton, pipeline, reference, tile_configs
+from jax_moe import backend_triton, pipeline, reference, sharding, tile_configs
 from jax_moe.options import SCORINGS, Activation, Routing, as_activation
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
@@ -298,7 +298,11 @@ def route(
     routing = _checked_routing(
         router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups, routed_scaling_factor
     )
-    return _route(router_logits, routing, selection_bias, _resolve_backend(backend))
+    backend = _resolve_backend(backend)
+    layout = sharding.layout_of(router_logits, (selection_bias,))
+    if layout is not None:
+        return sharding.route(layout, router_logits, selection_bias, routing=routing, backend=backend)
+    return _route(router_logits, routing, selection_bias, backend)
 
 
 def _checked_routing(router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups,
@@ -370,6 +374,10 @@ def moe_experts(
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
     ids = jnp.where(valid, ids, 0).astype(jnp.int32)
+    layout = sharding.layout_of(hidden_states, (weights, ids, shared_gate), params)
+    if layout is not None:
+        return sharding.moe_experts(layout, hidden_states, weights, ids, params, shared_gate, activation=activation,
+                                    backend=backend, save_activations=bool(save_activations))
     return _experts(hidden_states, weights, ids, params, shared_gate, activation, backend, save_activations)
 
 
@@ -449,6 +457,13 @@ def fused_moe(
         router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups, routed_scaling_factor
     )
     backend = _resolve_backend(backend)
+    layout = sharding.layout_of(hidden_states, (router_logits, selection_bias, shared_gate), params)
+    if layout is not None:
+        return sharding.fused_moe(
+            layout, hidden_states, router_logits, params, selection_bias, shared_gate, routing=routing,
+            activation=activation, backend=backend, save_activations=bool(save_activations),
+            return_routing=return_routing,
+        )
     # The routing kernel appends ungated shared experts to the choices itself (no launch of
     # their own); gated ones take their weights from the activations, in XLA.
     shared_in_routing = params.num_shared if backend != "reference" and shared_gate is None else 0
@@ -476,10 +491,11 @@ def fused_moe(
 
 def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared_gate,
              activation: Activation, backend: str, save_activations: bool, shared_in_routing: bool = False,
-             dispatched=None, config: tile_configs.TileConfig | None = None):
+             dispatched=None, config: tile_configs.TileConfig | None = None, partial_sum: bool = False):
     """``shared_in_routing``: ``weights`` and ``ids`` already end with the shared experts' slots;
     ``dispatched``: their dispatch metadata, from ``pipeline.route_and_dispatch`` with the tiles
-    ``config`` (looked up here when not given)."""
+    ``config`` (looked up here when not given); ``partial_sum``: one device's share of the layer
+    (``pipeline.Plan``; kernel backends only)."""
     if backend == "reference":
         return reference.moe_experts(
             hidden_states, weights, ids, **params._asdict(), activation=activation, shared_gate=shared_gate
@@ -506,6 +522,7 @@ def _experts(hidden_states, weights, ids, params: pipeline.ExpertWeights, shared
             launch=_launcher(backend),
             save_activations=bool(save_activations),
             activation=activation,
+            partial_sum=partial_sum,
         ),
         dispatched=dispatched,
     )

@@ -282,6 +282,13 @@ class Plan:
     and up projections in the backward pass: one more pair of GEMMs. ``True`` stores both
     pre-activations instead: ``2 * rows * F`` elements of the activation dtype (Mixtral at
     T = 8192, bf16: 0.94 GB per layer).
+
+    ``partial_sum=True``: the call computes one device's share of the layer (expert or tensor
+    parallelism, ``jax_moe.sharding``). Expert ids < 0 mark absent pairs (another device's
+    experts), which get no rows and zero routing-weight gradients. The down projection and the
+    input gradient write each pair's row, and XLA sums a token's present rows: the result is in
+    ``_partial_dtype`` (float32, or bfloat16 for bf16 activations), the dtype the caller then
+    sums across devices in.
     """
 
     config: TileConfig
@@ -289,6 +296,7 @@ class Plan:
     launch: Launch
     save_activations: bool = False
     activation: Activation = SILU
+    partial_sum: bool = False
 
     def activation_args(self) -> dict:
         return dict(
@@ -296,6 +304,27 @@ class Plan:
             ALPHA=float(self.activation.alpha),
             LIMIT=float(self.activation.limit),
         )
+
+
+def _partial_dtype(out_dtype):
+    """The dtype of per-pair partial rows: bf16 halves their traffic for bf16 outputs (and rounds
+    each term as the bf16 output rounds their sum); fp16 keeps fp32, as a term may overflow where
+    the sum does not."""
+    return jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.bfloat16 else jnp.float32
+
+
+def _combined_rows(plan: Plan, num_tokens: int, top_k: int) -> tuple[int, int]:
+    """(output rows, slots per row) of the combine launches: a token's ``top_k`` pairs summed in
+    the kernel, or with ``partial_sum`` one row per pair (each its own one-slot token), summed by
+    ``_sum_present_pairs``."""
+    return (num_tokens * top_k, 1) if plan.partial_sum else (num_tokens, top_k)
+
+
+def _sum_present_pairs(pair_rows, ids):
+    """[T * k, N] rows of each pair -> [T, N]: the sum of each token's rows whose id is >= 0 (an
+    absent pair's row is never written), in float32, returned in the rows' dtype."""
+    rows = pair_rows.reshape(*ids.shape, -1).astype(jnp.float32)
+    return jnp.sum(jnp.where((ids >= 0)[..., None], rows, 0.0), axis=1).astype(pair_rows.dtype)
 
 
 def _half_blocks(plan: Plan) -> bool:
@@ -345,10 +374,9 @@ def _combine(plan: Plan, tiles: GemmTiles, a, b, shared_b, a2, b2, shared_b2, bi
     blocks = block_expert.shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
-    # The partial rows are written once and read back once: bf16 halves that traffic (Qwen3's
-    # T = 4096 forward, H100: 1123 -> 1058 us), and rounds each term as the bf16 output rounds
-    # their sum. fp16 keeps fp32 partials: a term may overflow where the sum does not.
-    partial_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.bfloat16 else jnp.float32
+    # The partial rows are written once and read back once: in bf16 for bf16 outputs (Qwen3's
+    # T = 4096 forward, H100: 1123 -> 1058 us).
+    partial_dtype = _partial_dtype(out_dtype)
     inputs = (
         a, b, shared_b, a2, b2, shared_b2, a if bias is None else bias, routing_weights,
         sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
@@ -397,7 +425,8 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     rows_shape = (blocks * block_m, intermediate) if plan.save_activations else (1, 1)
     tiles = plan.config.gate_up
     grid = blocks * triton.cdiv(intermediate, tiles.block_n)
-    zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.down, top_k), grid)
+    out_rows, combine_k = _combined_rows(plan, num_tokens, top_k)
+    zeros_shape, zero_args = _zeros_for(_arrival_counters(out_rows, hidden, plan.config.down, combine_k), grid)
     act, gate_preact, up_preact, zeroed_arrivals = plan.launch(
         kernels.gate_up_kernel,
         x, params.w_gate, params.w_up, shared_w_gate, shared_w_up,
@@ -426,9 +455,12 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     out = _combine(
         plan, plan.config.down, act, params.w_down, shared_w_down, act, params.w_down, shared_w_down,
         params.down_bias, flat_weights, sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
-        num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed, k_dim=intermediate,
-        n_dim=hidden, transposed_b=False, second_term=False, scale=True, out_dtype=x.dtype,
+        num_tokens=out_rows, top_k=combine_k, num_routed=params.num_routed, k_dim=intermediate,
+        n_dim=hidden, transposed_b=False, second_term=False, scale=True,
+        out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype,
     )
+    if plan.partial_sum:
+        out = _sum_present_pairs(out, ids)
     saved = (gate_preact, up_preact) if plan.save_activations else None
     return out, (x, flat_weights, ids, params, sorted_pairs, block_expert, expert_row_end, saved)
 
@@ -450,7 +482,8 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     shared_w_gate, shared_w_up, shared_w_down = params.shared_or_routed()
     gate_preact, up_preact = saved if saved is not None else (x, x)  # unread when recomputing
     grid = blocks * f_tiles
-    zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.input_grad, top_k), grid)
+    out_rows, combine_k = _combined_rows(plan, num_tokens, top_k)
+    zeros_shape, zero_args = _zeros_for(_arrival_counters(out_rows, hidden, plan.config.input_grad, combine_k), grid)
     weighted_act, grad_gate, grad_up, grad_weight_parts, zeroed_arrivals = plan.launch(
         kernels.gate_up_backward_kernel,
         x, params.w_gate, params.w_up, params.w_down, shared_w_gate, shared_w_up, shared_w_down,
@@ -477,9 +510,12 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     grad_x = _combine(
         plan, plan.config.input_grad, grad_gate, params.w_gate, shared_w_gate, grad_up, params.w_up, shared_w_up,
         None, flat_weights, sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
-        num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
-        transposed_b=True, second_term=True, scale=False, out_dtype=x.dtype,
+        num_tokens=out_rows, top_k=combine_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
+        transposed_b=True, second_term=True, scale=False,
+        out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype,
     )
+    if plan.partial_sum:
+        grad_x = _sum_present_pairs(grad_x, ids).astype(x.dtype)
     common = dict(
         routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
         params=params, top_k=top_k,
@@ -499,10 +535,12 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         bias_dots = jnp.einsum(
             "th,eh->te", grad_out, params.down_bias.astype(x.dtype), preferred_element_type=jnp.float32
         )
-        is_routed = ids < num_routed
+        is_routed = (ids >= 0) & (ids < num_routed)
         grad_weights += jnp.where(
             is_routed, jnp.take_along_axis(bias_dots, jnp.where(is_routed, ids, 0), axis=1), 0.0
         )
+    if plan.partial_sum:
+        grad_weights = jnp.where(ids >= 0, grad_weights, 0.0)  # absent pairs' parts were never written
     has_bias, has_shared = params.has_bias, params.num_shared > 0
     grad_params = ExpertWeights(
         grad_w_gate, grad_w_up, grad_w_down,
