@@ -299,7 +299,7 @@ def route(
         router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups, routed_scaling_factor
     )
     backend = _resolve_backend(backend)
-    layout = sharding.layout_of(router_logits, (selection_bias,))
+    layout = sharding.layout_of(router_logits, (selection_bias,), backend=backend)
     if layout is not None:
         return sharding.route(layout, router_logits, selection_bias, routing=routing, backend=backend)
     return _route(router_logits, routing, selection_bias, backend)
@@ -374,7 +374,7 @@ def moe_experts(
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
     ids = jnp.where(valid, ids, 0).astype(jnp.int32)
-    layout = sharding.layout_of(hidden_states, (weights, ids, shared_gate), params)
+    layout = sharding.layout_of(hidden_states, (weights, ids, shared_gate), params, backend=backend)
     if layout is not None:
         return sharding.moe_experts(layout, hidden_states, weights, ids, params, shared_gate, activation=activation,
                                     backend=backend, save_activations=bool(save_activations))
@@ -457,7 +457,8 @@ def fused_moe(
         router_logits, top_k, renormalize, scoring, selection_bias, num_groups, top_groups, routed_scaling_factor
     )
     backend = _resolve_backend(backend)
-    layout = sharding.layout_of(hidden_states, (router_logits, selection_bias, shared_gate), params)
+    layout = sharding.layout_of(hidden_states, (router_logits, selection_bias, shared_gate), params,
+                                backend=backend)
     if layout is not None:
         return sharding.fused_moe(
             layout, hidden_states, router_logits, params, selection_bias, shared_gate, routing=routing,

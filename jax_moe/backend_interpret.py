@@ -12,6 +12,12 @@ Two deliberate differences from the GPU:
 * bfloat16 buffers are handed to the interpreter as float32 and outputs are rounded back to bfloat16
   afterwards: the interpreter's bf16 ``tl.dot`` is wrong in triton 3.6. bf16 kernels proper are
   tested on the GPU.
+
+Inside a ``jax.shard_map`` body (every mesh axis manual: ``jax_moe.sharding``) each device launches
+its own kernels, through ``jax.experimental.buffer_callback``: it hands the callback XLA's buffers.
+``jax.pure_callback`` first copies its inputs onto CPU device 0 and waits for them, which can
+deadlock when all devices sit in callbacks of one program with collectives (seen with 8 CPU
+devices). Elsewhere ``jax.pure_callback`` runs a launch once, on whole arrays.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from types import MappingProxyType
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
 from triton.runtime import interpreter
 from triton.runtime.jit import JITFunction
 
@@ -161,4 +168,12 @@ def launch(
             _interpreted(kernel)[grid](*map(_HostTensor, host_inputs + outputs), **constexprs)
         return tuple(o.astype(s.dtype) for o, s in zip(outputs, out_shapes))
 
-    return jax.pure_callback(run, out_shapes, *inputs)
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return jax.pure_callback(run, out_shapes, *inputs)
+
+    def fill(context, buffers, *arrays):
+        del context
+        for buffer, result in zip(buffers, run(*map(np.asarray, arrays))):
+            np.asarray(buffer)[...] = result
+
+    return tuple(buffer_callback(fill, out_shapes)(*inputs))

@@ -110,12 +110,15 @@ class Layout:
         return {name: PartitionSpec(*by_name[name]) for name in arrays}
 
 
-def layout_of(hidden_states, others=(), params: pipeline.ExpertWeights | None = None) -> Layout | None:
+def layout_of(hidden_states, others=(), params: pipeline.ExpertWeights | None = None, *,
+              backend: str) -> Layout | None:
     """The layout of a call from its arguments' types: None when no argument is sharded on an
     Explicit mesh of more than one device (then the call runs as on one device).
 
     ``hidden_states``: the activations (for ``route``: the router logits), whose leading dims are
-    the tokens; ``others``: the other arrays (None allowed); ``params``: the expert weights.
+    the tokens; ``others``: the other arrays (None allowed); ``params``: the expert weights. On a
+    mesh of Auto axes the kernel backends warn: the kernels would run once over whole arrays (XLA
+    partitions the reference backend by itself).
     """
     arrays = [a for a in (hidden_states, *others, *(params or ())) if a is not None]
     meshes = [m for m in map(_mesh, arrays) if m is not None and not m.empty and math.prod(m.shape.values()) > 1]
@@ -125,6 +128,8 @@ def layout_of(hidden_states, others=(), params: pipeline.ExpertWeights | None = 
     if mesh.manual_axes:
         return None  # already per device: inside a shard_map
     if not mesh.explicit_axes:
+        if backend == "reference":
+            return None
         warnings.warn(
             "jax_moe: the arguments live on a mesh of Auto axes, whose types don't say how they "
             "are sharded: the layer runs as one program over whole arrays. Use a mesh of Explicit "
