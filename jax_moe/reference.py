@@ -133,10 +133,11 @@ def moe_experts(
     x = hidden_states.reshape(-1, hidden)
     top_k = ids.shape[-1]
     ids = ids.reshape(-1, top_k)
-    combine = (
-        jnp.zeros((x.shape[0], num_experts), jnp.float32)
-        .at[jnp.arange(x.shape[0])[:, None], ids]
-        .add(weights.reshape(-1, top_k).astype(jnp.float32))
+    # [T, E]: each token's weight for each expert (a sum of one-hots: XLA splits it by token on a
+    # mesh, where a scatter would be gathered).
+    combine = jnp.einsum(
+        "tk,tke->te", weights.reshape(-1, top_k).astype(jnp.float32),
+        jax.nn.one_hot(ids, num_experts, dtype=jnp.float32), precision=jax.lax.Precision.HIGHEST,
     )
     einsum = functools.partial(
         jnp.einsum, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
