@@ -151,16 +151,29 @@ def _shard_map(layout: Layout, body, arrays: dict, out_specs):
     to ``layout.specs`` first where their types differ."""
     arrays = {name: a for name, a in arrays.items() if a is not None}
     specs = layout.specs(arrays)
+    mesh = _device_mesh(arrays.values(), layout.mesh)
     resharded = {}
     for name, array in arrays.items():
         if _mesh(array) != layout.mesh or _spec(array) != tuple(specs[name]) + (None,) * (
             array.ndim - len(specs[name])
         ):
-            array = jax.sharding.reshard(array, NamedSharding(layout.mesh, specs[name]))
+            place = jax.sharding.reshard if isinstance(array, jax.core.Tracer) else jax.device_put
+            array = place(array, NamedSharding(mesh, specs[name]))
         resharded[name] = array
     # check_vma=False: the kernels' outputs (callbacks, custom calls) carry no per-device types.
     # Transposing then psums the cotangent of every argument over the axes it is replicated on.
-    return jax.shard_map(body, mesh=layout.mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(resharded)
+    return jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(resharded)
+
+
+def _device_mesh(arrays, mesh):
+    """The devices' mesh of a concrete argument on ``mesh`` (outside ``jax.jit`` the other
+    arguments are put on it), else ``mesh`` itself (under ``jax.jit`` they are resharded onto it)."""
+    for array in arrays:
+        if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
+            device_mesh = getattr(array.sharding, "mesh", None)
+            if device_mesh is not None and not device_mesh.empty and device_mesh.abstract_mesh == mesh:
+                return device_mesh
+    return mesh
 
 
 def _token_spec(layout: Layout) -> PartitionSpec:

@@ -63,6 +63,8 @@ LAYOUTS = {
     "data on both axes, 2x4": ((2, 4), ("a", "b"), _specs(P(("a", "b")))),
     "expert": ((8,), ("expert",), _specs(expert="expert")),
     "data x expert": ((2, 4), ("data", "expert"), _specs(P(("data", "expert")), expert="expert")),
+    # Experts split over both axes, listed against the mesh's order; the tokens over one of them.
+    "expert on both axes": ((2, 4), ("a", "b"), _specs(P("a"), expert=("b", "a"))),
     "tensor": ((2, 4), ("data", "tensor"), _specs(P("data"), tensor="tensor")),
     "expert x tensor": ((2, 4), ("expert", "tensor"), _specs(expert="expert", tensor="tensor")),
     "data x expert x tensor": (
@@ -220,6 +222,15 @@ def test_route_and_moe_experts_in_a_data_expert_layout():
     assert numpy_moe.rel_error(out, np.asarray(want, np.float64)) <= 1e-5
     for got, want in zip(grads, want_grads):
         assert numpy_moe.rel_error(got, np.asarray(want, np.float64)) <= 1e-5
+
+
+def test_eager_call_places_unsharded_weights_on_the_tokens_mesh():
+    mesh = _mesh((8,), ("data",))
+    arrays = _arrays(PLAIN)
+    x, logits = (jax.device_put(arrays[n], NamedSharding(mesh, P("data"))) for n in ("hidden_states", "router_logits"))
+    out = jax_moe.fused_moe(x, logits, arrays["w_gate"], arrays["w_up"], arrays["w_down"], top_k=2, backend="reference")
+    assert out.sharding.spec == P("data", None, None)
+    assert numpy_moe.rel_error(out, np.asarray(_one_device(PLAIN)[0], np.float64)) <= 1e-5
 
 
 def test_dispatch_gives_absent_pairs_no_rows():
