@@ -167,11 +167,10 @@ def test_layout_matches_one_device(layout, backend):
     if layout.startswith("data on") or layout == "data":
         # Data parallel: no collective but the sums of the weight gradients.
         assert not re.search(r"all-gather|reduce-scatter|all-to-all|collective-permute", hlo)
-        assert _collective_shapes(hlo, "all-reduce") <= weight_shapes
+        assert {(8, 8, 16), (8, 16, 8)} <= _collective_shapes(hlo, "all-reduce") <= weight_shapes
     if layout == "fsdp":
         # The weights are gathered (and their gradients reduce-scattered), never the activations.
-        assert _collective_shapes(hlo, "all-gather") <= weight_shapes
-        assert "all-gather" in hlo
+        assert {(8, 8, 16), (8, 16, 8)} <= _collective_shapes(hlo, "all-gather") <= weight_shapes
 
 
 @pytest.mark.parametrize("backend", ["interpret", "reference"])
