@@ -14,12 +14,14 @@ The block is pre-norm attention, then a pre-norm FusedMoE feed-forward with a lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_moe import Routing
 from flax_layers import FusedMoE
@@ -42,7 +44,10 @@ class TinyMoeBlock(nnx.Module):
         self.out_norm = nnx.RMSNorm(width, rngs=rngs)
 
     def __call__(self, tokens):
-        x = self.embed(tokens)
+        # On a mesh of Explicit axes the embedding lookup needs its output's sharding spelt out:
+        # the tokens' own, plus an unsplit feature dim.
+        spec = jax.typeof(tokens).sharding.spec
+        x = self.embed(tokens, out_sharding=P(*spec, None) if any(spec) else None)
         mask = nnx.make_causal_mask(tokens)
         x = x + self.attn(self.attn_norm(x), mask=mask).astype(x.dtype)
         x = x + self.moe(self.moe_norm(x)).astype(x.dtype)
@@ -55,8 +60,20 @@ def batch(key):
     return jnp.where(jnp.arange(SEQ) % 2 == 1, jnp.roll(follow, 1, axis=1), tokens)
 
 
-def train(backend: str = "auto", steps: int = 100, seed: int = 0, dtype=jnp.float32):
-    """Returns the per-step total losses (cross-entropy + auxiliary)."""
+def train(backend: str = "auto", steps: int = 100, seed: int = 0, dtype=jnp.float32, mesh=None, rules=()):
+    """Returns the per-step total losses (cross-entropy + auxiliary).
+
+    With ``mesh`` (of Explicit axes) the block is built and trained on it: ``rules`` (Flax logical
+    axis rules) map the layer's logical axis names to mesh axes, which shards its parameters as
+    they are created, and the rule for ``"batch"`` names the axes each batch is split over. The
+    MoE layer runs in the layout those shardings give (``jax_moe.sharding``).
+    """
+    on_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with on_mesh, nnx.logical_axis_rules(rules):
+        return _train(backend, steps, seed, dtype, mesh, dict(rules).get("batch"))
+
+
+def _train(backend, steps, seed, dtype, mesh, batch_axes):
     model = TinyMoeBlock(width=64, experts=8, top_k=2, backend=backend, dtype=dtype, rngs=nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
@@ -76,7 +93,10 @@ def train(backend: str = "auto", steps: int = 100, seed: int = 0, dtype=jnp.floa
     key = jax.random.key(seed)
     for _ in range(steps):
         key, data_key = jax.random.split(key)
-        losses.append(float(step(model, optimizer, batch(data_key))))
+        tokens = batch(data_key)
+        if mesh is not None:
+            tokens = jax.device_put(tokens, NamedSharding(mesh, P(batch_axes)))
+        losses.append(float(step(model, optimizer, tokens)))
     return losses
 
 

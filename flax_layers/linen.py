@@ -45,7 +45,9 @@ class FusedMoE(nn.Module):
 
     Same arguments and semantics as ``flax_layers.FusedMoE``; auxiliary losses are sown into the
     ``intermediates`` collection (``apply(..., mutable=["intermediates"])``) and the selection
-    bias lives in the ``routing`` collection, not in ``params``.
+    bias lives in the ``routing`` collection, not in ``params``. Sharded as the NNX layer is, from
+    the context mesh and the logical axis rules, with the parameters placed by
+    ``nn.logical_to_mesh_sharding``; the sizes are checked against the mesh at each call.
 
     Example::
 
@@ -99,6 +101,10 @@ class FusedMoE(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., hidden_size] -> [..., hidden_size]."""
+        moe_math.check_mesh(
+            self.hidden_size, self.intermediate_size, self.num_experts, self.expert_axis, self.embed_axis,
+            self.mlp_axis,
+        )
         router_kernel, router_bias = _RouterParams(
             self.num_experts, self.use_router_bias, self.param_dtype, self.router_init,
             self.router_bias_init, self.embed_axis, name="gate",

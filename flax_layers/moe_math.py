@@ -4,10 +4,13 @@ from raw parameters, and the auxiliary losses. Keeping it here keeps the two twi
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing as tp
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jax_moe
 
@@ -69,6 +72,36 @@ def check_config(hidden_size, intermediate_size, num_experts, num_shared_experts
         raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
 
 
+def check_mesh(hidden_size, intermediate_size, num_experts, expert_axis, embed_axis, mlp_axis) -> None:
+    """Raises ValueError, naming the size, when the context mesh (``jax.set_mesh``) would split a
+    dimension of the expert weights into unequal parts: the mesh axes a logical axis name maps to
+    (through Flax's logical axis rules, or as itself) must divide that dimension."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return
+    spec = spmd.apply_rules(PartitionSpec(expert_axis, embed_axis, mlp_axis), None)
+    dims = (("num_experts", num_experts, expert_axis), ("hidden_size", hidden_size, embed_axis),
+            ("intermediate_size", intermediate_size, mlp_axis))
+    for (name, size, logical), entry in zip(dims, spec):
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in mesh.shape)
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if size % parts:
+            raise ValueError(
+                f"{name}={size} must be divisible by {parts}, the size of the mesh axes {axes} that its "
+                f"logical axis {logical!r} maps to"
+            )
+
+
+def _whole(array):
+    """``array`` resharded whole onto every device where its type says it is split (Explicit
+    mesh axes): the router's [H, E] kernel split on H (FSDP-style) would leave the sharding of its
+    product with the tokens ambiguous."""
+    sharding = getattr(jax.typeof(array), "sharding", None)
+    if sharding is None or sharding.mesh.empty or not any(sharding.spec):
+        return array
+    return jax.sharding.reshard(array, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
 def load_balancing_loss(router_logits, ids, num_experts: int, scoring: str = "softmax"):
     """Switch Transformer: ``E * sum_e fraction_of_tokens_e * mean_router_prob_e``, where a token
     counts for every expert among its top-k (so a perfectly balanced router scores top_k). With
@@ -80,7 +113,8 @@ def load_balancing_loss(router_logits, ids, num_experts: int, scoring: str = "so
     else:
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    chosen = jnp.zeros_like(probs).at[jnp.arange(probs.shape[0])[:, None], ids.reshape(probs.shape[0], -1)].add(1.0)
+    # A sum of one-hots rather than a scatter: it keeps the tokens' sharding on a mesh.
+    chosen = jnp.sum(jax.nn.one_hot(ids.reshape(probs.shape[0], -1), num_experts, dtype=probs.dtype), axis=1)
     return num_experts * jnp.sum(jnp.mean(chosen, axis=0) * jnp.mean(probs, axis=0))
 
 
@@ -113,10 +147,10 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     # HIGHEST: on GPUs a float32 dot may otherwise round its inputs to tf32 (~1e-3), enough to
     # flip experts whose scores are that close; the router is a small GEMM beside the experts.
     logits = jnp.dot(
-        x.astype(jnp.float32), router_kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        x.astype(jnp.float32), _whole(router_kernel).astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
     if router_bias is not None:
-        logits = logits + router_bias.astype(jnp.float32)
+        logits = logits + _whole(router_bias).astype(jnp.float32)
     matrices = {"wi_0", "wi_1", "wo", "shared_wi_0", "shared_wi_1", "shared_wo"}
     weights = jax_moe.ExpertWeights(
         **{_FUSED_MOE_NAMES[name]: value.astype(compute_dtype) if name in matrices else value

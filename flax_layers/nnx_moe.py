@@ -34,6 +34,13 @@ class FusedMoE(nnx.Module):
     variable, not a ``Param``). Every parameter carries logical sharding names (``expert_axis``,
     ``embed_axis``, ``mlp_axis``).
 
+    Sharding: built under a mesh of Explicit axes (``jax.set_mesh``), with Flax's logical axis rules
+    (``nnx.logical_axis_rules``) mapping those names to mesh axes, the parameters are created
+    sharded, and each call runs in the layout their shardings and the tokens' give
+    (``jax_moe.sharding``): ``expert_axis`` -> expert parallel, ``mlp_axis`` -> tensor parallel,
+    ``embed_axis`` -> weights stored split on H, gathered per call; the tokens' sharding -> data
+    parallel. A size its mesh axes don't divide raises ``ValueError`` here, naming it.
+
     Auxiliary losses, weighted and sown as ``nnx.Intermediate`` when their weight is non-zero:
     ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE). Collect them with
     ``nnx.capture(model, nnx.Intermediate)``, which returns them beside the output.
@@ -120,6 +127,7 @@ class FusedMoE(nnx.Module):
         moe_math.check_config(
             hidden_size, intermediate_size, num_experts, num_shared_experts, use_shared_expert_gate, self.options
         )
+        moe_math.check_mesh(hidden_size, intermediate_size, num_experts, expert_axis, embed_axis, mlp_axis)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts

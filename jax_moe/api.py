@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_moe import backend_triton, pipeline, reference
+from jax_moe import backend_triton, pipeline, reference, sharding
 from jax_moe.options import Activation, ExpertWeights, Routing, gather
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
@@ -238,6 +238,15 @@ def route(router_logits, routing: Routing | None = None, *, selection_bias=None,
     _, routing = gather("route", routing=routing, keywords=routing_keywords, takes_experts=False)
     _check_router_logits(router_logits, routing, selection_bias)
     backend = _resolve_backend(backend)
+    body = functools.partial(_route_on_device, routing=routing, backend=backend)
+    layout = sharding.layout_of(router_logits, (selection_bias,), backend=backend)
+    if layout is not None:
+        return sharding.route(layout, body, router_logits, selection_bias)
+    return body(router_logits, selection_bias)
+
+
+def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend: str):
+    """``route`` past its checks, on the arrays one device holds."""
     lead, num_experts = router_logits.shape[:-1], router_logits.shape[-1]
     num_tokens = math.prod(lead)
     if backend == "reference" or num_tokens == 0:
@@ -281,6 +290,19 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
     ids = jnp.where(valid, ids, 0).astype(jnp.int32)
+    body = functools.partial(
+        _moe_experts_on_device, activation=activation, backend=backend, save_activations=bool(save_activations)
+    )
+    layout = sharding.layout_of(hidden_states, (weights, ids), experts, backend=backend)
+    if layout is not None:
+        return sharding.moe_experts(layout, body, hidden_states, weights, ids, experts, backend=backend,
+                                    save_activations=bool(save_activations), activation=activation)
+    return body(hidden_states, weights, ids, experts)
+
+
+def _moe_experts_on_device(hidden_states, weights, ids, experts: ExpertWeights, *, activation: Activation,
+                           backend: str, save_activations: bool):
+    """``moe_experts`` past its checks (ids in range, weights float32), on one device's arrays."""
     if backend == "reference":
         return reference.moe_experts(hidden_states, weights, ids, experts, activation)
     if _is_empty(hidden_states, experts):
@@ -350,25 +372,40 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
     _check_logits_match(router_logits, hidden_states, experts.num_routed)
     _check_router_logits(router_logits, routing, selection_bias)
     backend = _resolve_backend(backend)
+    body = functools.partial(
+        _fused_moe_on_device, routing=routing, activation=activation, backend=backend,
+        save_activations=bool(save_activations),
+    )
+    layout = sharding.layout_of(hidden_states, (router_logits, selection_bias), experts, backend=backend)
+    if layout is not None:
+        route_body = functools.partial(_route_on_device, routing=routing, backend=backend)
+        out, weights, ids = sharding.fused_moe(
+            layout, body, route_body, hidden_states, router_logits, selection_bias, experts,
+            activation=activation, backend=backend, save_activations=bool(save_activations),
+        )
+    else:
+        out, weights, ids = body(hidden_states, router_logits, selection_bias, experts)
+    if return_routing:
+        return out, weights, ids
+    return out
+
+
+def _fused_moe_on_device(hidden_states, router_logits, selection_bias, experts: ExpertWeights, *, routing: Routing,
+                         activation: Activation, backend: str, save_activations: bool):
+    """``fused_moe`` past its checks, on the arrays one device holds: (output, weights, ids)."""
     lead = hidden_states.shape[:-1]
     num_tokens, hidden = math.prod(lead), hidden_states.shape[-1]
     if backend == "reference" or _is_empty(hidden_states, experts):
         weights, ids = reference.route(router_logits, routing, selection_bias)
         if backend == "reference":
-            out = reference.moe_experts(hidden_states, weights, ids, experts, activation)
-        else:
-            out = jnp.zeros(hidden_states.shape, hidden_states.dtype)
-    else:
-        out, weights, ids = pipeline.fused_moe(
-            hidden_states.reshape(num_tokens, hidden), router_logits.reshape(num_tokens, -1),
-            _stopped_bias(selection_bias), experts, routing, activation, backend=backend,
-            save_activations=save_activations,
-        )
-        out = out.reshape(hidden_states.shape)
-        weights, ids = (a.reshape(*lead, routing.top_k) for a in (weights, ids))
-    if return_routing:
-        return out, weights, ids
-    return out
+            return reference.moe_experts(hidden_states, weights, ids, experts, activation), weights, ids
+        return jnp.zeros(hidden_states.shape, hidden_states.dtype), weights, ids
+    out, weights, ids = pipeline.fused_moe(
+        hidden_states.reshape(num_tokens, hidden), router_logits.reshape(num_tokens, -1),
+        _stopped_bias(selection_bias), experts, routing, activation, backend=backend,
+        save_activations=save_activations,
+    )
+    return out.reshape(hidden_states.shape), *(a.reshape(*lead, routing.top_k) for a in (weights, ids))
 
 
 def split_shared_expert(w_gate, w_up, w_down, intermediate: int):

@@ -15,6 +15,12 @@ Two deliberate differences from the GPU:
 
 Supported triton versions: ``jax_moe.stacks.INTERPRETER_TRITON``; importing this module (which
 happens when the backend is first used) raises ``stacks.UnsupportedTritonError`` outside them.
+
+Inside a ``jax.shard_map`` body (every mesh axis manual: ``jax_moe.sharding``) each device launches
+its own kernels, through ``jax.experimental.buffer_callback``: it hands the callback XLA's buffers.
+``jax.pure_callback`` first copies its inputs onto CPU device 0 and waits for them, which can
+deadlock when all devices sit in callbacks of one program with collectives (seen with 8 CPU
+devices). Elsewhere ``jax.pure_callback`` runs a launch once, on whole arrays.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from jax_moe import stacks
 # results later.
 stacks.check_interpreter_triton()
 
+from jax.experimental.buffer_callback import buffer_callback  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -173,4 +180,12 @@ def launch(
             _interpreted(kernel)[grid](*map(_HostTensor, host_inputs + outputs), **constexprs)
         return tuple(o.astype(s.dtype) for o, s in zip(outputs, out_shapes))
 
-    return jax.pure_callback(run, out_shapes, *inputs)
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return jax.pure_callback(run, out_shapes, *inputs)
+
+    def fill(context, buffers, *arrays):
+        del context
+        for buffer, result in zip(buffers, run(*map(np.asarray, arrays))):
+            np.asarray(buffer)[...] = result
+
+    return tuple(buffer_callback(fill, out_shapes)(*inputs))

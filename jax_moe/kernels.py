@@ -189,11 +189,12 @@ def _route_tokens(
 
 @triton.jit
 def _id_histogram(expert_ids_ptr, start, end, EXPERTS_PAD: tl.constexpr, HIST_BLOCK: tl.constexpr):
-    """How many of the expert ids ``[start, min(start + HIST_BLOCK, end))`` name each expert."""
+    """How many of the expert ids ``[start, min(start + HIST_BLOCK, end))`` name each expert
+    (negative ids, absent pairs, count for none)."""
     pairs = start + tl.arange(0, HIST_BLOCK)
     in_range = pairs < end
     ids = tl.load(expert_ids_ptr + pairs, mask=in_range, other=0)
-    return tl.histogram(ids, EXPERTS_PAD, mask=in_range)
+    return tl.histogram(ids, EXPERTS_PAD, mask=in_range & (ids >= 0))
 
 
 @triton.jit
@@ -213,6 +214,10 @@ def dispatch_kernel(
     HIST_BLOCK: tl.constexpr,  # expert ids histogrammed per step (a power of two)
 ):
     """Sorts the (token, slot) pairs by expert, padding each expert's rows to ``BLOCK_M``.
+
+    A negative expert id marks an *absent* pair: one this launch skips (under expert parallelism,
+    a pair of another device's experts, the ids being local: ``[0, E_local)``). Absent pairs get no
+    row and count for no expert; every other output is as if they were not there.
 
     Grid: ``(NUM_PROGRAMS,)``, with no communication between programs: each one histograms all
     ``NUM_PAIRS`` expert ids itself, ``HIST_BLOCK`` at a time (it costs no host sync and no second
@@ -274,10 +279,13 @@ def _dispatch_program(
         pairs = rank_start + rank_lanes
         in_range = pairs < NUM_PAIRS
         ids = tl.load(expert_ids_ptr + pairs, mask=in_range, other=0)
+        present = in_range & (ids >= 0)
+        # An absent pair's (negative) id equals no present pair's: their ranks don't count it.
         same_expert_earlier = (ids[:, None] == ids[None, :]) & (rank_lanes[None, :] < rank_lanes[:, None])
         rank = tl.sum(same_expert_earlier.to(tl.int32), axis=1)
-        tl.store(sorted_pairs_ptr + tl.gather(next_row, ids, 0) + rank, pairs, mask=in_range)
-        next_row += tl.histogram(ids, EXPERTS_PAD, mask=in_range)
+        row = tl.gather(next_row, tl.maximum(ids, 0), 0) + rank
+        tl.store(sorted_pairs_ptr + row, pairs, mask=present)
+        next_row += tl.histogram(ids, EXPERTS_PAD, mask=present)
 
     block_lanes = tl.arange(0, BLOCKS_PER_STEP)
     for block_start in range(pid * BLOCKS_PER_STEP, MAX_BLOCKS, NUM_PROGRAMS * BLOCKS_PER_STEP):

@@ -282,6 +282,13 @@ class Plan:
     and up projections in the backward pass: one more pair of GEMMs. ``True`` stores both
     pre-activations instead: ``2 * rows * F`` elements of the activation dtype (Mixtral at
     T = 8192, bf16: 0.94 GB per layer). ``make_plan`` makes the plan of a call.
+
+    ``partial_sum=True``: the call computes one device's share of the layer (expert or tensor
+    parallelism, ``jax_moe.sharding``). Expert ids < 0 mark absent pairs (another device's
+    experts), which get no rows and zero routing-weight gradients. The down projection and the
+    input gradient write each pair's row, and XLA sums a token's present rows: the result is in
+    ``_partial_dtype`` (float32, or bfloat16 for bf16 activations), the dtype the caller then
+    sums across devices in.
     """
 
     config: TileConfig
@@ -290,6 +297,7 @@ class Plan:
     save_activations: bool = False
     activation: Activation = SILU
     tma: bool = False  # the config asks for TMA weight tiles and the backend can give them
+    partial_sum: bool = False
 
     def activation_args(self) -> dict:
         return dict(
@@ -303,6 +311,27 @@ def _use_tma(plan: Plan, n_dim: int, dtype) -> bool:
     """Whether a GEMM over row-major [K, n_dim] weights reads them through TMA descriptors: where
     the plan has them and the weights' rows (and so every expert's matrix) are 16-byte aligned."""
     return plan.tma and n_dim * jnp.dtype(dtype).itemsize % 16 == 0
+
+
+def _partial_dtype(out_dtype):
+    """The dtype of per-pair partial rows: bf16 halves their traffic for bf16 outputs (and rounds
+    each term as the bf16 output rounds their sum); fp16 keeps fp32, as a term may overflow where
+    the sum does not."""
+    return jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.bfloat16 else jnp.float32
+
+
+def _combined_rows(plan: Plan, num_tokens: int, top_k: int) -> tuple[int, int]:
+    """(output rows, slots per row) of the combine launches: a token's ``top_k`` pairs summed in
+    the kernel, or with ``partial_sum`` one row per pair (each its own one-slot token), summed by
+    ``_sum_present_pairs``."""
+    return (num_tokens * top_k, 1) if plan.partial_sum else (num_tokens, top_k)
+
+
+def _sum_present_pairs(pair_rows, ids):
+    """[T * k, N] rows of each pair -> [T, N]: the sum of each token's rows whose id is >= 0 (an
+    absent pair's row is never written), in float32, returned in the rows' dtype."""
+    rows = pair_rows.reshape(*ids.shape, -1).astype(jnp.float32)
+    return jnp.sum(jnp.where((ids >= 0)[..., None], rows, 0.0), axis=1).astype(pair_rows.dtype)
 
 
 def _half_blocks(plan: Plan) -> bool:
@@ -354,10 +383,7 @@ def _combine(plan: Plan, tiles: GemmTiles, *, first_term, second_term, bias, rou
     blocks = dispatched[1].shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
-    # The partial rows are written once and read back once: bf16 halves that traffic, and rounds
-    # each term as the bf16 output rounds their sum. fp16 keeps fp32 partials: a term may
-    # overflow where the sum does not.
-    partial_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.bfloat16 else jnp.float32
+    partial_dtype = _partial_dtype(out_dtype)
     a, b, shared_b = first_term
     a2, b2, shared_b2 = second_term or (_absent(a.dtype), _absent(b.dtype), _absent(b.dtype))
     inputs = (
@@ -412,7 +438,8 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     )
     tiles = plan.config.gate_up
     grid = blocks * triton.cdiv(intermediate, tiles.block_n)
-    zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.down, top_k), grid)
+    out_rows, combine_k = _combined_rows(plan, num_tokens, top_k)
+    zeros_shape, zero_args = _zeros_for(_arrival_counters(out_rows, hidden, plan.config.down, combine_k), grid)
     act, gate_preact, up_preact, zeroed_arrivals = plan.launch(
         kernels.gate_up_kernel,
         x, w_gate, w_up, shared_w_gate, shared_w_up,
@@ -442,9 +469,12 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     out = _combine(
         plan, plan.config.down, first_term=(act, w_down, shared_w_down), second_term=None,
         bias=params.down_bias, routing_weights=flat_weights, dispatched=dispatched,
-        zeroed_arrivals=zeroed_arrivals, num_tokens=num_tokens, top_k=top_k, num_routed=params.num_routed,
-        k_dim=intermediate, n_dim=hidden, transposed_b=False, scale=True, out_dtype=x.dtype,
+        zeroed_arrivals=zeroed_arrivals, num_tokens=out_rows, top_k=combine_k, num_routed=params.num_routed,
+        k_dim=intermediate, n_dim=hidden, transposed_b=False, scale=True,
+        out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype,
     )
+    if plan.partial_sum:
+        out = _sum_present_pairs(out, ids)
     saved = (gate_preact, up_preact) if plan.save_activations else None
     return out, (x, flat_weights, ids, params, sorted_pairs, block_expert, expert_row_end, saved)
 
@@ -466,7 +496,8 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down = _kernel_weights(params)
     gate_preact, up_preact = saved if saved is not None else (_absent(x.dtype),) * 2
     grid = blocks * f_tiles
-    zeros_shape, zero_args = _zeros_for(_arrival_counters(num_tokens, hidden, plan.config.input_grad, top_k), grid)
+    out_rows, combine_k = _combined_rows(plan, num_tokens, top_k)
+    zeros_shape, zero_args = _zeros_for(_arrival_counters(out_rows, hidden, plan.config.input_grad, combine_k), grid)
     weighted_act, grad_gate, grad_up, grad_weight_parts, zeroed_arrivals = plan.launch(
         kernels.gate_up_backward_kernel,
         x, w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down,
@@ -495,9 +526,11 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         plan, plan.config.input_grad, first_term=(grad_gate, w_gate, shared_w_gate),
         second_term=(grad_up, w_up, shared_w_up), bias=None, routing_weights=flat_weights,
         dispatched=(sorted_pairs, block_expert, expert_row_end), zeroed_arrivals=zeroed_arrivals,
-        num_tokens=num_tokens, top_k=top_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
-        transposed_b=True, scale=False, out_dtype=x.dtype,
+        num_tokens=out_rows, top_k=combine_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
+        transposed_b=True, scale=False, out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype,
     )
+    if plan.partial_sum:
+        grad_x = _sum_present_pairs(grad_x, ids).astype(x.dtype)
     common = dict(
         routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
         params=params, top_k=top_k,
@@ -517,10 +550,12 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         bias_dots = jnp.einsum(
             "th,eh->te", grad_out, params.down_bias.astype(x.dtype), preferred_element_type=jnp.float32
         )
-        is_routed = ids < num_routed
+        is_routed = (ids >= 0) & (ids < num_routed)
         grad_weights += jnp.where(
             is_routed, jnp.take_along_axis(bias_dots, jnp.where(is_routed, ids, 0), axis=1), 0.0
         )
+    if plan.partial_sum:
+        grad_weights = jnp.where(ids >= 0, grad_weights, 0.0)  # absent pairs' parts were never written
     has_bias, has_shared = params.has_bias, params.num_shared > 0
     grad_params = ExpertWeights(
         grad_w_gate, grad_w_up, grad_w_down,
@@ -663,9 +698,10 @@ def _tile_config(backend: str, num_pairs: int, params: ExpertWeights, top_k: int
 
 
 def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: int, dtype,
-              save_activations: bool, activation: Activation) -> Plan:
+              save_activations: bool, activation: Activation, partial_sum: bool = False) -> Plan:
     """The plan of one call of ``num_tokens`` tokens with ``top_k`` routed choices each (the
-    shared experts come on top). Raises ValueError where dispatch's int32 rows would overflow."""
+    shared experts come on top); ``partial_sum``: see ``Plan``. Raises ValueError where
+    dispatch's int32 rows would overflow."""
     num_pairs = num_tokens * (top_k + params.num_shared)
     config = _tile_config(backend, num_pairs, params, top_k)
     rows = max_row_blocks(params.num_routed + params.num_shared, num_pairs, config.block_m) * config.block_m
@@ -678,7 +714,7 @@ def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: in
     return Plan(
         config=config, dot_precision=_dot_precision(jnp.dtype(dtype)), launch=launcher(backend),
         save_activations=bool(save_activations), activation=activation,
-        tma=config.tma and tma_available(backend),
+        tma=config.tma and tma_available(backend), partial_sum=partial_sum,
     )
 
 
@@ -734,11 +770,15 @@ def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing
 
 
 def moe_experts(x, weights, ids, params: ExpertWeights, activation: Activation, *, backend: str,
-                save_activations: bool):
+                save_activations: bool, shared_in_ids: bool = False, partial_sum: bool = False):
     """The experts on a kernel backend for routing made by the caller: [T, H] ``x``, [T, k]
-    float32 ``weights`` and int32 ``ids`` in [0, E) -> [T, H]."""
+    float32 ``weights`` and int32 ``ids`` in [0, E) -> [T, H].
+
+    ``shared_in_ids``: ``weights`` and ``ids`` end with the shared experts' slots already;
+    ``partial_sum``: one device's share of a sharded layer (``Plan``), where ids < 0 are absent
+    pairs."""
     plan = make_plan(
-        backend, params, num_tokens=x.shape[0], top_k=ids.shape[1], dtype=x.dtype,
-        save_activations=save_activations, activation=activation,
+        backend, params, num_tokens=x.shape[0], top_k=ids.shape[1] - (params.num_shared if shared_in_ids else 0),
+        dtype=x.dtype, save_activations=save_activations, activation=activation, partial_sum=partial_sum,
     )
-    return _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=False)
+    return _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=shared_in_ids)

@@ -81,10 +81,11 @@ def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation:
     x = hidden_states.reshape(num_tokens, hidden)
     top_k = ids.shape[-1]
     ids = ids.reshape(num_tokens, top_k)
-    combine = (
-        jnp.zeros((num_tokens, num_experts), jnp.float32)
-        .at[jnp.arange(num_tokens)[:, None], ids]
-        .add(weights.reshape(num_tokens, top_k).astype(jnp.float32))
+    # [T, E]: each token's weight for each expert (a sum of one-hots: XLA splits it by token on a
+    # mesh, where a scatter would be gathered).
+    combine = jnp.einsum(
+        "tk,tke->te", weights.reshape(num_tokens, top_k).astype(jnp.float32),
+        jax.nn.one_hot(ids, num_experts, dtype=jnp.float32), precision=jax.lax.Precision.HIGHEST,
     )
     einsum = functools.partial(
         jnp.einsum, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST

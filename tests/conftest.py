@@ -4,6 +4,11 @@ import os
 import pathlib
 import sys
 
+# Eight CPU devices for the multi-device tests (test_parallel.py); read when JAX first starts its
+# CPU backend, so set before any test runs. Single-device tests use the first one, as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import hypothesis
 import jax
 import numpy as np

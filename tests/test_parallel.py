@@ -1,0 +1,337 @@
+"""Multi-device layouts (``jax_moe.sharding``) on 8 CPU devices (tests/conftest.py asks for them):
+data, expert and tensor parallel layers, FSDP-style weights and their combinations, forward and
+gradients, against the same call on one device; the Flax layers and the sharded training example."""
+
+import functools
+import importlib
+import itertools
+import math
+import pathlib
+import re
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_moe
+from jax_moe import Routing
+from flax_layers import FusedMoE
+from flax_layers import linen as moe_linen
+from jax_moe import arg_specs, backend_interpret, pipeline
+
+import numpy_moe
+
+CPUS = jax.devices("cpu")
+BATCH, SEQ = 8, 4  # 32 tokens
+PLAIN = arg_specs.MoeShape("plain", num_experts=8, routing=Routing(2), hidden=8, intermediate=16)
+# Every option at once: sigmoid scores, groups, selection bias, expert biases, gpt-oss's clamped
+# activation, two gated shared experts.
+ALL_OPTIONS = arg_specs.MoeShape(
+    "all options", num_experts=8, hidden=8, intermediate=16,
+    routing=Routing(2, scoring="sigmoid", num_groups=4, top_groups=2, routed_scaling_factor=2.5),
+    selection_bias=True, expert_bias=True, activation=jax_moe.GPT_OSS_SWIGLU, shared_intermediate=32, shared_gate=True,
+)
+COLLECTIVES = r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+
+
+def _mesh(shape, names, axis_types=None):
+    return jax.make_mesh(shape, names, axis_types=axis_types, devices=CPUS[: math.prod(shape)])
+
+
+def _specs(tokens=P(), expert=None, tensor=None, hidden=None) -> dict:
+    """Every argument's PartitionSpec: the token dims of the activations, the expert, F and H
+    dims of the weights."""
+    return dict(
+        hidden_states=tokens, router_logits=tokens, w_gate=P(expert, hidden, tensor),
+        w_up=P(expert, hidden, tensor), w_down=P(expert, tensor, hidden), gate_bias=P(expert, tensor),
+        up_bias=P(expert, tensor), down_bias=P(expert, hidden), shared_w_gate=P(None, hidden, tensor),
+        shared_w_up=P(None, hidden, tensor), shared_w_down=P(None, tensor, hidden), shared_gate=P(hidden),
+        selection_bias=P(),
+    )
+
+
+# name: (mesh shape, mesh axes, argument specs)
+LAYOUTS = {
+    "data": ((8,), ("data",), _specs(P("data"))),
+    "data on both dims, 2x4": ((2, 4), ("data", "seq"), _specs(P("data", "seq"))),
+    "data on both axes, 2x4": ((2, 4), ("a", "b"), _specs(P(("a", "b")))),
+    "expert": ((8,), ("expert",), _specs(expert="expert")),
+    "data x expert": ((2, 4), ("data", "expert"), _specs(P(("data", "expert")), expert="expert")),
+    # Experts split over both axes, listed against the mesh's order; the tokens over one of them.
+    "expert on both axes": ((2, 4), ("a", "b"), _specs(P("a"), expert=("b", "a"))),
+    "tensor": ((2, 4), ("data", "tensor"), _specs(P("data"), tensor="tensor")),
+    "expert x tensor": ((2, 4), ("expert", "tensor"), _specs(expert="expert", tensor="tensor")),
+    "data x expert x tensor": (
+        (2, 2, 2), ("data", "expert", "tensor"), _specs(P("data", "expert"), expert="expert", tensor="tensor")
+    ),
+    "fsdp": ((8,), ("data",), _specs(P("data"), hidden="data")),
+    "fsdp x expert": ((2, 4), ("data", "expert"), _specs(P("data"), expert="expert", hidden="data")),
+}
+
+
+@functools.cache
+def _arrays(shape: arg_specs.MoeShape, dtype: str = "float32") -> dict:
+    inputs = arg_specs.random_inputs(shape, BATCH * SEQ, dtype, jax.random.key(0))
+    arrays = dict(
+        hidden_states=inputs.hidden_states.reshape(BATCH, SEQ, -1),
+        router_logits=inputs.router_logits.reshape(BATCH, SEQ, -1),
+        w_gate=inputs.w_gate, w_up=inputs.w_up, w_down=inputs.w_down, **inputs.extras,
+    )
+    return jax.device_put(arrays, CPUS[0])
+
+
+def _cotangent(hidden):
+    return jnp.cos(jnp.arange(BATCH * SEQ * hidden, dtype=jnp.float32)).reshape(BATCH, SEQ, hidden)
+
+
+def _loss(backend, shape: arg_specs.MoeShape, **options):
+    def loss(arrays):
+        arrays = dict(arrays)
+        args = [arrays.pop(name) for name in ("hidden_states", "router_logits", "w_gate", "w_up", "w_down")]
+        out = jax_moe.fused_moe(*args, **arrays, **shape.static_options(), backend=backend, **options)
+        return jnp.sum(out.astype(jnp.float32) * _cotangent(shape.hidden)), out
+
+    return loss
+
+
+def _value_and_grads(backend, shape, arrays, **options):
+    """(output, gradients of every array, compiled HLO text) of one jitted call."""
+    compiled = jax.jit(jax.value_and_grad(_loss(backend, shape, **options), has_aux=True)).lower(arrays).compile()
+    (_, out), grads = compiled(arrays)
+    return out, grads, compiled.as_text()
+
+
+@functools.cache
+def _one_device(shape: arg_specs.MoeShape, dtype: str = "float32"):
+    """The reference on one device: the output and the gradients."""
+    out, grads, _ = _value_and_grads("reference", shape, _arrays(shape, dtype))
+    return out, grads
+
+
+def _on_mesh(arrays: dict, mesh, specs: dict) -> dict:
+    return {name: jax.device_put(a, NamedSharding(mesh, specs[name])) for name, a in arrays.items()}
+
+
+def _padded(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _collective_shapes(hlo: str, op: str) -> set:
+    """The shapes of the arrays the collectives ``op`` produce in compiled HLO text."""
+    shapes = set()
+    for result in re.findall(r"= (\(?[^=]*?\)?) " + op + r"(?:-start)?\(", hlo):
+        shapes |= {tuple(map(int, dims.split(","))) for dims in re.findall(r"\[([\d,]+)\]", result)}
+    return shapes
+
+
+def _shard_shapes(array, spec: P, mesh) -> set:
+    """The shapes of ``array`` with any subset of its dims split as ``spec`` says."""
+    options = []
+    for size, entry in zip(array.shape, _padded(spec, array.ndim)):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        options.append({size, size // math.prod(mesh.shape[a] for a in axes)})
+    return set(itertools.product(*options))
+
+
+def _check_parity(out, grads, want_out, want_grads, tolerance):
+    assert numpy_moe.rel_error(out, np.asarray(want_out, np.float64)) <= tolerance
+    for name, want in want_grads.items():
+        if name == "selection_bias":
+            continue  # no gradient by design (stop_gradient): zeros on both
+        assert numpy_moe.rel_error(grads[name], np.asarray(want, np.float64)) <= tolerance, name
+
+
+@pytest.mark.parametrize(
+    "layout,backend",
+    [(name, "interpret") for name in LAYOUTS] + [("data", "reference"), ("data x expert x tensor", "reference")],
+)
+def test_layout_matches_one_device(layout, backend):
+    mesh_shape, axes, specs = LAYOUTS[layout]
+    mesh = _mesh(mesh_shape, axes)
+    arrays = _on_mesh(_arrays(PLAIN), mesh, specs)
+    out, grads, hlo = _value_and_grads(backend, PLAIN, arrays)
+    _check_parity(out, grads, *_one_device(PLAIN), 1e-5)
+
+    # The output keeps the tokens' sharding; each gradient its argument's.
+    assert _padded(out.sharding.spec, 3) == _padded(specs["hidden_states"], 3)
+    for name, grad in grads.items():
+        assert _padded(grad.sharding.spec, grad.ndim) == _padded(specs[name], grad.ndim), name
+
+    weight_shapes = set().union(*(_shard_shapes(arrays[n], specs[n], mesh) for n in ("w_gate", "w_up", "w_down")))
+    if layout.startswith("data on") or layout == "data":
+        # Data parallel: no collective but the sums of the weight gradients.
+        assert not re.search(r"all-gather|reduce-scatter|all-to-all|collective-permute", hlo)
+        assert {(8, 8, 16), (8, 16, 8)} <= _collective_shapes(hlo, "all-reduce") <= weight_shapes
+    if layout == "fsdp":
+        # The weights are gathered (and their gradients reduce-scattered), never the activations.
+        assert {(8, 8, 16), (8, 16, 8)} <= _collective_shapes(hlo, "all-gather") <= weight_shapes
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_every_family_option_in_a_data_expert_tensor_layout(backend):
+    mesh_shape, axes, specs = LAYOUTS["data x expert x tensor"]
+    arrays = _on_mesh(_arrays(ALL_OPTIONS), _mesh(mesh_shape, axes), specs)
+    out, grads, _ = _value_and_grads(backend, ALL_OPTIONS, arrays)
+    _check_parity(out, grads, *_one_device(ALL_OPTIONS), 1e-5)
+
+
+def test_saved_activations_and_bfloat16_in_a_data_expert_tensor_layout():
+    mesh_shape, axes, specs = LAYOUTS["data x expert x tensor"]
+    mesh = _mesh(mesh_shape, axes)
+    out, grads, _ = _value_and_grads("interpret", PLAIN, _on_mesh(_arrays(PLAIN), mesh, specs), save_activations=True)
+    _check_parity(out, grads, *_one_device(PLAIN), 1e-5)
+    out, grads, _ = _value_and_grads("interpret", PLAIN, _on_mesh(_arrays(PLAIN, "bfloat16"), mesh, specs))
+    assert out.dtype == jnp.bfloat16
+    _check_parity(out, grads, *_one_device(PLAIN, "bfloat16"), 1e-2)
+
+
+def test_route_and_moe_experts_in_a_data_expert_layout():
+    mesh = _mesh((2, 4), ("data", "expert"))
+    specs = _specs(P(("data", "expert")), expert="expert")
+    arrays = _arrays(PLAIN)
+    sharded = _on_mesh(arrays, mesh, specs)
+    route = jax.jit(lambda logits: jax_moe.route(logits, top_k=2, backend="interpret"))
+    weights, ids = route(sharded["router_logits"])
+    want_weights, want_ids = jax_moe.route(arrays["router_logits"], top_k=2, backend="reference")
+    assert weights.sharding.spec == ids.sharding.spec == P(("data", "expert"), None, None)
+    np.testing.assert_array_equal(ids, want_ids)
+    assert numpy_moe.rel_error(weights, np.asarray(want_weights, np.float64)) <= 1e-6
+
+    def loss(backend, expert_ids, x, routing_weights, w_gate, w_up, w_down):
+        out = jax_moe.moe_experts(x, routing_weights, expert_ids, w_gate, w_up, w_down, backend=backend)
+        return jnp.sum(out * _cotangent(PLAIN.hidden)), out
+
+    value_and_grads = lambda backend, expert_ids: jax.value_and_grad(
+        functools.partial(loss, backend, expert_ids), argnums=range(5), has_aux=True
+    )
+    experts = ("w_gate", "w_up", "w_down")
+    (_, out), grads = jax.jit(value_and_grads("interpret", ids))(
+        sharded["hidden_states"], weights, *(sharded[n] for n in experts)
+    )
+    (_, want), want_grads = value_and_grads("reference", want_ids)(
+        arrays["hidden_states"], want_weights, *(arrays[n] for n in experts)
+    )
+    assert out.sharding.spec == P(("data", "expert"), None, None)
+    assert numpy_moe.rel_error(out, np.asarray(want, np.float64)) <= 1e-5
+    for got, want in zip(grads, want_grads):
+        assert numpy_moe.rel_error(got, np.asarray(want, np.float64)) <= 1e-5
+
+
+def test_eager_call_places_unsharded_weights_on_the_tokens_mesh():
+    mesh = _mesh((8,), ("data",))
+    arrays = _arrays(PLAIN)
+    x, logits = (jax.device_put(arrays[n], NamedSharding(mesh, P("data"))) for n in ("hidden_states", "router_logits"))
+    out = jax_moe.fused_moe(x, logits, arrays["w_gate"], arrays["w_up"], arrays["w_down"], top_k=2, backend="reference")
+    assert out.sharding.spec == P("data", None, None)
+    assert numpy_moe.rel_error(out, np.asarray(_one_device(PLAIN)[0], np.float64)) <= 1e-5
+
+
+def test_dispatch_gives_absent_pairs_no_rows():
+    """Negative ids (another device's experts) are skipped; the present pairs are sorted as if
+    they were alone, stably."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, size=(37, 3)).astype(np.int32)
+    ids[rng.random(ids.shape) < 0.4] = -1
+    block_m = 16
+    sorted_pairs, block_expert, expert_row_end = map(np.asarray, pipeline.dispatch(
+        jnp.asarray(ids), num_experts=5, block_m=block_m, launch=backend_interpret.launch, hist_block=32,
+        rank_block=16, chunk_programs=3,
+    ))
+    flat = ids.reshape(-1)
+    num_pairs = flat.size
+    counts = np.bincount(flat[flat >= 0], minlength=5)
+    np.testing.assert_array_equal(expert_row_end[:5], np.cumsum(-(-counts // block_m) * block_m))
+    real = sorted_pairs[sorted_pairs < num_pairs]
+    np.testing.assert_array_equal(real, np.concatenate([np.flatnonzero(flat == e) for e in range(5)]))
+    assert np.all(sorted_pairs[sorted_pairs >= num_pairs] == num_pairs)
+    used = block_expert >= 0
+    assert used.sum() == np.sum(-(-counts // block_m))
+    for block in np.flatnonzero(used):
+        rows = sorted_pairs[block * block_m:(block + 1) * block_m]
+        assert np.all(flat[rows[rows < num_pairs]] == block_expert[block])
+
+
+def test_auto_mesh_kernels_warn_and_explicit_axes_spreads_them():
+    mesh = _mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    specs = _specs(P("data"), expert="expert")
+    arrays = _arrays(PLAIN)
+    sharded = _on_mesh(arrays, mesh, specs)
+    names = ("hidden_states", "router_logits", "w_gate", "w_up", "w_down")
+    layer = lambda *args: jax_moe.fused_moe(*args, top_k=2, backend="interpret")
+    with pytest.warns(UserWarning, match="mesh of Auto axes"):
+        jax.jit(layer).lower(*(sharded[n] for n in names))
+    with jax.set_mesh(mesh):
+        spread = jax.sharding.explicit_axes(layer, in_sharding=tuple(specs[n] for n in names))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = jax.jit(spread)(*(sharded[n] for n in names))
+    assert out.sharding.spec == P("data")
+    assert numpy_moe.rel_error(out, np.asarray(_one_device(PLAIN)[0], np.float64)) <= 1e-5
+
+
+FLAX_RULES = (("expert", "expert"), ("mlp", "tensor"), ("embed", None))
+
+
+def test_nnx_layer_takes_its_layout_from_the_mesh_and_its_axis_names():
+    mesh = _mesh((2, 2, 2), ("data", "expert", "tensor"))
+    x = jax.random.normal(jax.random.key(1), (BATCH, SEQ, 16))
+    make = lambda: FusedMoE(16, 8, 8, Routing(2), backend="reference", use_expert_bias=True, num_shared_experts=1,
+                            bias_init=nnx.initializers.normal(0.1), rngs=nnx.Rngs(0))
+    single = make()
+
+    def loss(layer, x):
+        return jnp.sum(layer(x) * _cotangent(16))
+
+    want, want_grads = nnx.jit(nnx.value_and_grad(loss))(single, x)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(FLAX_RULES):
+        layer = make()
+        assert jax.typeof(layer.wi_0[...]).sharding.spec == P("expert", None, "tensor")
+        assert jax.typeof(layer.wo[...]).sharding.spec == P("expert", "tensor", None)
+        got, grads = nnx.jit(nnx.value_and_grad(loss))(layer, jax.device_put(x, NamedSharding(mesh, P("data", "expert"))))
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+    for (path, g), (_, w) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(want_grads)):
+        assert numpy_moe.rel_error(g[...], np.asarray(w[...], np.float64)) <= 1e-5, path
+
+
+def test_linen_layer_on_a_mesh_matches_one_device():
+    mesh = _mesh((2, 4), ("expert", "tensor"))
+    layer = moe_linen.FusedMoE(16, 8, 8, Routing(2), backend="interpret")
+    x = jax.random.normal(jax.random.key(2), (BATCH * SEQ, 16))
+    params = layer.init(jax.random.key(0), x)
+    want = layer.apply(params, x)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(params), mesh, FLAX_RULES)
+    placed = jax.device_put(nn.meta.unbox(params), nn.meta.unbox(shardings))
+    assert placed["params"]["wi_1"].sharding.spec == P("expert", None, "tensor")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(FLAX_RULES):
+        got = jax.jit(layer.apply)(placed, x)
+    assert numpy_moe.rel_error(got, np.asarray(want, np.float64)) <= 1e-5
+
+
+def test_layer_sizes_the_mesh_axes_do_not_divide_raise():
+    mesh = _mesh((2, 4), ("data", "expert"))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules((("mlp", None), ("embed", None))):
+        with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by 4.*'expert'"):
+            FusedMoE(16, 8, 6, Routing(2), backend="reference", rngs=nnx.Rngs(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("mlp", "data"), ("embed", None))):
+        layer = moe_linen.FusedMoE(16, 5, 8, Routing(2), expert_axis=None, backend="reference")
+        with pytest.raises(ValueError, match=r"intermediate_size=5 must be divisible by 2.*'mlp'"):
+            layer.init(jax.random.key(0), jnp.ones((4, 16)))
+
+
+def test_sharded_training_example_reaches_the_losses_of_one_device():
+    examples = str(pathlib.Path(__file__).parents[1] / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    example = importlib.import_module("train_sharded_moe")
+    mesh = _mesh(example.MESH_SHAPE, example.MESH_AXES)
+    sharded = example.train_tiny_moe.train("reference", 3, mesh=mesh, rules=example.RULES)
+    single = example.train_tiny_moe.train("reference", 3)
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    assert sharded[-1] < sharded[0]
