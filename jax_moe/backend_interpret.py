@@ -43,9 +43,13 @@ from jax_moe import stacks
 # results later.
 stacks.check_interpreter_triton()
 
-from jax.experimental.buffer_callback import buffer_callback  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+
+try:
+    from jax.experimental.buffer_callback import buffer_callback
+except ImportError:  # older JAX: pure_callback everywhere
+    buffer_callback = None
 
 # The interpreter keeps the current program id in module state: one launch at a time.
 _INTERPRETER_LOCK = threading.Lock()
@@ -180,7 +184,7 @@ def launch(
             _interpreted(kernel)[grid](*map(_HostTensor, host_inputs + outputs), **constexprs)
         return tuple(o.astype(s.dtype) for o, s in zip(outputs, out_shapes))
 
-    if not jax.sharding.get_abstract_mesh().manual_axes:
+    if buffer_callback is None or not jax.sharding.get_abstract_mesh().manual_axes:
         return jax.pure_callback(run, out_shapes, *inputs)
 
     def fill(context, buffers, *arrays):
