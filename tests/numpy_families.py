@@ -81,7 +81,7 @@ def qwen_moe_block(x, tensors, prefix, config):
     return out, margin
 
 
-def route(logits, selection_bias, *, top_k, scoring="softmax", renormalize=True, num_groups=1,
+def family_routing(logits, selection_bias, *, top_k, scoring="softmax", renormalize=True, num_groups=1,
           top_groups=None, routed_scaling_factor=1.0):
     """Routing as DeepSeek-V3's gate generalizes it (softmax or sigmoid scores, selection bias,
     groups scored by their top-2 sum with the others masked to -inf as in DeepSeek's reference code,
@@ -110,7 +110,7 @@ def deepseek_v3_block(x, tensors, prefix, config):
     their top-2 sum, ``topk_group`` kept; weights = chosen unbiased scores, renormalized, times
     ``routed_scaling_factor`` (``route``); plus the shared experts."""
     x = as_f64(x)
-    weights, ids, margin = route(
+    weights, ids, margin = family_routing(
         _linear(x, tensors, prefix + "gate.weight"), tensors[prefix + "gate.e_score_correction_bias"],
         top_k=config["num_experts_per_tok"], scoring="sigmoid",
         renormalize=config.get("norm_topk_prob", True), num_groups=config["n_group"],

@@ -7,7 +7,7 @@ def as_f64(a) -> np.ndarray:
     return np.asarray(np.asarray(a).astype(np.float32), dtype=np.float64)
 
 
-def route(router_logits, top_k: int, renormalize: bool):
+def softmax_top_k(router_logits, top_k: int, renormalize: bool):
     logits = as_f64(router_logits)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -38,7 +38,7 @@ def experts(hidden_states, weights, ids, w_gate, w_up, w_down) -> np.ndarray:
 
 
 def fused_moe(hidden_states, router_logits, w_gate, w_up, w_down, top_k: int, renormalize: bool = True):
-    weights, ids = route(router_logits, top_k, renormalize)
+    weights, ids = softmax_top_k(router_logits, top_k, renormalize)
     return experts(hidden_states, weights, ids, w_gate, w_up, w_down)
 
 

@@ -106,7 +106,7 @@ def test_auxiliary_losses_match_numpy(key):
     logits = _logits(layer, x).reshape(-1, E)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    _, ids = numpy_moe.route(logits, K, True)
+    _, ids = numpy_moe.softmax_top_k(logits, K, True)
     fraction = np.array([(ids == e).any(axis=1).mean() for e in range(E)])
     load_balancing = E * np.sum(fraction * probs.mean(0))
     z = np.mean((np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)) ** 2)
