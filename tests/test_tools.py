@@ -501,3 +501,23 @@ def test_launch_cost_counts_launches_inside_command_buffers(benchmark_module):
     ])
     compiled = type("Compiled", (), {"as_text": lambda self: text})()
     assert launch_cost.captured_launches(compiled) == (2, 3)
+
+
+def test_parallel_benchmark_times_every_layout(benchmark_module):
+    """The multi-device benchmark on 8 host devices (reference backend, tiny layer): every layout
+    checks its output against one device, times itself and its one-device share, and the
+    layouts that move data time their collectives."""
+    parallel_bench = benchmark_module("parallel_bench")
+    assert parallel_bench.mesh_shape(("data", "expert", "tensor"), 8) == {"data": 2, "expert": 2, "tensor": 2}
+    assert parallel_bench.mesh_shape(("data", "expert"), 8) == {"data": 4, "expert": 2}
+    assert parallel_bench.mesh_shape(("expert", "tensor"), 8) == {"expert": 4, "tensor": 2}
+    assert parallel_bench.mesh_shape(("expert",), 8) == {"expert": 8}
+    shape = arg_specs.MoeShape("tiny", num_experts=16, routing=Routing(2), hidden=32, intermediate=16)
+    devices = jax.devices("cpu")[:8]
+    for layout in parallel_bench.DEFAULT_LAYOUTS:
+        row = parallel_bench.run_layout(shape, tuple(layout.split(",")), 8, "reference", devices)
+        assert row["rel_err"] <= 1e-2 and row["time_us"] > 0 and row["one_device_us"] > 0, row  # bf16
+        assert row["efficiency"] == row["one_device_us"] / row["time_us"]
+        assert ("comm_us" in row) == (layout != "data"), row
+    too_many = arg_specs.MoeShape("odd", num_experts=6, routing=Routing(2), hidden=32, intermediate=16)
+    assert "skipped" in parallel_bench.run_layout(too_many, ("expert",), 8, "reference", devices)
