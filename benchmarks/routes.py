@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_moe
-from jax_moe import arg_specs, reference
+from jax_moe import arg_specs, layer_math, reference
 
 
 def fused(shape: arg_specs.MoeShape, **layer_options):
@@ -54,7 +54,7 @@ def _shared_mlp(shape, x, extras):
     up = einsum("th,shf->tsf", x, extras["shared_w_up"])
     out = einsum("tsf,sfh->th", (jax.nn.silu(gate) * up).astype(x.dtype), extras["shared_w_down"])
     if "shared_gate" in extras:
-        out = out * reference.shared_expert_weights(x, 1, extras["shared_gate"])
+        out = out * layer_math.shared_expert_weights(x, 1, extras["shared_gate"])
     return out
 
 

@@ -13,6 +13,7 @@ from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jax_moe
+from jax_moe import layer_math
 
 LOAD_BALANCING_LOSS = "load_balancing_loss"
 ROUTER_Z_LOSS = "router_z_loss"
@@ -108,18 +109,20 @@ def load_balancing_loss(router_logits, ids, num_experts: int, scoring: str = "so
     sigmoid scoring the probabilities are the scores normalized over the experts (DeepSeek-V3's
     complementary balance loss)."""
     logits = router_logits.reshape(-1, num_experts).astype(jnp.float32)
-    if scoring == "softmax":
-        probs = jax.nn.softmax(logits, axis=-1)
-    else:
-        scores = jax.nn.sigmoid(logits)
-        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    if logits.shape[0] == 0:
+        return jnp.zeros((), jnp.float32)  # no token: nothing to balance
+    probs = layer_math.scores(logits, scoring)
+    if scoring == "sigmoid":
+        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
     # A sum of one-hots rather than a scatter: it keeps the tokens' sharding on a mesh.
-    chosen = jnp.sum(jax.nn.one_hot(ids.reshape(probs.shape[0], -1), num_experts, dtype=probs.dtype), axis=1)
+    chosen = jnp.sum(jax.nn.one_hot(ids.reshape(-1, ids.shape[-1]), num_experts, dtype=probs.dtype), axis=1)
     return num_experts * jnp.sum(jnp.mean(chosen, axis=0) * jnp.mean(probs, axis=0))
 
 
 def router_z_loss(router_logits):
-    """ST-MoE: the mean over tokens of ``logsumexp(logits)^2``."""
+    """ST-MoE: the mean over tokens of ``logsumexp(logits)^2`` (0 without tokens)."""
+    if router_logits.size == 0:
+        return jnp.zeros((), jnp.float32)
     return jnp.mean(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1) ** 2)
 
 

@@ -252,18 +252,10 @@ def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend
     if backend == "reference" or num_tokens == 0:
         return reference.route(router_logits, routing, selection_bias)
     weights, ids = pipeline.top_k_routing(
-        router_logits.reshape(num_tokens, num_experts), _stopped_bias(selection_bias), routing=routing,
+        router_logits.reshape(num_tokens, num_experts), selection_bias, routing=routing,
         launch=pipeline.launcher(backend),
     )
     return weights.reshape(*lead, routing.top_k), ids.reshape(*lead, routing.top_k)
-
-
-def _stopped_bias(selection_bias):
-    """The selection bias as the kernels read it: float32, and no gradient (it picks experts, it
-    does not weight them)."""
-    if selection_bias is None:
-        return None
-    return jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
 
 
 def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None, *,
@@ -293,7 +285,9 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
     body = functools.partial(
         _moe_experts_on_device, activation=activation, backend=backend, save_activations=bool(save_activations)
     )
-    layout = sharding.layout_of(hidden_states, (weights, ids), experts, backend=backend)
+    layout = None if _is_empty(hidden_states, experts) else sharding.layout_of(
+        hidden_states, (weights, ids), experts, backend=backend
+    )
     if layout is not None:
         return sharding.moe_experts(layout, body, hidden_states, weights, ids, experts, backend=backend,
                                     save_activations=bool(save_activations), activation=activation)
@@ -303,10 +297,8 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
 def _moe_experts_on_device(hidden_states, weights, ids, experts: ExpertWeights, *, activation: Activation,
                            backend: str, save_activations: bool):
     """``moe_experts`` past its checks (ids in range, weights float32), on one device's arrays."""
-    if backend == "reference":
+    if backend == "reference" or _is_empty(hidden_states, experts):
         return reference.moe_experts(hidden_states, weights, ids, experts, activation)
-    if _is_empty(hidden_states, experts):
-        return jnp.zeros(hidden_states.shape, hidden_states.dtype)
     num_tokens, hidden = math.prod(hidden_states.shape[:-1]), hidden_states.shape[-1]
     out = pipeline.moe_experts(
         hidden_states.reshape(num_tokens, hidden), weights.reshape(num_tokens, -1), ids.reshape(num_tokens, -1),
@@ -316,7 +308,9 @@ def _moe_experts_on_device(hidden_states, weights, ids, experts: ExpertWeights, 
 
 
 def _is_empty(hidden_states, experts: ExpertWeights) -> bool:
-    """No token, or no hidden or intermediate column: the output is all zeros (or empty)."""
+    """No token, or no hidden or intermediate column: the kernels have nothing to compute, and
+    the reference, which costs nothing then, gives the result (zeros, or with F = 0 the down
+    biases' weighted sum)."""
     return hidden_states.size == 0 or experts.w_gate.shape[2] == 0
 
 
@@ -376,7 +370,9 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
         _fused_moe_on_device, routing=routing, activation=activation, backend=backend,
         save_activations=bool(save_activations),
     )
-    layout = sharding.layout_of(hidden_states, (router_logits, selection_bias), experts, backend=backend)
+    layout = None if _is_empty(hidden_states, experts) else sharding.layout_of(
+        hidden_states, (router_logits, selection_bias), experts, backend=backend
+    )
     if layout is not None:
         route_body = functools.partial(_route_on_device, routing=routing, backend=backend)
         out, weights, ids = sharding.fused_moe(
@@ -397,12 +393,10 @@ def _fused_moe_on_device(hidden_states, router_logits, selection_bias, experts: 
     num_tokens, hidden = math.prod(lead), hidden_states.shape[-1]
     if backend == "reference" or _is_empty(hidden_states, experts):
         weights, ids = reference.route(router_logits, routing, selection_bias)
-        if backend == "reference":
-            return reference.moe_experts(hidden_states, weights, ids, experts, activation), weights, ids
-        return jnp.zeros(hidden_states.shape, hidden_states.dtype), weights, ids
+        return reference.moe_experts(hidden_states, weights, ids, experts, activation), weights, ids
     out, weights, ids = pipeline.fused_moe(
         hidden_states.reshape(num_tokens, hidden), router_logits.reshape(num_tokens, -1),
-        _stopped_bias(selection_bias), experts, routing, activation, backend=backend,
+        selection_bias, experts, routing, activation, backend=backend,
         save_activations=save_activations,
     )
     return out.reshape(hidden_states.shape), *(a.reshape(*lead, routing.top_k) for a in (weights, ids))

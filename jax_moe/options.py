@@ -24,6 +24,10 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Routing:
     """How router logits become each token's ``top_k`` experts and their weights.
@@ -62,14 +66,20 @@ class Routing:
             raise ValueError(f"scoring must be one of {SCORINGS}; got {self.scoring!r}")
         if not isinstance(self.renormalize, (bool, np.bool_)):
             raise TypeError(f"renormalize must be a bool; got {type(self.renormalize).__name__}")
-        if not _is_int(self.num_groups) or self.num_groups < 1:
+        if not _is_int(self.num_groups):
+            raise TypeError(f"num_groups must be an int; got {type(self.num_groups).__name__} {self.num_groups!r}")
+        if self.num_groups < 1:
             raise ValueError(f"num_groups must be a positive int; got {self.num_groups!r}")
         kept = self.kept_groups
-        if not _is_int(kept) or not 1 <= kept <= self.num_groups:
+        if not _is_int(kept):
+            raise TypeError(f"top_groups must be an int or None; got {type(kept).__name__} {kept!r}")
+        if not 1 <= kept <= self.num_groups:
             raise ValueError(f"top_groups must be an int in [1, num_groups={self.num_groups}]; got {kept!r}")
         factor = self.routed_scaling_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating)) or not math.isfinite(factor):
-            raise TypeError(f"routed_scaling_factor must be a finite Python number; got {factor!r}")
+        if not _is_real(factor):
+            raise TypeError(f"routed_scaling_factor must be a Python number; got {type(factor).__name__} {factor!r}")
+        if not math.isfinite(factor):
+            raise ValueError(f"routed_scaling_factor must be finite; got {factor!r}")
 
     @property
     def kept_groups(self) -> int:
@@ -104,6 +114,10 @@ class Activation:
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.name!r}")
+        for field in ("alpha", "limit"):
+            value = getattr(self, field)
+            if not _is_real(value) or math.isnan(value):
+                raise TypeError(f"the activation's {field} must be a real number; got {value!r}")
         if self.name == "clamped_swiglu" and not self.limit > 0:
             raise ValueError(f"the clamped_swiglu limit must be positive; got {self.limit}")
 

@@ -720,11 +720,13 @@ def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: in
 
 @functools.cache
 def tma_available(backend: str) -> bool:
-    """Whether a backend can read weight tiles through TMA descriptors: the GPU where the stack
-    gives them (``stacks.installed().tma``: jax-triton >= 0.4, triton >= 3.7, jaxlib >= 0.11.1),
-    and Triton's interpreter, which emulates them. Elsewhere a config's ``tma`` is switched off."""
+    """Whether a backend can read weight tiles through TMA descriptors: a Hopper (compute
+    capability 9.0) or newer GPU where the stack gives them (``stacks.installed().tma``: jax-triton
+    >= 0.4, triton >= 3.7, jaxlib >= 0.11.1), and Triton's interpreter, which emulates them.
+    Elsewhere a config's ``tma`` is switched off."""
     if backend == "triton":
-        return stacks.installed().tma
+        capability = getattr(jax.devices()[0], "compute_capability", "0")
+        return stacks.installed().tma and float(capability) >= 9.0
     return backend == "interpret"
 
 

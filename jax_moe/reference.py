@@ -62,19 +62,12 @@ def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation:
     Products accumulate in float32; the activation is rounded to the activation dtype before the
     down projection, as the kernels store it. Returns [..., H] in the dtype of hidden_states.
     """
-    w_gate, w_up, w_down = experts.w_gate, experts.w_up, experts.w_down
-    gate_bias, up_bias, down_bias = experts.gate_bias, experts.up_bias, experts.down_bias
     if experts.num_shared:
         shared = shared_expert_weights(hidden_states, experts.num_shared, experts.shared_gate)
         weights, ids = with_shared_experts(weights, ids, experts.num_routed, shared)
-        w_gate, w_up, w_down = (
-            jnp.concatenate(pair, axis=0)
-            for pair in ((w_gate, experts.shared_w_gate), (w_up, experts.shared_w_up), (w_down, experts.shared_w_down))
-        )
-        gate_bias, up_bias, down_bias = (
-            None if b is None else jnp.pad(b, ((0, experts.num_shared), (0, 0)))
-            for b in (gate_bias, up_bias, down_bias)
-        )
+        experts = shared_as_routed(experts)
+    w_gate, w_up, w_down = experts.w_gate, experts.w_up, experts.w_down
+    gate_bias, up_bias, down_bias = experts.gate_bias, experts.up_bias, experts.down_bias
     hidden = hidden_states.shape[-1]
     num_tokens = math.prod(hidden_states.shape[:-1])
     num_experts = w_gate.shape[0]
@@ -101,6 +94,20 @@ def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation:
         expert_out = expert_out + down_bias.astype(jnp.float32)[:, None, :]
     out = einsum("eth,te->th", expert_out, combine)
     return out.astype(hidden_states.dtype).reshape(hidden_states.shape)
+
+
+def shared_as_routed(experts: ExpertWeights) -> ExpertWeights:
+    """The shared experts appended to the routed ones, as experts ``E .. E + S - 1`` of the same
+    arrays (their biases zero: shared experts have none); the shared gate is dropped."""
+    num_shared = experts.num_shared
+    return ExpertWeights(
+        *(jnp.concatenate([routed, shared], axis=0) for routed, shared in (
+            (experts.w_gate, experts.shared_w_gate), (experts.w_up, experts.shared_w_up),
+            (experts.w_down, experts.shared_w_down),
+        )),
+        *(None if b is None else jnp.pad(b, ((0, num_shared), (0, 0)))
+          for b in (experts.gate_bias, experts.up_bias, experts.down_bias)),
+    )
 
 
 def fused_moe(hidden_states, router_logits, experts: ExpertWeights, routing: Routing, *,

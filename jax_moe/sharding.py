@@ -181,9 +181,6 @@ def _token_spec(layout: Layout) -> PartitionSpec:
     return PartitionSpec(*layout.batch, None)
 
 
-_MATRICES = ("w_gate", "w_up", "w_down")
-
-
 def _experts(arrays: dict) -> ExpertWeights:
     return ExpertWeights(**{name: arrays.get(name) for name in ExpertWeights._fields})
 
@@ -252,8 +249,8 @@ def _sharded_experts(layout: Layout, hidden_states, weights, ids, params: Expert
     lead, hidden = hidden_states.shape[:-1], hidden_states.shape[-1]
     x = hidden_states.reshape(-1, hidden)
     num_tokens = x.shape[0]
-    weights = weights.reshape(num_tokens, -1).astype(jnp.float32)
-    ids = ids.reshape(num_tokens, -1).astype(jnp.int32)
+    weights = weights.reshape(num_tokens, ids.shape[-1]).astype(jnp.float32)
+    ids = ids.reshape(num_tokens, ids.shape[-1]).astype(jnp.int32)
     if params.num_shared:
         shared = shared_expert_weights(x, params.num_shared, params.shared_gate)
         weights, ids = with_shared_experts(weights, ids, num_routed, shared)
@@ -297,7 +294,5 @@ def _reference_partial(x, weights, ids, params: ExpertWeights, activation: Activ
     present = ids >= 0
     weights, ids = jnp.where(present, weights, 0.0), jnp.where(present, ids, 0)
     if params.num_shared:
-        matrices = [jnp.concatenate(pair, axis=0) for pair in zip(params[:3], params[6:9])]
-        biases = [None if b is None else jnp.pad(b, ((0, params.num_shared), (0, 0))) for b in params[3:6]]
-        params = ExpertWeights(*matrices, *biases)
+        params = reference.shared_as_routed(params)
     return reference.moe_experts(x, weights, ids, params, activation)

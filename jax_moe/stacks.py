@@ -72,9 +72,6 @@ TESTED_STACKS: tuple[Stack, ...] = (
     ),
 )
 
-# The GPU extras need jax >= 0.11, which needs Python >= 3.12; on an older Python pip refuses them.
-GPU_PYTHON = (3, 12)
-
 # FFI launches and TMA need all three of these (minimum versions).
 FFI_TMA_MINIMUM = {"jax-triton": "0.4", "triton": "3.7", "jaxlib": "0.11.1"}
 

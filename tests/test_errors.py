@@ -153,7 +153,7 @@ def test_dot_precision_follows_jax():
         (dict(num_groups=3), ValueError, r"num_groups \(3\) must divide the number of experts E=4"),
         (dict(num_groups=2, top_groups=3), ValueError, r"top_groups must be an int in \[1, num_groups=2\]; got 3"),
         (dict(num_groups=4, top_groups=1), ValueError, "top_k=2 exceeds the 1 experts of the top_groups=1 kept groups"),
-        (dict(routed_scaling_factor=float("nan")), TypeError, "routed_scaling_factor must be a finite Python number"),
+        (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor must be finite; got nan"),
         (dict(selection_bias=jnp.zeros((E + 1,))), ValueError, r"selection_bias must have shape \[E\] = \[4\]; got \[5\]"),
         (dict(selection_bias=jnp.zeros((E,), jnp.int32)), TypeError, "selection_bias must have a floating-point dtype"),
         (dict(gate_bias=jnp.zeros((E, F))), ValueError, r"expert biases come as .* together; missing \['up_bias', 'down_bias'\]"),
@@ -204,6 +204,8 @@ def test_activation_checks_itself():
         jax_moe.Activation("clamped_swiglu", limit=-1.0)
     with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'clamped_swiglu'\); got 'gelu'"):
         jax_moe.Activation("gelu")
+    with pytest.raises(TypeError, match="the activation's alpha must be a real number; got 'x'"):
+        jax_moe.Activation("clamped_swiglu", alpha="x")
 
 
 @pytest.mark.parametrize(
@@ -214,8 +216,11 @@ def test_activation_checks_itself():
         (dict(top_k=2, scoring="relu"), ValueError, r"scoring must be one of \('softmax', 'sigmoid'\); got 'relu'"),
         (dict(top_k=2, renormalize="yes"), TypeError, "renormalize must be a bool; got str"),
         (dict(top_k=2, num_groups=0), ValueError, "num_groups must be a positive int; got 0"),
+        (dict(top_k=2, num_groups=2.0), TypeError, "num_groups must be an int; got float 2.0"),
+        (dict(top_k=2, num_groups=2, top_groups="1"), TypeError, "top_groups must be an int or None; got str"),
+        (dict(top_k=2, routed_scaling_factor="2"), TypeError, "routed_scaling_factor must be a Python number; got str"),
         (dict(top_k=2, num_groups=2, top_groups=3), ValueError, r"top_groups must be an int in \[1, num_groups=2\]; got 3"),
-        (dict(top_k=2, routed_scaling_factor=float("inf")), TypeError, "routed_scaling_factor must be a finite Python number"),
+        (dict(top_k=2, routed_scaling_factor=float("inf")), ValueError, "routed_scaling_factor must be finite; got inf"),
     ],
 )
 def test_routing_checks_its_fields_at_construction(fields, error, message):
@@ -288,3 +293,19 @@ def test_more_pairs_than_int32_dispatch_rows_is_refused():
     message = r"hidden_states: 536870912 tokens x 4 experts each make 2147483648 \(token, expert\) pairs.*int32"
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(layer, x, logits, w, w, w_down)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_no_intermediate_columns_leave_the_down_biases(backend):
+    """F = 0 with expert biases: each token's output is its experts' weighted down biases, on
+    every backend, as the reference computes it."""
+    logits = jax.random.normal(jax.random.key(0), (T, E))
+    x = jnp.ones((T, H))
+    w = jnp.ones((E, H, 0))
+    biases = dict(gate_bias=jnp.ones((E, 0)), up_bias=jnp.ones((E, 0)),
+                  down_bias=jax.random.normal(jax.random.key(1), (E, H)))
+    out, weights, ids = jax_moe.fused_moe(x, logits, w, w, jnp.ones((E, 0, H)), top_k=2, backend=backend,
+                                          return_routing=True, **biases)
+    want = jnp.einsum("tk,tkh->th", weights, biases["down_bias"][ids])
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(out).max()) > 0

@@ -260,3 +260,11 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_empty_batch_with_auxiliary_losses(key):
+    """No tokens: an empty output and zero auxiliary losses (no NaN from a mean over nothing)."""
+    layer = _layer("interpret", load_balancing_loss_weight=0.5, router_z_loss_weight=0.25)
+    y, aux = nnx.capture(layer, nnx.Intermediate)(jnp.zeros((0, 3, H)))
+    assert y.shape == (0, 3, H)
+    assert float(aux["load_balancing_loss"][0]) == 0.0 and float(aux["router_z_loss"][0]) == 0.0

@@ -191,14 +191,21 @@ def test_tma_weight_tiles_match_the_reference(key, intermediate):
     assert numpy_moe.rel_error(grad, np.asarray(want_grad, np.float64)) <= 1e-5
 
 
-def test_tma_is_switched_off_where_the_stack_cannot_give_it(monkeypatch):
-    """A config's ``tma`` on a GPU stack without TMA (jax-triton 0.3.x) runs pointer loads."""
-    fake = stacks.Installed(python="3.12.0", jax="0.11.2", jaxlib="0.11.2", jax_triton="0.3.1", triton="3.6.0",
+@pytest.mark.parametrize(
+    "jax_triton,triton,capability,expected",
+    [("0.3.1", "3.6.0", "9.0", False), ("0.4.1", "3.7.1", "8.0", False), ("0.4.1", "3.7.1", "9.0", True)],
+)
+def test_tma_is_switched_off_where_the_gpu_cannot_give_it(monkeypatch, jax_triton, triton, capability, expected):
+    """A config's ``tma`` runs TMA tiles on a Hopper GPU with a stack that gives them (jax-triton
+    0.4); on jax-triton 0.3.x or an older GPU it runs pointer loads. The interpreter always can."""
+    fake = stacks.Installed(python="3.12.0", jax="0.11.2", jaxlib="0.11.2", jax_triton=jax_triton, triton=triton,
                             cuda_plugins={})
+    gpu = type("Gpu", (), {"compute_capability": capability, "platform": "gpu"})()
     monkeypatch.setattr(stacks, "installed", lambda: fake)
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
     pipeline.tma_available.cache_clear()
     try:
-        assert not pipeline.tma_available("triton")
+        assert pipeline.tma_available("triton") == expected
         assert pipeline.tma_available("interpret")
     finally:
         pipeline.tma_available.cache_clear()

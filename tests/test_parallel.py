@@ -335,3 +335,16 @@ def test_sharded_training_example_reaches_the_losses_of_one_device():
     single = example.train_tiny_moe.train("reference", 3)
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
     assert sharded[-1] < sharded[0]
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_empty_batch_on_an_expert_mesh(backend):
+    """No tokens under expert parallelism: an empty result, as on one device."""
+    mesh = _mesh((4,), ("expert",))
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    w = put(jnp.ones((8, 16, 8)), P("expert"))
+    w_down = put(jnp.ones((8, 8, 16)), P("expert"))
+    out = jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=2, backend=backend))(
+        jnp.zeros((0, 16)), jnp.zeros((0, 8)), w, w, w_down
+    )
+    assert out.shape == (0, 16)
