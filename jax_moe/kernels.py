@@ -258,13 +258,23 @@ def _dispatch_program(
     my_step = tl.minimum(my_start, NUM_PAIRS) // HIST_BLOCK * HIST_BLOCK
     counts = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
     for start in range(0, my_step, HIST_BLOCK):
-        counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
+        counts += _id_histogram(
+            expert_ids_ptr=expert_ids_ptr, start=start, end=NUM_PAIRS, EXPERTS_PAD=EXPERTS_PAD,
+            HIST_BLOCK=HIST_BLOCK,
+        )
     before_me = counts + _id_histogram(
-        expert_ids_ptr, my_step, tl.minimum(my_start, NUM_PAIRS), EXPERTS_PAD, HIST_BLOCK
+        expert_ids_ptr=expert_ids_ptr, start=my_step, end=tl.minimum(my_start, NUM_PAIRS),
+        EXPERTS_PAD=EXPERTS_PAD, HIST_BLOCK=HIST_BLOCK,
     )
-    counts += _id_histogram(expert_ids_ptr, my_step, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
+    counts += _id_histogram(
+        expert_ids_ptr=expert_ids_ptr, start=my_step, end=NUM_PAIRS, EXPERTS_PAD=EXPERTS_PAD,
+        HIST_BLOCK=HIST_BLOCK,
+    )
     for start in range(my_step + HIST_BLOCK, NUM_PAIRS, HIST_BLOCK):
-        counts += _id_histogram(expert_ids_ptr, start, NUM_PAIRS, EXPERTS_PAD, HIST_BLOCK)
+        counts += _id_histogram(
+            expert_ids_ptr=expert_ids_ptr, start=start, end=NUM_PAIRS, EXPERTS_PAD=EXPERTS_PAD,
+            HIST_BLOCK=HIST_BLOCK,
+        )
 
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     segment_end = tl.cumsum(padded, axis=0)
@@ -517,8 +527,8 @@ def _gathered_dual_gemm(
     x_ptrs = x_ptr + tokens[:, None] * K + ks[None, :]
     w_offsets = ks[:, None] * N + cols[None, :]
     if USE_TMA:
-        w1_tiles = _weight_tiles(w1_ptr, K, N, BLOCK_K, BLOCK_N)
-        w2_tiles = _weight_tiles(w2_ptr, K, N, BLOCK_K, BLOCK_N)
+        w1_tiles = _weight_tiles(w_ptr=w1_ptr, K=K, N=N, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+        w2_tiles = _weight_tiles(w_ptr=w2_ptr, K=K, N=N, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
@@ -553,7 +563,7 @@ def _gathered_gemm(
     b_ptrs = b_ptr + ks[:, None] * STRIDE_BK + cols[None, :] * STRIDE_BN
     if USE_TMA:
         tl.static_assert(STRIDE_BN == 1, "TMA weight tiles need a row-major weight")
-        b_tiles = _weight_tiles(b_ptr, K, N, BLOCK_K, BLOCK_N)
+        b_tiles = _weight_tiles(w_ptr=b_ptr, K=K, N=N, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
         a = tl.load(a_ptrs, mask=a_row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -578,16 +588,28 @@ def _gate_up_preactivations(
     """fp32 ``x[tokens] @ w_gate[e] (+ gate_bias[e])`` and the same for up, for one row block and
     column tile: what the forward computes and the backward recomputes."""
     matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
-    w_gate = _expert_matrix(w_gate_ptr, shared_w_gate_ptr, expert, NUM_ROUTED, matrix_size)
-    w_up = _expert_matrix(w_up_ptr, shared_w_up_ptr, expert, NUM_ROUTED, matrix_size)
+    w_gate = _expert_matrix(
+        routed_ptr=w_gate_ptr, shared_ptr=shared_w_gate_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=matrix_size,
+    )
+    w_up = _expert_matrix(
+        routed_ptr=w_up_ptr, shared_ptr=shared_w_up_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=matrix_size,
+    )
     gate, up = _gathered_dual_gemm(
         x_ptr, tokens, is_real, w1_ptr=w_gate, w2_ptr=w_up, col_start=col_start, cols=cols, col_ok=col_ok,
         K=HIDDEN, N=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
     )
     if HAS_BIAS:
-        gate += _expert_bias(gate_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
-        up += _expert_bias(up_bias_ptr, expert, cols, col_ok, NUM_ROUTED, INTERMEDIATE)
+        gate += _expert_bias(
+            bias_ptr=gate_bias_ptr, expert=expert, cols=cols, col_ok=col_ok, NUM_ROUTED=NUM_ROUTED,
+            N=INTERMEDIATE,
+        )
+        up += _expert_bias(
+            bias_ptr=up_bias_ptr, expert=expert, cols=cols, col_ok=col_ok, NUM_ROUTED=NUM_ROUTED,
+            N=INTERMEDIATE,
+        )
     return gate, up
 
 
@@ -650,7 +672,10 @@ def gate_up_kernel(
     )
     if expert < 0:
         return
-    if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
+    if _second_half_is_padding(
+        sorted_pairs_ptr=sorted_pairs_ptr, block=block, NUM_PAIRS=NUM_PAIRS, BLOCK_M=BLOCK_M,
+        HALF_BLOCKS=HALF_BLOCKS,
+    ):
         _gate_up_rows(
             x_ptr=x_ptr, w_gate_ptr=w_gate_ptr, w_up_ptr=w_up_ptr, shared_w_gate_ptr=shared_w_gate_ptr,
             shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr, up_bias_ptr=up_bias_ptr,
@@ -684,7 +709,10 @@ def _gate_up_rows(
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, SAVE_PREACTIVATIONS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``gate_up_kernel``'s work on the first ``ROWS`` rows of a row block."""
-    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, ROWS)
+    rows, pairs, is_real, tokens = _block_pairs(
+        sorted_pairs_ptr=sorted_pairs_ptr, block=block, NUM_PAIRS=NUM_PAIRS, TOP_K=TOP_K, BLOCK_M=BLOCK_M,
+        ROWS=ROWS,
+    )
     col_start = col_tile * BLOCK_N
     cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
@@ -696,7 +724,7 @@ def _gate_up_rows(
         BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, USE_TMA=USE_TMA,
     )
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
-    act, _, _ = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
+    act, _, _ = _swiglu(gate=gate, up=up, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT)
     tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
     if SAVE_PREACTIVATIONS:
         tl.store(gate_preact_ptr + offsets, gate.to(gate_preact_ptr.dtype.element_ty), mask=col_ok[None, :])
@@ -765,7 +793,10 @@ def expert_gemm_combine_kernel(
     )
     if expert < 0:
         return
-    if _second_half_is_padding(sorted_pairs_ptr, block, NUM_PAIRS, BLOCK_M, HALF_BLOCKS):
+    if _second_half_is_padding(
+        sorted_pairs_ptr=sorted_pairs_ptr, block=block, NUM_PAIRS=NUM_PAIRS, BLOCK_M=BLOCK_M,
+        HALF_BLOCKS=HALF_BLOCKS,
+    ):
         _gemm_combine_rows(
             a_ptr=a_ptr, b_ptr=b_ptr, shared_b_ptr=shared_b_ptr, a2_ptr=a2_ptr, b2_ptr=b2_ptr,
             shared_b2_ptr=shared_b2_ptr, bias_ptr=bias_ptr, routing_weights_ptr=routing_weights_ptr,
@@ -800,26 +831,38 @@ def _gemm_combine_rows(
 ):
     """``expert_gemm_combine_kernel``'s work on the first ``ROWS`` rows of a row block."""
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, ROWS)
+    rows, pairs, is_real, tokens = _block_pairs(
+        sorted_pairs_ptr=sorted_pairs_ptr, block=block, NUM_PAIRS=NUM_PAIRS, TOP_K=TOP_K, BLOCK_M=BLOCK_M,
+        ROWS=ROWS,
+    )
     col_start = col_tile * BLOCK_N
     cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     matrix_size: tl.constexpr = K * N
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    b = _expert_matrix(
+        routed_ptr=b_ptr, shared_ptr=shared_b_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED, MATRIX_SIZE=matrix_size,
+    )
     acc = _gathered_gemm(
-        acc, a_ptr, rows, is_real, b_ptr=_expert_matrix(b_ptr, shared_b_ptr, expert, NUM_ROUTED, matrix_size),
-        col_start=col_start, cols=cols, col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+        acc=acc, a_ptr=a_ptr, a_rows=rows, a_row_ok=is_real, b_ptr=b, col_start=col_start, cols=cols,
+        col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
     )
     if SECOND_TERM:
+        b2 = _expert_matrix(
+            routed_ptr=b2_ptr, shared_ptr=shared_b2_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+            MATRIX_SIZE=matrix_size,
+        )
         acc = _gathered_gemm(
-            acc, a2_ptr, rows, is_real, b_ptr=_expert_matrix(b2_ptr, shared_b2_ptr, expert, NUM_ROUTED, matrix_size),
-            col_start=col_start, cols=cols, col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+            acc=acc, a_ptr=a2_ptr, a_rows=rows, a_row_ok=is_real, b_ptr=b2, col_start=col_start, cols=cols,
+            col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
         )
     if HAS_BIAS:
-        acc += _expert_bias(bias_ptr, expert, cols, col_ok, NUM_ROUTED, N)
+        acc += _expert_bias(
+            bias_ptr=bias_ptr, expert=expert, cols=cols, col_ok=col_ok, NUM_ROUTED=NUM_ROUTED, N=N,
+        )
     if SCALE_BY_ROUTING_WEIGHT:
         acc = acc * tl.load(routing_weights_ptr + pairs, mask=is_real, other=0.0)[:, None]
     out_dtype = out_ptr.dtype.element_ty
@@ -925,7 +968,10 @@ def gate_up_backward_kernel(
     )
     if expert < 0:
         return
-    rows, pairs, is_real, tokens = _block_pairs(sorted_pairs_ptr, block, NUM_PAIRS, TOP_K, BLOCK_M, BLOCK_M)
+    rows, pairs, is_real, tokens = _block_pairs(
+        sorted_pairs_ptr=sorted_pairs_ptr, block=block, NUM_PAIRS=NUM_PAIRS, TOP_K=TOP_K, BLOCK_M=BLOCK_M,
+        ROWS=BLOCK_M,
+    )
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
     matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
@@ -944,14 +990,17 @@ def gate_up_backward_kernel(
         up = tl.load(up_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
     # w_down[e] is [F, H]: its transpose, [H, F], has strides (1, H).
     g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_down = _expert_matrix(
+        routed_ptr=w_down_ptr, shared_ptr=shared_w_down_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=matrix_size,
+    )
     g = _gathered_gemm(
-        g, grad_out_ptr, tokens, is_real,
-        b_ptr=_expert_matrix(w_down_ptr, shared_w_down_ptr, expert, NUM_ROUTED, matrix_size),
-        col_start=col_tile * BLOCK_N, cols=cols, col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, STRIDE_BK=1,
-        STRIDE_BN=HIDDEN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=False,
+        acc=g, a_ptr=grad_out_ptr, a_rows=tokens, a_row_ok=is_real, b_ptr=w_down, col_start=col_tile * BLOCK_N,
+        cols=cols, col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, STRIDE_BK=1, STRIDE_BN=HIDDEN, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=False,
     )
 
-    act, act_by_gate, act_by_up = _swiglu(gate, up, ACTIVATION, ALPHA, LIMIT)
+    act, act_by_gate, act_by_up = _swiglu(gate=gate, up=up, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT)
     tl.store(
         grad_weight_part_ptr + pairs.to(tl.int64) * num_col_tiles + col_tile,
         tl.sum(act * g, axis=1),
@@ -1054,10 +1103,16 @@ def expert_weight_grad_kernel(
     matrix_size: tl.constexpr = M * N
     tile_offsets = ms[:, None] * N + ns[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
-    out_tile = _expert_matrix(out_ptr, shared_out_ptr, expert, NUM_ROUTED, matrix_size) + tile_offsets
+    out_tile = _expert_matrix(
+        routed_ptr=out_ptr, shared_ptr=shared_out_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=matrix_size,
+    ) + tile_offsets
     tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     if DUAL:
-        out2_tile = _expert_matrix(out2_ptr, shared_out2_ptr, expert, NUM_ROUTED, matrix_size) + tile_offsets
+        out2_tile = _expert_matrix(
+            routed_ptr=out2_ptr, shared_ptr=shared_out2_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+            MATRIX_SIZE=matrix_size,
+        ) + tile_offsets
         tl.store(out2_tile, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
     if BIAS_GRAD:
         if (m_tile == 0) & (expert < NUM_ROUTED):
