@@ -3,9 +3,7 @@ at its real expert count and routing with a reduced hidden size, loaded into ``F
 The triton layer must match the reference backend and the family's float64 numpy block on every
 token whose routing is not within rounding of a tie; its gradients must match the reference's."""
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
