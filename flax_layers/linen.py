@@ -80,6 +80,7 @@ class FusedMoE(nn.Module):
     backend: str = "auto"
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
+    expert_exchange: str = "all_gather"
     expert_axis: str | None = "expert"
     embed_axis: str | None = "embed"
     mlp_axis: str | None = "mlp"
@@ -88,7 +89,7 @@ class FusedMoE(nn.Module):
     def options(self) -> moe_math.LayerOptions:
         return moe_math.layer_options(
             self.routing, self.activation, self.dtype, self.backend, self.load_balancing_loss_weight,
-            self.router_z_loss_weight,
+            self.router_z_loss_weight, self.expert_exchange,
         )
 
     def __post_init__(self):

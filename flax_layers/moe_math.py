@@ -14,9 +14,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jax_moe
 from jax_moe import layer_math
+from jax_moe.sharding import EXPERT_EXCHANGES
 
 LOAD_BALANCING_LOSS = "load_balancing_loss"
 ROUTER_Z_LOSS = "router_z_loss"
+DROPPED_PAIRS = "dropped_pairs"
 
 
 def expert_kernel_init():
@@ -37,14 +39,18 @@ class LayerOptions:
     backend: str = "auto"
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
+    expert_exchange: str = "all_gather"
 
 
-def layer_options(routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight) -> LayerOptions:
+def layer_options(routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight,
+                  expert_exchange="all_gather") -> LayerOptions:
     """``LayerOptions`` from a twin's constructor arguments, with a clear error for each bad one."""
     if not isinstance(routing, jax_moe.Routing):
         raise TypeError(f"routing must be a jax_moe.Routing (e.g. jax_moe.Routing(top_k=2)); got {type(routing).__name__}")
     if backend not in jax_moe.BACKENDS:
         raise ValueError(f"backend must be one of {jax_moe.BACKENDS}; got {backend!r}")
+    if expert_exchange not in EXPERT_EXCHANGES:
+        raise ValueError(f"expert_exchange must be one of {EXPERT_EXCHANGES}; got {expert_exchange!r}")
     for name, weight in (("load_balancing_loss_weight", load_balancing_loss_weight),
                          ("router_z_loss_weight", router_z_loss_weight)):
         if weight < 0:
@@ -52,6 +58,7 @@ def layer_options(routing, activation, dtype, backend, load_balancing_loss_weigh
     return LayerOptions(
         routing=routing, activation=jax_moe.Activation.of(activation), dtype=dtype, backend=backend,
         load_balancing_loss_weight=load_balancing_loss_weight, router_z_loss_weight=router_z_loss_weight,
+        expert_exchange=expert_exchange,
     )
 
 
@@ -134,7 +141,8 @@ _FUSED_MOE_NAMES = dict(
 
 
 def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, shared_gate, options: LayerOptions):
-    """The layer from raw parameters: ([..., H] output, {aux loss name: weighted value}).
+    """The layer from raw parameters: ([..., H] output, {name: value} of the weighted auxiliary
+    losses and, with an expert capacity, the number of pairs it dropped).
 
     ``experts`` maps the names of ``EXPERT_PARAMS`` that the layer has to their arrays. The router
     runs in float32 (routing decisions are sensitive to rounding); the experts run in
@@ -162,7 +170,8 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     )
     y, _, ids = jax_moe.fused_moe(
         x.astype(compute_dtype), logits, experts=weights, routing=options.routing, selection_bias=selection_bias,
-        activation=options.activation, backend=options.backend, return_routing=True,
+        activation=options.activation, backend=options.backend, expert_exchange=options.expert_exchange,
+        return_routing=True,
     )
     aux = {}
     if options.load_balancing_loss_weight:
@@ -171,4 +180,6 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
         )
     if options.router_z_loss_weight:
         aux[ROUTER_Z_LOSS] = options.router_z_loss_weight * router_z_loss(logits)
+    if options.routing.capacity_factor is not None:
+        aux[DROPPED_PAIRS] = jnp.sum(ids < 0)
     return y, aux

@@ -42,8 +42,10 @@ class FusedMoE(nnx.Module):
     parallel. A size its mesh axes don't divide raises ``ValueError`` here, naming it.
 
     Auxiliary losses, weighted and sown as ``nnx.Intermediate`` when their weight is non-zero:
-    ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE). Collect them with
-    ``nnx.capture(model, nnx.Intermediate)``, which returns them beside the output.
+    ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE); with an expert
+    capacity (``Routing.capacity_factor``), ``dropped_pairs``, the number of (token, expert) pairs
+    it dropped. Collect them with ``nnx.capture(model, nnx.Intermediate)``, which returns them
+    beside the output.
 
     Example::
 
@@ -89,6 +91,8 @@ class FusedMoE(nnx.Module):
       backend: jax_moe backend, "auto", "triton", "interpret" or "reference".
       load_balancing_loss_weight: weight of the load-balancing loss (0: not computed).
       router_z_loss_weight: weight of the router z-loss (0: not computed).
+      expert_exchange: how expert parallelism moves the pairs, "all_gather" or "all_to_all"
+        (``jax_moe.fused_moe``).
       expert_axis, embed_axis, mlp_axis: logical axis names for sharding.
       rngs: random number generators for the initializers.
     """
@@ -116,13 +120,14 @@ class FusedMoE(nnx.Module):
         backend: str = "auto",
         load_balancing_loss_weight: float = 0.0,
         router_z_loss_weight: float = 0.0,
+        expert_exchange: str = "all_gather",
         expert_axis: str | None = "expert",
         embed_axis: str | None = "embed",
         mlp_axis: str | None = "mlp",
         rngs: nnx.Rngs,
     ):
         self.options = moe_math.layer_options(
-            routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight
+            routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight, expert_exchange
         )
         moe_math.check_config(
             hidden_size, intermediate_size, num_experts, num_shared_experts, use_shared_expert_gate, self.options

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_moe import backend_triton, pipeline, reference, sharding
+from jax_moe.layer_math import drop_over_capacity
 from jax_moe.options import Activation, ExpertWeights, Routing, gather
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
@@ -148,6 +149,11 @@ def _check_router_logits(router_logits, routing: Routing, selection_bias) -> Non
             )
 
 
+def _check_exchange(expert_exchange) -> None:
+    if expert_exchange not in sharding.EXPERT_EXCHANGES:
+        raise ValueError(f"expert_exchange must be one of {sharding.EXPERT_EXCHANGES}; got {expert_exchange!r}")
+
+
 def _check_logits_match(router_logits, hidden_states, num_experts: int) -> None:
     expected = (*hidden_states.shape[:-1], num_experts)
     if tuple(router_logits.shape) != expected:
@@ -184,10 +190,10 @@ def _check_choices(weights, ids, hidden_states, num_experts: int) -> None:
         concrete = np.asarray(ids)
     except jax.errors.TracerArrayConversionError:
         return  # traced: out-of-range ids poison their tokens instead (see moe_experts)
-    if concrete.size and (concrete.min() < 0 or concrete.max() >= num_experts):
+    if concrete.size and (concrete.min() < -1 or concrete.max() >= num_experts):
         raise ValueError(
-            f"ids must lie in [0, {num_experts - 1}]; got values from {concrete.min()} to "
-            f"{concrete.max()}"
+            f"ids must lie in [0, {num_experts - 1}], or be -1 for a dropped pair; got values from "
+            f"{concrete.min()} to {concrete.max()}"
         )
 
 
@@ -255,17 +261,20 @@ def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend
         router_logits.reshape(num_tokens, num_experts), selection_bias, routing=routing,
         launch=pipeline.launcher(backend),
     )
+    weights, ids = drop_over_capacity(weights, ids, routing, num_experts)
     return weights.reshape(*lead, routing.top_k), ids.reshape(*lead, routing.top_k)
 
 
 def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None, *,
                 experts: ExpertWeights | None = None, activation: str | Activation = "silu",
-                backend: str = "auto", save_activations: bool = False, **expert_keywords):
+                backend: str = "auto", save_activations: bool = False, expert_exchange: str = "all_gather",
+                **expert_keywords):
     """The expert FFNs and combine for tokens routed by the caller.
 
-    ``weights`` and ``ids`` are [..., k] (float and integer). Concrete ids outside [0, E) raise
-    ``ValueError``; under ``jax.jit`` they can't be checked, and the tokens holding them come out
-    NaN rather than silently wrong. The experts come as ``experts=jax_moe.ExpertWeights(...)`` or
+    ``weights`` and ``ids`` are [..., k] (float and integer). An id of -1 is a dropped pair (as
+    ``route`` returns with a capacity): it contributes nothing and its weight gets no gradient.
+    Other concrete ids outside [0, E) raise ``ValueError``; under ``jax.jit`` they can't be
+    checked, and the tokens holding them come out NaN rather than silently wrong. The experts come as ``experts=jax_moe.ExpertWeights(...)`` or
     as ``w_gate, w_up, w_down`` with the optional arrays as keywords (``gate_bias=...``); the
     other arguments are those of ``fused_moe``. Returns [..., H] in the dtype of
     ``hidden_states``. Differentiable with respect to everything but ``ids``.
@@ -280,13 +289,15 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
     _check_choices(weights, ids, hidden_states, num_experts)
     backend = _resolve_backend(backend)
     valid = (ids >= 0) & (ids < num_experts)
-    weights = jnp.where(valid, weights.astype(jnp.float32), jnp.nan)
-    ids = jnp.where(valid, ids, 0).astype(jnp.int32)
+    dropped = ids == -1
+    weights = jnp.where(valid, weights.astype(jnp.float32), jnp.where(dropped, 0.0, jnp.nan))
+    ids = jnp.where(valid | dropped, ids, 0).astype(jnp.int32)
     body = functools.partial(
         _moe_experts_on_device, activation=activation, backend=backend, save_activations=bool(save_activations)
     )
+    _check_exchange(expert_exchange)
     layout = None if _is_empty(hidden_states, experts) else sharding.layout_of(
-        hidden_states, (weights, ids), experts, backend=backend
+        hidden_states, (weights, ids), experts, backend=backend, exchange=expert_exchange
     )
     if layout is not None:
         return sharding.moe_experts(layout, body, hidden_states, weights, ids, experts, backend=backend,
@@ -296,9 +307,13 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
 
 def _moe_experts_on_device(hidden_states, weights, ids, experts: ExpertWeights, *, activation: Activation,
                            backend: str, save_activations: bool):
-    """``moe_experts`` past its checks (ids in range, weights float32), on one device's arrays."""
+    """``moe_experts`` past its checks (ids in range or -1, weights float32, 0 where dropped), on
+    one device's arrays."""
     if backend == "reference" or _is_empty(hidden_states, experts):
         return reference.moe_experts(hidden_states, weights, ids, experts, activation)
+    # A dropped pair runs on expert 0 with weight 0: the kernels' combine waits for each of a
+    # token's pairs, and a routing that drops is fused_moe's, which skips them instead.
+    ids = jnp.maximum(ids, 0)
     num_tokens, hidden = math.prod(hidden_states.shape[:-1]), hidden_states.shape[-1]
     out = pipeline.moe_experts(
         hidden_states.reshape(num_tokens, hidden), weights.reshape(num_tokens, -1), ids.reshape(num_tokens, -1),
@@ -317,7 +332,7 @@ def _is_empty(hidden_states, experts: ExpertWeights) -> bool:
 def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None, *,
               experts: ExpertWeights | None = None, routing: Routing | None = None, selection_bias=None,
               activation: str | Activation = "silu", backend: str = "auto", save_activations: bool = False,
-              return_routing: bool = False, **keywords):
+              expert_exchange: str = "all_gather", return_routing: bool = False, **keywords):
     """A whole Mixture-of-Experts layer: routing, dispatch, gated expert FFNs, weighted combine.
 
     The options come typed or flat, never both:
@@ -326,7 +341,8 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
       w_down`` positionally with the optional arrays as keywords (``gate_bias``, ``up_bias``,
       ``down_bias``, ``shared_w_gate``, ``shared_w_up``, ``shared_w_down``, ``shared_gate``);
     * routing: ``routing=jax_moe.Routing(top_k, ...)``, or its fields as keywords (``top_k``,
-      ``scoring``, ``renormalize``, ``num_groups``, ``top_groups``, ``routed_scaling_factor``).
+      ``scoring``, ``renormalize``, ``num_groups``, ``top_groups``, ``routed_scaling_factor``,
+      ``capacity_factor``).
 
     ``jax_moe.ExpertWeights`` and ``jax_moe.Routing`` document every field.
 
@@ -343,7 +359,11 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
       save_activations: for the backward pass of the kernel backends, keep the gate and up
         pre-activations (``2 * rows * F`` elements, rows ~ T*top_k) instead of recomputing them;
         see ``pipeline.Plan``. The default saves only the dispatch metadata.
-      return_routing: also return the routed experts' routing, for auxiliary losses or logging.
+      expert_exchange: how expert parallelism (weights split on E over a mesh) brings the pairs to
+        their experts' devices: "all_gather" (default; every backend) or "all_to_all" (GPUs);
+        ``jax_moe.sharding.EXPERT_EXCHANGES`` describes both. Ignored on one device.
+      return_routing: also return the routed experts' routing, for auxiliary losses or logging
+        (with a capacity, a dropped pair has id -1 and weight 0).
 
     Differentiable once with respect to hidden_states, router_logits (through the routing
     weights), the expert weights, biases, shared experts and shared gate; the reference backend to
@@ -370,13 +390,14 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
         _fused_moe_on_device, routing=routing, activation=activation, backend=backend,
         save_activations=bool(save_activations),
     )
+    _check_exchange(expert_exchange)
     layout = None if _is_empty(hidden_states, experts) else sharding.layout_of(
-        hidden_states, (router_logits, selection_bias), experts, backend=backend
+        hidden_states, (router_logits, selection_bias), experts, backend=backend, exchange=expert_exchange
     )
     if layout is not None:
         route_body = functools.partial(_route_on_device, routing=routing, backend=backend)
         out, weights, ids = sharding.fused_moe(
-            layout, body, route_body, hidden_states, router_logits, selection_bias, experts,
+            layout, body, route_body, hidden_states, router_logits, selection_bias, experts, routing=routing,
             activation=activation, backend=backend, save_activations=bool(save_activations),
         )
     else:

@@ -1,8 +1,10 @@
 """Pure-JAX pieces of the layer that the reference and the kernel pipeline share: expert scores,
 the routing weights of given choices (the kernels' routing VJP differentiates them), and the
-shared experts' weights and slots."""
+shared experts' weights and slots, and the pairs an expert's capacity drops."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +50,22 @@ def with_shared_experts(weights, ids, num_routed: int, shared_weights):
         jnp.concatenate([weights.astype(jnp.float32), shared_weights], axis=-1),
         jnp.concatenate([ids.astype(jnp.int32), shared_ids], axis=-1),
     )
+
+
+def drop_over_capacity(weights, ids, routing: Routing, num_experts: int):
+    """[..., top_k] routing with the pairs past each expert's capacity dropped (id -1, weight 0):
+    ``routing.expert_capacity`` of the tokens here, kept in the order slot 0 of every token, then
+    slot 1, ...; unchanged without a capacity."""
+    num_tokens = math.prod(ids.shape[:-1])
+    capacity = routing.expert_capacity(num_tokens, num_experts)
+    if capacity is None:
+        return weights, ids
+    top_k = ids.shape[-1]
+    by_slot = ids.reshape(num_tokens, top_k).T.reshape(-1)
+    order = jnp.argsort(by_slot, stable=True)
+    sorted_ids = by_slot[order]
+    # A pair's place in its expert's queue: its sorted position past the expert's first.
+    place_sorted = jnp.arange(by_slot.size) - jnp.searchsorted(sorted_ids, sorted_ids, side="left")
+    place = jnp.zeros_like(place_sorted).at[order].set(place_sorted)
+    kept = (place < capacity).reshape(top_k, num_tokens).T.reshape(ids.shape)
+    return jnp.where(kept, weights, 0.0), jnp.where(kept, ids, -1).astype(ids.dtype)

@@ -42,6 +42,12 @@ class Routing:
     * weights: the chosen experts' (unbiased) scores, divided by their sum when ``renormalize``
       (Mixtral, Qwen3, DeepSeek-V3, gpt-oss; Qwen2-MoE keeps the raw scores), times
       ``routed_scaling_factor`` (DeepSeek-V3: 2.5).
+    * ``capacity_factor``: None (default) drops nothing. A number caps each expert at
+      ``expert_capacity(T, E) = ceil(capacity_factor * T * top_k / E)`` of the pairs of T tokens,
+      T counting the tokens one device routes in the call (under a mesh, each device's own
+      tokens). The pairs past an expert's capacity are dropped in a fixed order, every token's
+      first choice before any second choice and then by token: a dropped pair has id -1 and
+      weight 0 in the routing returned, and contributes nothing to the output.
 
     gpt-oss takes a softmax over its k best logits: that is ``scoring="softmax"`` with
     ``renormalize=True``, the Mixtral routing.
@@ -56,6 +62,7 @@ class Routing:
     num_groups: int = 1
     top_groups: int | None = None  # None: every group
     routed_scaling_factor: float = 1.0
+    capacity_factor: float | None = None  # None: no pair dropped
 
     def __post_init__(self):
         if not _is_int(self.top_k):
@@ -80,10 +87,22 @@ class Routing:
             raise TypeError(f"routed_scaling_factor must be a Python number; got {type(factor).__name__} {factor!r}")
         if not math.isfinite(factor):
             raise ValueError(f"routed_scaling_factor must be finite; got {factor!r}")
+        capacity = self.capacity_factor
+        if capacity is not None:
+            if not _is_real(capacity):
+                raise TypeError(f"capacity_factor must be a Python number or None; got {type(capacity).__name__} {capacity!r}")
+            if not (math.isfinite(capacity) and capacity > 0):
+                raise ValueError(f"capacity_factor must be positive and finite; got {capacity!r}")
 
     @property
     def kept_groups(self) -> int:
         return self.num_groups if self.top_groups is None else self.top_groups
+
+    def expert_capacity(self, num_tokens: int, num_experts: int) -> int | None:
+        """The most pairs of ``num_tokens`` tokens one expert computes; None without a capacity."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / num_experts)
 
     def check_experts(self, num_experts: int) -> None:
         """Raises ValueError unless this routing can choose among ``num_experts`` experts."""

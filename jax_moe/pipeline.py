@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import triton
 
 from jax_moe import kernels, stacks, tile_configs
-from jax_moe.layer_math import route_weights, shared_expert_weights, with_shared_experts
+from jax_moe.layer_math import drop_over_capacity, route_weights, shared_expert_weights, with_shared_experts
 from jax_moe.options import SILU, Activation, ExpertWeights, Routing
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
@@ -698,16 +698,18 @@ def _tile_config(backend: str, num_pairs: int, params: ExpertWeights, top_k: int
 
 
 def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: int, dtype,
-              save_activations: bool, activation: Activation, partial_sum: bool = False) -> Plan:
+              save_activations: bool, activation: Activation, partial_sum: bool = False,
+              num_pairs: int | None = None) -> Plan:
     """The plan of one call of ``num_tokens`` tokens with ``top_k`` routed choices each (the
-    shared experts come on top); ``partial_sum``: see ``Plan``. Raises ValueError where
-    dispatch's int32 rows would overflow."""
-    num_pairs = num_tokens * (top_k + params.num_shared)
+    shared experts come on top), or of ``num_pairs`` pairs of a layer of that ``top_k``;
+    ``partial_sum``: see ``Plan``. Raises ValueError where dispatch's int32 rows would overflow."""
+    if num_pairs is None:
+        num_pairs = num_tokens * (top_k + params.num_shared)
     config = _tile_config(backend, num_pairs, params, top_k)
     rows = max_row_blocks(params.num_routed + params.num_shared, num_pairs, config.block_m) * config.block_m
     if rows > MAX_DISPATCH_ROWS:
         raise ValueError(
-            f"hidden_states: {num_tokens} tokens x {top_k + params.num_shared} experts each make {num_pairs} "
+            f"hidden_states: {num_tokens} tokens make {num_pairs} "
             f"(token, expert) pairs, {rows} dispatch rows with padding; dispatch indexes rows in int32 "
             f"(at most {MAX_DISPATCH_ROWS}): split the batch"
         )
@@ -747,14 +749,22 @@ def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing
     Routing and dispatch are one launch at decode sizes (``routes_and_dispatches``), where the
     routing kernel appends the shared experts itself; it does so for any size when they are
     ungated. A gated shared expert (Qwen2-MoE) takes its weight from the activations, in XLA.
+    With a capacity, the pairs past it are dropped in XLA between routing and dispatch.
     """
     num_tokens = x.shape[0]
     num_shared = params.num_shared
-    shared_in_routing = num_shared if params.shared_gate is None else 0
     plan = make_plan(
         backend, params, num_tokens=num_tokens, top_k=routing.top_k, dtype=x.dtype,
         save_activations=save_activations, activation=activation,
+        partial_sum=routing.capacity_factor is not None,
     )
+    if routing.capacity_factor is not None:
+        # Dropped pairs (id -1) get no rows: each pair's row is summed in XLA (Plan.partial_sum).
+        weights, ids = top_k_routing(logits, selection_bias, routing=routing, launch=plan.launch, num_shared=0)
+        weights, ids = drop_over_capacity(weights, ids, routing, params.num_routed)
+        out = _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=False)
+        return out, weights, ids
+    shared_in_routing = num_shared if params.shared_gate is None else 0
     dispatched = None
     if shared_in_routing == num_shared and routes_and_dispatches(num_tokens * (routing.top_k + num_shared)):
         weights, ids, dispatched = route_and_dispatch(
@@ -772,15 +782,19 @@ def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing
 
 
 def moe_experts(x, weights, ids, params: ExpertWeights, activation: Activation, *, backend: str,
-                save_activations: bool, shared_in_ids: bool = False, partial_sum: bool = False):
+                save_activations: bool, shared_in_ids: bool = False, partial_sum: bool = False,
+                layer_top_k: int | None = None):
     """The experts on a kernel backend for routing made by the caller: [T, H] ``x``, [T, k]
     float32 ``weights`` and int32 ``ids`` in [0, E) -> [T, H].
 
     ``shared_in_ids``: ``weights`` and ``ids`` end with the shared experts' slots already;
     ``partial_sum``: one device's share of a sharded layer (``Plan``), where ids < 0 are absent
-    pairs."""
+    pairs; ``layer_top_k``: the layer's routed choices per token where each of the T rows is one
+    pair (exchanged between devices), for the tile tables."""
+    top_k = ids.shape[1] - (params.num_shared if shared_in_ids else 0)
     plan = make_plan(
-        backend, params, num_tokens=x.shape[0], top_k=ids.shape[1] - (params.num_shared if shared_in_ids else 0),
-        dtype=x.dtype, save_activations=save_activations, activation=activation, partial_sum=partial_sum,
+        backend, params, num_tokens=x.shape[0], top_k=layer_top_k or top_k, dtype=x.dtype,
+        save_activations=save_activations, activation=activation, partial_sum=partial_sum,
+        num_pairs=None if layer_top_k is None else ids.size,
     )
     return _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=shared_in_ids)

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_moe.layer_math import route_weights, scores, shared_expert_weights, with_shared_experts
+from jax_moe.layer_math import drop_over_capacity, route_weights, scores, shared_expert_weights, with_shared_experts
 from jax_moe.options import SILU, Activation, ExpertWeights, Routing
 
 
@@ -25,7 +25,8 @@ def route(router_logits: jax.Array, routing: Routing, selection_bias: jax.Array 
     the logits: the same order, independent of how ``exp`` rounds). With groups, each group scores
     the sum of its two best ranking values and only the ``top_groups`` best groups stay eligible.
     Ties go to the lower index, NaN ranks above everything (``jax.lax.top_k``'s order). Weights as
-    in ``layer_math.route_weights``.
+    in ``layer_math.route_weights``; with a capacity, the pairs past it dropped
+    (``layer_math.drop_over_capacity``).
     """
     logits = jnp.asarray(router_logits).astype(jnp.float32)
     ranking = logits
@@ -42,7 +43,7 @@ def route(router_logits: jax.Array, routing: Routing, selection_bias: jax.Array 
         ranking = jnp.where(kept[..., None], grouped, -jnp.inf).reshape(ranking.shape)
     _, ids = jax.lax.top_k(ranking, routing.top_k)
     ids = ids.astype(jnp.int32)
-    return route_weights(logits, ids, routing), ids
+    return drop_over_capacity(route_weights(logits, ids, routing), ids, routing, logits.shape[-1])
 
 
 def swiglu(gate: jax.Array, up: jax.Array, activation: Activation = SILU) -> jax.Array:
@@ -57,7 +58,7 @@ def swiglu(gate: jax.Array, up: jax.Array, activation: Activation = SILU) -> jax
 def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation: Activation = SILU) -> jax.Array:
     """Weighted sum over each token's chosen experts of ``down(act(x @ gate + b_g, x @ up + b_u)) + b_d``.
 
-    Shared experts (no biases) are experts every token chooses, numbered after the routed ones,
+    A pair with id -1 (dropped) contributes nothing. Shared experts (no biases) are experts every token chooses, numbered after the routed ones,
     with the weights of ``layer_math.shared_expert_weights``; their outputs join the same sum.
     Products accumulate in float32; the activation is rounded to the activation dtype before the
     down projection, as the kernels store it. Returns [..., H] in the dtype of hidden_states.

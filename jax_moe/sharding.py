@@ -40,7 +40,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_moe import pipeline, reference
 from jax_moe.layer_math import shared_expert_weights, with_shared_experts
-from jax_moe.options import Activation, ExpertWeights
+from jax_moe.options import Activation, ExpertWeights, Routing
+
+
+# How expert parallelism brings each (token, expert) pair to the device holding the expert:
+# * "all_gather": every device gathers the tokens and routing of the devices that split the
+#   experts, computes the pairs of its own experts, and the partial outputs are reduce-scattered
+#   back. Moves every token to every device of the group; runs on every backend.
+# * "all_to_all": each device sends each pair's token row to the device of the pair's expert and
+#   gets the weighted expert output back (``jax.lax.ragged_all_to_all``, both ways). Moves only
+#   the rows the pairs need; XLA runs it on GPUs only. The receive buffer is sized for the worst
+#   case (all pairs of the group on one device), or for the experts' capacity where the routing
+#   has one.
+EXPERT_EXCHANGES = ("all_gather", "all_to_all")
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -69,12 +81,14 @@ def _mesh(array):
 class Layout:
     """How one layer call is spread over a mesh: the PartitionSpec entries of the token dims of
     ``hidden_states`` (``batch``), and the mesh axes that split the experts (``expert``) and the
-    intermediate dim F (``tensor``)."""
+    intermediate dim F (``tensor``), and how the pairs reach the devices of their experts
+    (``exchange``, one of ``EXPERT_EXCHANGES``)."""
 
     mesh: jax.sharding.AbstractMesh
     batch: tuple
     expert: tuple[str, ...] = ()
     tensor: tuple[str, ...] = ()
+    exchange: str = "all_gather"
 
     def size(self, axes) -> int:
         return math.prod(self.mesh.shape[a] for a in axes)
@@ -112,12 +126,13 @@ class Layout:
 
 
 def layout_of(hidden_states, others=(), params: ExpertWeights | None = None, *,
-              backend: str) -> Layout | None:
+              backend: str, exchange: str = "all_gather") -> Layout | None:
     """The layout of a call from its arguments' types: None when no argument is sharded on an
     Explicit mesh of more than one device (then the call runs as on one device).
 
     ``hidden_states``: the activations (for ``route``: the router logits), whose leading dims are
-    the tokens; ``others``: the other arrays (None allowed); ``params``: the expert weights. On a
+    the tokens; ``others``: the other arrays (None allowed); ``params``: the expert weights;
+    ``exchange``: see ``EXPERT_EXCHANGES`` (a ValueError where this layout can't use it). On a
     mesh of Auto axes the kernel backends warn: the kernels would run once over whole arrays (XLA
     partitions the reference backend by itself).
     """
@@ -144,7 +159,29 @@ def layout_of(hidden_states, others=(), params: ExpertWeights | None = None, *,
     if params is not None:
         expert_entry, _, tensor_entry = _spec(params.w_gate)
         expert, tensor = _axes(expert_entry), _axes(tensor_entry)
-    return Layout(mesh, _spec(hidden_states)[:-1], expert, tensor)
+    layout = Layout(mesh, _spec(hidden_states)[:-1], expert, tensor, exchange)
+    if exchange == "all_to_all" and expert:
+        _check_all_to_all(layout)
+    return layout
+
+
+def _check_all_to_all(layout: Layout) -> None:
+    split = [a for a in layout.expert if a in layout.batch_axes]
+    if split and len(split) < len(layout.expert):
+        raise ValueError(
+            f'expert_exchange="all_to_all": the tokens must be split over all of the expert axes '
+            f'{layout.expert} or none of them; they are split over {tuple(split)} only'
+        )
+    if split and not ragged_all_to_all_available():
+        raise ValueError(
+            f'expert_exchange="all_to_all" needs XLA\'s ragged all-to-all, which the '
+            f'{jax.default_backend()} backend lacks (it runs on GPUs); use "all_gather"'
+        )
+
+
+def ragged_all_to_all_available() -> bool:
+    """Whether XLA on the default backend runs ``jax.lax.ragged_all_to_all`` (XLA:CPU does not)."""
+    return jax.default_backend() != "cpu"
 
 
 def _shard_map(layout: Layout, body, arrays: dict, out_specs):
@@ -213,7 +250,8 @@ def moe_experts(layout: Layout, body, hidden_states, weights, ids, experts: Expe
 
 
 def fused_moe(layout: Layout, body, route_body, hidden_states, router_logits, selection_bias,
-              experts: ExpertWeights, *, activation: Activation, backend: str, save_activations: bool):
+              experts: ExpertWeights, *, routing: Routing, activation: Activation, backend: str,
+              save_activations: bool):
     """``jax_moe.fused_moe`` past its checks in ``layout``: (output, weights, ids). With data
     parallelism alone each device runs ``body(hidden_states, router_logits, selection_bias,
     experts)`` on its shards; otherwise it routes its tokens with ``route_body(router_logits,
@@ -225,8 +263,10 @@ def fused_moe(layout: Layout, body, route_body, hidden_states, router_logits, se
         if layout.data_parallel_only:
             return body(x, logits, bias, local)
         weights, ids = route_body(logits, bias)
-        out = _sharded_experts(layout, x, weights, ids, local, num_routed=num_routed, activation=activation,
-                               backend=backend, save_activations=save_activations)
+        out = _sharded_experts(
+            layout, x, weights, ids, local, num_routed=num_routed, activation=activation, backend=backend,
+            save_activations=save_activations, capacity=routing.expert_capacity(math.prod(x.shape[:-1]), num_routed),
+        )
         return out, weights, ids
 
     arrays = dict(hidden_states=hidden_states, router_logits=router_logits, selection_bias=selection_bias,
@@ -236,44 +276,126 @@ def fused_moe(layout: Layout, body, route_body, hidden_states, router_logits, se
 
 
 def _sharded_experts(layout: Layout, hidden_states, weights, ids, params: ExpertWeights, *,
-                     num_routed: int, activation: Activation, backend: str, save_activations: bool):
+                     num_routed: int, activation: Activation, backend: str, save_activations: bool,
+                     capacity: int | None = None):
     """One device's part of an expert- or tensor-parallel layer: [..., H] local tokens with their
-    [..., k] routing, ``params`` the device's shards of the weights, ``num_routed`` the global E.
+    [..., k] routing (id -1: a dropped pair), ``params`` the device's shards of the weights,
+    ``num_routed`` the global E, ``capacity`` the routing's expert capacity (``Routing``) if any.
 
-    The tokens of the devices that split the work (``layout.gathered``) are gathered; the pairs
+    The tokens of the devices that split the work (``layout.gathered``) are gathered, except over
+    expert axes whose pairs are exchanged (``_exchanged_pairs``). With gathered tokens, the pairs
     of this device's experts ``[first, first + E_local)`` keep their ids, shifted to
     ``[0, E_local)``; a shared expert's pair stays on one device of the expert axes per token (the
     tokens split into equal runs, one per device); every other pair is absent (id -1). The
-    partial outputs are reduce-scattered over ``layout.gathered`` and summed over ``layout.summed``.
+    partial outputs are reduce-scattered over the gathered axes and summed over ``layout.summed``.
     """
     lead, hidden = hidden_states.shape[:-1], hidden_states.shape[-1]
     x = hidden_states.reshape(-1, hidden)
     num_tokens = x.shape[0]
     weights = weights.reshape(num_tokens, ids.shape[-1]).astype(jnp.float32)
     ids = ids.reshape(num_tokens, ids.shape[-1]).astype(jnp.int32)
+    top_k = ids.shape[-1]
     if params.num_shared:
         shared = shared_expert_weights(x, params.num_shared, params.shared_gate)
         weights, ids = with_shared_experts(weights, ids, num_routed, shared)
     params = params._replace(shared_gate=None)
-    if layout.gathered:
-        x, weights, ids = (jax.lax.all_gather(a, layout.gathered, axis=0, tiled=True) for a in (x, weights, ids))
-    ids = _local_ids(layout, ids, num_routed=num_routed, num_local=params.num_routed)
     if layout.tensor and params.has_bias:
         # Every F shard adds the down bias to its partial sum: only the first one keeps it.
         first_shard = jax.lax.axis_index(layout.tensor) == 0
         params = params._replace(down_bias=jnp.where(first_shard, params.down_bias, 0))
-    if backend == "reference":
-        out = _reference_partial(x, weights, ids, params, activation)
-    else:
-        out = pipeline.moe_experts(
+
+    def local_pairs(x, weights, ids, layer_top_k=None):
+        if backend == "reference":
+            return _reference_partial(x, weights, ids, params, activation)
+        return pipeline.moe_experts(
             x, weights, ids, params, activation, backend=backend, save_activations=save_activations,
-            shared_in_ids=True, partial_sum=True,
+            shared_in_ids=True, partial_sum=True, layer_top_k=layer_top_k,
         )
-    if layout.gathered:
-        out = jax.lax.psum_scatter(out, layout.gathered, scatter_dimension=0, tiled=True)
+
+    exchanged = _exchanged(layout)
+    gathered = tuple(a for a in layout.gathered if a not in exchanged)
+    routed_tokens = num_tokens
+    if gathered:
+        x, weights, ids = (jax.lax.all_gather(a, gathered, axis=0, tiled=True) for a in (x, weights, ids))
+    if exchanged:
+        per_expert = None if capacity is None else capacity * x.shape[0] // routed_tokens
+        out = _exchanged_pairs(
+            layout, x, weights, ids, local_pairs, num_routed=num_routed, num_local=params.num_routed,
+            top_k=top_k, routed_per_expert=per_expert,
+        )
+    else:
+        out = local_pairs(x, weights, _local_ids(layout, ids, num_routed=num_routed, num_local=params.num_routed))
+    if gathered:
+        out = jax.lax.psum_scatter(out, gathered, scatter_dimension=0, tiled=True)
     if layout.summed:
         out = jax.lax.psum(out, layout.summed)
     return out.astype(hidden_states.dtype).reshape(*lead, hidden)
+
+
+def _exchanged(layout: Layout) -> tuple[str, ...]:
+    """The expert axes over which pairs are exchanged (all-to-all) rather than tokens gathered."""
+    if layout.exchange == "all_to_all" and set(layout.expert) <= set(layout.batch_axes):
+        return layout.expert
+    return ()
+
+
+def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    return jax.lax.ragged_all_to_all(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis_name
+    )
+
+
+def _exchanged_pairs(layout: Layout, x, weights, ids, local_pairs, *, num_routed: int, num_local: int, top_k: int,
+                     routed_per_expert: int | None):
+    """The expert-axis exchange of ``expert_exchange="all_to_all"``: [T, H] tokens with [T, K]
+    routing (global ids; shared experts ``E + s`` after the ``top_k`` routed slots; -1 dropped)
+    -> [T, H] float32, each token's sum over its pairs.
+
+    Each pair goes to the device of its expert (a shared expert's stays here), its token row, id
+    and weight sorted by destination and sent with ``ragged_all_to_all``; the receiver runs
+    ``local_pairs`` on its rows, one pair each, and sends the weighted output rows back the same
+    way. ``routed_per_expert``: the most routed pairs of these T tokens one expert takes (the
+    capacity), which bounds the receive buffer; None: every routed pair of every device may come.
+    """
+    axes = layout.expert
+    peers = layout.size(axes)
+    rank = jax.lax.axis_index(axes)
+    num_tokens, slots = ids.shape
+    num_shared = slots - top_k
+    flat_ids = ids.reshape(-1)
+    destination = jnp.where(flat_ids >= num_routed, rank, flat_ids // num_local)
+    destination = jnp.where(flat_ids < 0, peers, destination)  # dropped pairs sort last, unsent
+    order = jnp.argsort(destination, stable=True)
+    send_sizes = jnp.zeros(peers + 1, jnp.int32).at[destination].add(1)[:peers]
+    sizes = jax.lax.all_gather(send_sizes, axes)  # [sender, receiver]
+    send_starts = jnp.cumsum(sizes, axis=1) - sizes  # where a sender's rows for each receiver start
+    recv_starts = jnp.cumsum(sizes, axis=0) - sizes  # where they land in the receiver's buffer
+
+    routed_from_peer = num_tokens * top_k
+    if routed_per_expert is not None:
+        routed_from_peer = min(routed_from_peer, num_local * routed_per_expert)
+    buffer_rows = peers * routed_from_peer + num_tokens * num_shared
+
+    def there(rows, fill):
+        return _ragged_all_to_all(
+            rows, jnp.full((buffer_rows, *rows.shape[1:]), fill, rows.dtype), send_starts[rank], send_sizes,
+            recv_starts[rank], sizes[:, rank], axis_name=axes,
+        )
+
+    pair_token = order // slots
+    recv_x = there(x[pair_token], 0)
+    recv_weights = there(weights.reshape(-1)[order], 0.0)
+    recv_ids = there(flat_ids[order], -1)
+    local_ids = jnp.where(recv_ids >= num_routed, recv_ids - num_routed + num_local, recv_ids - rank * num_local)
+    local_ids = jnp.where(recv_ids >= 0, local_ids, -1)
+    rows = local_pairs(recv_x, recv_weights[:, None], local_ids[:, None], layer_top_k=top_k)
+    back = _ragged_all_to_all(
+        rows, jnp.zeros((num_tokens * slots, rows.shape[1]), rows.dtype), recv_starts[:, rank], sizes[:, rank],
+        send_starts[:, rank], send_sizes, axis_name=axes,
+    )
+    # back[i] is the output of pair order[i]; the dropped pairs' rows stay zero.
+    pair_rows = jnp.zeros_like(back).at[order].set(back)
+    return jnp.sum(pair_rows.reshape(num_tokens, slots, -1).astype(jnp.float32), axis=1)
 
 
 def _local_ids(layout: Layout, ids, *, num_routed: int, num_local: int):

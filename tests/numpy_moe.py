@@ -27,7 +27,7 @@ def experts(hidden_states, weights, ids, w_gate, w_up, w_down) -> np.ndarray:
     ids = np.asarray(ids).reshape(-1, top_k)
     weights = as_f64(weights).reshape(-1, top_k)
     out = np.zeros_like(x)
-    for expert in np.unique(ids):
+    for expert in np.unique(ids[ids >= 0]):  # -1: a dropped pair
         tokens, slots = np.nonzero(ids == expert)
         xe = x[tokens]
         gate = xe @ as_f64(w_gate[expert])
@@ -35,6 +35,24 @@ def experts(hidden_states, weights, ids, w_gate, w_up, w_down) -> np.ndarray:
         act = gate / (1.0 + np.exp(-gate)) * up
         np.add.at(out, tokens, weights[tokens, slots][:, None] * (act @ as_f64(w_down[expert])))
     return out.reshape(np.shape(hidden_states))
+
+
+def drop_over_capacity(weights, ids, num_experts: int, capacity_factor: float):
+    """Each expert keeps its first ceil(factor * T * k / E) pairs, counting every token's first
+    choice before any second choice, each slot in token order; the rest get id -1, weight 0."""
+    ids = np.array(ids).reshape(-1, np.shape(ids)[-1])
+    weights = as_f64(weights).reshape(ids.shape).copy()
+    num_tokens, top_k = ids.shape
+    capacity = int(np.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    taken = np.zeros(num_experts, int)
+    for slot in range(top_k):
+        for token in range(num_tokens):
+            expert = ids[token, slot]
+            if taken[expert] < capacity:
+                taken[expert] += 1
+            else:
+                ids[token, slot], weights[token, slot] = -1, 0.0
+    return weights, ids
 
 
 def fused_moe(hidden_states, router_logits, w_gate, w_up, w_down, top_k: int, renormalize: bool = True):

@@ -130,6 +130,18 @@ def test_linen_sows_the_same_auxiliary_losses(key):
         np.testing.assert_allclose(state["intermediates"][name][0], aux[name][0], rtol=1e-6)
 
 
+def test_capacity_drops_are_counted(key):
+    routing = Routing(K, capacity_factor=0.5)
+    layer = FusedMoE(H, F, E, routing, backend="reference", rngs=nnx.Rngs(0))
+    twin = moe_linen.FusedMoE(H, F, E, routing, backend="reference")
+    x = jax.random.normal(key, (20, H))
+    _, aux = nnx.capture(layer, nnx.Intermediate)(x)
+    _, ids = numpy_moe.drop_over_capacity(*numpy_moe.softmax_top_k(_logits(layer, x), K, True), E, 0.5)
+    assert aux["dropped_pairs"][0] == (ids < 0).sum() > 0
+    _, state = twin.apply(_linen_params(layer), x, mutable=["intermediates"])
+    assert state["intermediates"]["dropped_pairs"][0] == aux["dropped_pairs"][0]
+
+
 @pytest.mark.parametrize("backend", ["interpret", "reference"])
 def test_nnx_jit_and_grad(key, backend):
     layer = _layer(backend, load_balancing_loss_weight=0.1)
@@ -195,6 +207,9 @@ def test_orbax_round_trip(key, tmp_path):
         (dict(num_experts=2.0), TypeError, "num_experts must be an int; got float 2.0"),
         (dict(backend="cuda"), ValueError, r"backend must be one of .*got 'cuda'"),
         (dict(router_z_loss_weight=-1.0), ValueError, "router_z_loss_weight must be >= 0; got -1.0"),
+        (dict(capacity_factor=0.0), ValueError, "capacity_factor must be positive and finite; got 0.0"),
+        (dict(capacity_factor="1"), TypeError, "capacity_factor must be a Python number or None; got str '1'"),
+        (dict(expert_exchange="ring"), ValueError, r"expert_exchange must be one of \('all_gather', 'all_to_all'\); got 'ring'"),
         (dict(routing=2), TypeError, r"routing must be a jax_moe.Routing \(e.g. jax_moe.Routing\(top_k=2\)\); got int"),
     ],
 )

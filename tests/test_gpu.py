@@ -7,12 +7,14 @@ compared with a reference. An element no program wrote holds NaN or a stale valu
 other inputs, and fails.
 """
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import dataclasses
+from jax.sharding import PartitionSpec as P
 
 import jax_moe
 from jax_moe import arg_specs, backend_triton, pipeline, stacks, tile_configs
@@ -219,3 +221,43 @@ def test_tma_weight_tiles_where_the_stack_gives_them(key, num_tokens):
     want = _grad_fn("reference", shape.top_k, cotangent)(*inputs.as_args())
     for name, g, w in zip(("x", "logits", "w_gate", "w_up", "w_down"), grads, want):
         assert numpy_moe.rel_error(g, np.asarray(w.astype(jnp.float32), np.float64)) <= 2e-2, name
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_expert_exchanges_across_gpus(key, capacity_factor):
+    """Expert parallelism over every GPU present, tokens split over the same axis: both exchanges
+    give the single-device layer's output and gradients, and ``all_to_all`` moves the pairs' rows
+    with XLA's ragged all-to-all."""
+    devices = jax.devices("gpu")
+    if len(devices) < 2:
+        pytest.skip("needs two or more GPUs")
+    mesh = jax.make_mesh((len(devices),), ("expert",), devices=devices)
+    shape = dataclasses.replace(
+        arg_specs.QWEN3_30B_A3B, routing=jax_moe.Routing(arg_specs.QWEN3_30B_A3B.top_k, capacity_factor=capacity_factor)
+    )
+    inputs = arg_specs.random_inputs(shape, 64 * len(devices), "bfloat16", key)
+    specs = (P("expert"), P("expert"), P("expert"), P("expert"), P("expert"))
+    placed = [jax.device_put(a, jax.NamedSharding(mesh, s)) for a, s in zip(inputs.as_args(), specs)]
+
+    def loss(exchange, backend, *args):
+        out = jax_moe.fused_moe(*args, routing=shape.routing, backend=backend, expert_exchange=exchange)
+        return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32))), out
+
+    grads_of = lambda exchange, backend: jax.jit(
+        jax.value_and_grad(functools.partial(loss, exchange, backend), argnums=range(5), has_aux=True)
+    )
+    local = inputs.hidden_states.shape[0] // len(devices)
+    want = [jax.device_put(a, devices[0]) for a in inputs.as_args()]
+    # The capacity counts each device's own tokens: the reference runs them one device's share at a time.
+    ref_out = jnp.concatenate([
+        jax_moe.fused_moe(want[0][i:i + local], want[1][i:i + local], *want[2:], routing=shape.routing, backend="reference")
+        for i in range(0, want[0].shape[0], local)
+    ])
+    for exchange in ("all_gather", "all_to_all"):
+        (_, out), grads = grads_of(exchange, "triton")(*placed)
+        assert numpy_moe.rel_error(out, np.asarray(ref_out.astype(jnp.float32), np.float64)) <= 1e-2, exchange
+        (_, _), ref_grads = grads_of(exchange, "reference")(*placed)
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert numpy_moe.rel_error(grad, np.asarray(ref_grad.astype(jnp.float32), np.float64)) <= 1e-2, exchange
+    hlo = grads_of("all_to_all", "triton").lower(*placed).compile().as_text()
+    assert "ragged-all-to-all" in hlo

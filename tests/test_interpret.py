@@ -123,6 +123,38 @@ def test_128_row_blocks_skip_a_second_half_of_padding(key, save_activations):
         assert numpy_moe.rel_error(grad, ref_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+def test_capacity_drops_pairs_in_a_fixed_order(key, capacity_factor):
+    """Route, layer and gradients with an expert capacity: the same drops as the numpy rule, the
+    dropped pairs contributing nothing, on the kernels and the reference alike."""
+    inputs = arg_specs.random_inputs(_shape(8, 2), 40, "float32", key)
+    routing = Routing(2, capacity_factor=capacity_factor)
+    want_weights, want_ids = numpy_moe.drop_over_capacity(
+        *numpy_moe.softmax_top_k(inputs.router_logits, 2, True), 8, capacity_factor
+    )
+    assert 0 < (want_ids < 0).sum() < want_ids.size
+    for backend in ("interpret", "reference"):
+        weights, ids = jax_moe.route(inputs.router_logits, routing, backend=backend)
+        np.testing.assert_array_equal(ids, want_ids)
+        assert numpy_moe.rel_error(weights, want_weights) <= 1e-6
+
+    def loss(backend, *args):
+        out = jax_moe.fused_moe(*args, routing=routing, backend=backend)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    value_and_grad = lambda backend: jax.value_and_grad(functools.partial(loss, backend), argnums=range(5), has_aux=True)
+    (_, out), grads = jax.jit(value_and_grad("interpret"))(*inputs.as_args())
+    (_, ref), ref_grads = value_and_grad("reference")(*inputs.as_args())
+    assert numpy_moe.rel_error(out, numpy_moe.experts(inputs.hidden_states, want_weights, want_ids, *inputs.as_args()[2:])) <= 1e-5
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert numpy_moe.rel_error(grad, np.asarray(ref_grad, np.float64)) <= 1e-5
+    # moe_experts takes the dropped pairs (-1) as route gives them, under jit too.
+    experts_out = jax.jit(lambda *a: jax_moe.moe_experts(*a, backend="interpret"))(
+        inputs.hidden_states, jnp.asarray(want_weights, jnp.float32), jnp.asarray(want_ids), *inputs.as_args()[2:]
+    )
+    assert numpy_moe.rel_error(experts_out, np.asarray(out, np.float64)) <= 1e-5
+
+
 def test_out_of_range_ids_under_jit_poison_their_token(key):
     shape = _shape(3, 2)
     inputs = arg_specs.random_inputs(shape, 3, "float32", key)

@@ -2,6 +2,7 @@
 data, expert and tensor parallel layers, FSDP-style weights and their combinations, forward and
 gradients, against the same call on one device; the Flax layers and the sharded training example."""
 
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -24,7 +25,7 @@ import jax_moe
 from jax_moe import Routing
 from flax_layers import FusedMoE
 from flax_layers import linen as moe_linen
-from jax_moe import arg_specs, backend_interpret, pipeline
+from jax_moe import arg_specs, backend_interpret, pipeline, sharding
 
 import numpy_moe
 
@@ -348,3 +349,123 @@ def test_empty_batch_on_an_expert_mesh(backend):
         jnp.zeros((0, 16)), jnp.zeros((0, 8)), w, w, w_down
     )
     assert out.shape == (0, 16)
+
+
+def _ragged_all_to_all_from_all_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                       axis_name):
+    """``jax.lax.ragged_all_to_all`` as its documentation specifies it, built from
+    ``all_gather`` (XLA:CPU has no ragged all-to-all): every receiver takes, from every sender,
+    ``send_sizes[receiver]`` rows at ``input_offsets[receiver]`` and writes them at
+    ``output_offsets[receiver]``."""
+    operands = jax.lax.all_gather(operand, axis_name)
+    starts, sizes, places = (jax.lax.all_gather(a, axis_name) for a in (input_offsets, send_sizes, output_offsets))
+    receiver = jax.lax.axis_index(axis_name)
+    rows = jnp.arange(output.shape[0])
+    result = output
+    for sender in range(operands.shape[0]):
+        place, size, start = places[sender, receiver], sizes[sender, receiver], starts[sender, receiver]
+        taken = (rows >= place) & (rows < place + size)
+        source = jnp.clip(start + rows - place, 0, operand.shape[0] - 1)
+        result = jnp.where(taken.reshape(-1, *[1] * (output.ndim - 1)), operands[sender][source], result)
+    return result
+
+
+@pytest.fixture
+def ragged_all_to_all_on_cpu(monkeypatch):
+    monkeypatch.setattr(sharding, "_ragged_all_to_all", _ragged_all_to_all_from_all_gather)
+    monkeypatch.setattr(sharding, "ragged_all_to_all_available", lambda: True)
+
+
+EXCHANGE_LAYOUTS = {
+    "expert, tokens split": ((8,), ("expert",), _specs(P("expert"), expert="expert")),
+    "data x expert": LAYOUTS["data x expert"],
+    "data x expert x tensor": LAYOUTS["data x expert x tensor"],
+}
+
+
+@pytest.mark.parametrize(
+    "layout,backend,shape",
+    [(name, "reference", PLAIN) for name in EXCHANGE_LAYOUTS]
+    + [("data x expert", "interpret", PLAIN), ("data x expert x tensor", "interpret", ALL_OPTIONS),
+       ("data x expert x tensor", "reference", ALL_OPTIONS)],
+)
+def test_all_to_all_exchange_matches_one_device(ragged_all_to_all_on_cpu, layout, backend, shape):
+    mesh_shape, axes, specs = EXCHANGE_LAYOUTS[layout]
+    arrays = _on_mesh(_arrays(shape), _mesh(mesh_shape, axes), specs)
+    out, grads, hlo = _value_and_grads(backend, shape, arrays, expert_exchange="all_to_all")
+    _check_parity(out, grads, *_one_device(shape), 1e-5)
+    assert _padded(out.sharding.spec, 3) == _padded(specs["hidden_states"], 3)
+    # No device gathers the tokens of the expert axis (the stand-in gathers the pairs' rows,
+    # [devices, rows, H]).
+    assert _gathered_tokens(mesh_shape, axes, specs, shape) not in _collective_shapes(hlo, "all-gather")
+
+
+def _gathered_tokens(mesh_shape, axes, specs, shape) -> tuple[int, int]:
+    """The shape of the tokens of the devices along the expert axis, gathered."""
+    sizes = dict(zip(axes, mesh_shape))
+    token_axes = [a for entry in specs["hidden_states"] for a in ((entry,) if isinstance(entry, str) else entry or ())]
+    return (BATCH * SEQ // math.prod(sizes[a] for a in token_axes) * sizes["expert"], shape.hidden)
+
+
+@pytest.mark.parametrize("layout", EXCHANGE_LAYOUTS)
+def test_all_gather_exchange_gathers_the_tokens(layout):
+    """The yardstick of the test above: the default exchange gathers them."""
+    mesh_shape, axes, specs = EXCHANGE_LAYOUTS[layout]
+    arrays = _on_mesh(_arrays(PLAIN), _mesh(mesh_shape, axes), specs)
+    _, _, hlo = _value_and_grads("reference", PLAIN, arrays)
+    assert _gathered_tokens(mesh_shape, axes, specs, PLAIN) in _collective_shapes(hlo, "all-gather")
+
+
+def _each_devices_tokens_alone(arrays: dict, mesh, token_spec: P, shape: arg_specs.MoeShape, **options):
+    """(output, gradients) of the reference run separately on the tokens each device holds."""
+    token_shape = arrays["hidden_states"].shape
+    token_slices = {tuple((s.start, s.stop) for s in index): index for index in
+                    NamedSharding(mesh, token_spec).devices_indices_map(token_shape).values()}
+
+    def loss(arrays):
+        arrays = dict(arrays)
+        x, logits = arrays.pop("hidden_states"), arrays.pop("router_logits")
+        out = jnp.zeros_like(x)
+        for index in token_slices.values():
+            out = out.at[index].set(jax_moe.fused_moe(
+                x[index], logits[index], **arrays, **shape.static_options(), backend="reference", **options
+            ))
+        return jnp.sum(out.astype(jnp.float32) * _cotangent(shape.hidden)), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(arrays)
+    return out, grads
+
+
+@pytest.mark.parametrize("exchange,backend", [("all_gather", "interpret"), ("all_to_all", "interpret"),
+                                              ("all_to_all", "reference")])
+def test_capacity_under_expert_parallelism_counts_each_devices_tokens(ragged_all_to_all_on_cpu, exchange, backend):
+    """With a capacity, each device drops pairs among its own tokens, as one device holding only
+    them would; both exchanges give that result, forward and backward."""
+    mesh_shape, axes, specs = LAYOUTS["data x expert"]
+    mesh = _mesh(mesh_shape, axes)
+    shape = dataclasses.replace(PLAIN, routing=Routing(2, capacity_factor=1.0))
+    arrays = _on_mesh(_arrays(shape), mesh, specs)
+    out, grads, _ = _value_and_grads(backend, shape, arrays, expert_exchange=exchange)
+    want, want_grads = _each_devices_tokens_alone(_arrays(shape), mesh, specs["hidden_states"], shape)
+    _check_parity(out, grads, want, want_grads, 1e-5)
+    _, ids = jax.jit(lambda a: jax_moe.fused_moe(
+        a["hidden_states"], a["router_logits"], a["w_gate"], a["w_up"], a["w_down"], **shape.static_options(),
+        backend=backend, expert_exchange=exchange, return_routing=True,
+    )[1:])(arrays)
+    assert int(jnp.sum(ids < 0)) > 0  # the capacity binds: some pairs were dropped
+
+
+def test_all_to_all_needs_tokens_split_over_all_expert_axes_and_a_gpu():
+    arrays = _arrays(PLAIN)
+    names = ("hidden_states", "router_logits", "w_gate", "w_up", "w_down")
+    layer = lambda *a: jax_moe.fused_moe(*a, top_k=2, backend="reference", expert_exchange="all_to_all")
+    mesh_shape, axes, specs = LAYOUTS["data x expert"]
+    sharded = _on_mesh(arrays, _mesh(mesh_shape, axes), specs)
+    with pytest.raises(ValueError, match="ragged all-to-all, which the cpu backend lacks"):
+        jax.jit(layer)(*(sharded[n] for n in names))
+    mesh_shape, axes, specs = LAYOUTS["expert on both axes"]
+    sharded = _on_mesh(arrays, _mesh(mesh_shape, axes), specs)
+    with pytest.raises(ValueError, match=r"split over all of the expert axes \('b', 'a'\) or none"):
+        jax.jit(layer)(*(sharded[n] for n in names))
+    with pytest.raises(ValueError, match="expert_exchange must be one of"):
+        jax_moe.fused_moe(*(arrays[n] for n in names), top_k=2, expert_exchange="ring")

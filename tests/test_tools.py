@@ -521,3 +521,6 @@ def test_parallel_benchmark_times_every_layout(benchmark_module):
         assert ("comm_us" in row) == (layout != "data"), row
     too_many = arg_specs.MoeShape("odd", num_experts=6, routing=Routing(2), hidden=32, intermediate=16)
     assert "skipped" in parallel_bench.run_layout(too_many, ("expert",), 8, "reference", devices)
+    # XLA:CPU has no ragged all-to-all: the benchmark records the exchange as skipped, and why.
+    row = parallel_bench.run_layout(shape, ("data", "expert"), 8, "reference", devices, "all_to_all")
+    assert row["skipped"] == "no ragged all-to-all on cpu" and row["exchange"] == "all_to_all"
