@@ -24,8 +24,9 @@ Each call becomes one ``jax.shard_map`` over the whole mesh. With data paralleli
 the single-device layer on each device's shards; otherwise it is ``_sharded_experts``, which runs
 the same kernels on the device's share of the pairs (``pipeline.Plan.partial_sum``).
 
-Arrays on a mesh of Auto axes carry no sharding in their types: ``jax.sharding.explicit_axes``
-gives a call explicit ones.
+Arrays on a mesh of Auto axes carry no sharding in their types. Outside ``jax.jit`` their own
+shardings give the layout; under it, the triton backend's call is deferred to XLA's partitioner
+(``Deferred``, ``_partitioned``), which hands it the shardings its arguments have there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_moe import pipeline, reference
@@ -53,6 +56,9 @@ from jax_moe.options import Activation, ExpertWeights, Routing
 #   case (all pairs of the group on one device), or for the experts' capacity where the routing
 #   has one.
 EXPERT_EXCHANGES = ("all_gather", "all_to_all")
+# Backends whose calls under jax.jit on a mesh of Auto axes are laid out when XLA partitions the
+# program (``_partitioned``): custom calls can be placed per device there, host callbacks can't.
+DEFERRED_BACKENDS = ("triton",)
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -125,44 +131,74 @@ class Layout:
         return {name: PartitionSpec(*by_name[name]) for name in arrays}
 
 
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A call under ``jax.jit`` on a mesh of Auto axes, whose types don't say how the arguments
+    are split: its layout is read when XLA partitions the program (``_partitioned``), from the
+    shardings the arguments have there. ``token_dims``: the leading dims of the first argument
+    that are tokens."""
+
+    mesh: jax.sharding.AbstractMesh
+    token_dims: int
+    exchange: str = "all_gather"
+
+
 def layout_of(hidden_states, others=(), params: ExpertWeights | None = None, *,
-              backend: str, exchange: str = "all_gather") -> Layout | None:
-    """The layout of a call from its arguments' types: None when no argument is sharded on an
-    Explicit mesh of more than one device (then the call runs as on one device).
+              backend: str, exchange: str = "all_gather") -> Layout | Deferred | None:
+    """The layout of a call from its arguments' shardings: None when no argument is sharded on a
+    mesh of more than one device (then the call runs as on one device).
 
     ``hidden_states``: the activations (for ``route``: the router logits), whose leading dims are
     the tokens; ``others``: the other arrays (None allowed); ``params``: the expert weights;
-    ``exchange``: see ``EXPERT_EXCHANGES`` (a ValueError where this layout can't use it). On a
-    mesh of Auto axes the kernel backends warn: the kernels would run once over whole arrays (XLA
-    partitions the reference backend by itself).
+    ``exchange``: see ``EXPERT_EXCHANGES`` (a ValueError where this layout can't use it).
+
+    On a mesh of Explicit axes the arguments' types say how they are split. On a mesh of Auto
+    axes, concrete arrays say it themselves; under ``jax.jit`` nothing does until XLA partitions
+    the program: the backends of ``DEFERRED_BACKENDS`` then get a ``Deferred`` layout; the
+    reference backend gets none (XLA partitions it by itself) and the interpret backend none
+    either, with a warning (XLA can't place its host callbacks per device there).
     """
     arrays = [a for a in (hidden_states, *others, *(params or ())) if a is not None]
-    meshes = [m for m in map(_mesh, arrays) if m is not None and not m.empty and math.prod(m.shape.values()) > 1]
+    # Under jax.jit, arrays placed by in_shardings carry no mesh on Auto axes: the context mesh
+    # (jax.set_mesh) names it then.
+    meshes = [m for m in (*map(_mesh, arrays), jax.sharding.get_abstract_mesh())
+              if m is not None and not m.empty and math.prod(m.shape.values()) > 1]
     if not meshes:
         return None
     mesh = meshes[0]
     if mesh.manual_axes:
         return None  # already per device: inside a shard_map
+    spec_of = _spec
     if not mesh.explicit_axes:
-        if backend == "reference":
+        if any(isinstance(a, jax.core.Tracer) for a in arrays):
+            if backend in DEFERRED_BACKENDS:
+                return Deferred(mesh, hidden_states.ndim - 1, exchange)
+            if backend != "reference":
+                warnings.warn(
+                    f'jax_moe: under jax.jit on a mesh of Auto axes the {backend} backend runs as one '
+                    f'program over whole arrays (its host callbacks can\'t run inside XLA\'s partitioner). '
+                    f'Use a mesh of Explicit axes (jax.make_mesh\'s default) or jax.sharding.explicit_axes.',
+                    stacklevel=3,
+                )
             return None
-        warnings.warn(
-            "jax_moe: the arguments live on a mesh of Auto axes, whose types don't say how they "
-            "are sharded: the layer runs as one program over whole arrays. Use a mesh of Explicit "
-            "axes (jax.make_mesh's default) or jax.sharding.explicit_axes to spread it over the mesh.",
-            stacklevel=3,
-        )
-        return None
-    if not any(entry is not None for a in arrays for entry in _spec(a)):
+        spec_of = _concrete_spec
+    if not any(entry is not None for a in arrays for entry in spec_of(a)):
         return None
     expert = tensor = ()
     if params is not None:
-        expert_entry, _, tensor_entry = _spec(params.w_gate)
+        expert_entry, _, tensor_entry = spec_of(params.w_gate)
         expert, tensor = _axes(expert_entry), _axes(tensor_entry)
-    layout = Layout(mesh, _spec(hidden_states)[:-1], expert, tensor, exchange)
+    layout = Layout(mesh, spec_of(hidden_states)[:-1], expert, tensor, exchange)
     if exchange == "all_to_all" and expert:
         _check_all_to_all(layout)
     return layout
+
+
+def _concrete_spec(array) -> tuple:
+    """The PartitionSpec entries of a concrete array's own sharding, one per dimension."""
+    sharding = getattr(array, "sharding", None)
+    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    return spec + (None,) * (array.ndim - len(spec))
 
 
 def _check_all_to_all(layout: Layout) -> None:
@@ -222,34 +258,37 @@ def _experts(arrays: dict) -> ExpertWeights:
     return ExpertWeights(**{name: arrays.get(name) for name in ExpertWeights._fields})
 
 
-def route(layout: Layout, body, router_logits, selection_bias):
+def route(layout: Layout | Deferred, body, router_logits, selection_bias):
     """``body(router_logits, selection_bias)`` (``jax_moe.route`` past its checks, on one device's
-    arrays) on each device's tokens."""
-    spec = _token_spec(layout)
-    return _shard_map(
-        layout, lambda a: body(a["router_logits"], a.get("selection_bias")),
-        dict(router_logits=router_logits, selection_bias=selection_bias), (spec, spec),
-    )
+    arrays) on each device's tokens: (weights, ids)."""
+
+    def per_device_of(layout: Layout):
+        return lambda a: body(a["router_logits"], a.get("selection_bias"))
+
+    return _run(layout, per_device_of, dict(router_logits=router_logits, selection_bias=selection_bias), 2)
 
 
-def moe_experts(layout: Layout, body, hidden_states, weights, ids, experts: ExpertWeights, *,
+def moe_experts(layout: Layout | Deferred, body, hidden_states, weights, ids, experts: ExpertWeights, *,
                 activation: Activation, backend: str, save_activations: bool):
     """``jax_moe.moe_experts`` past its checks (ids valid, weights float32) in ``layout``: with data
     parallelism alone ``body(hidden_states, weights, ids, experts)`` on each device's shards."""
     num_routed = experts.num_routed
 
-    def per_device(arrays):
-        args = (arrays["hidden_states"], arrays["weights"], arrays["ids"], _experts(arrays))
-        if layout.data_parallel_only:
-            return body(*args)
-        return _sharded_experts(layout, *args, num_routed=num_routed, activation=activation, backend=backend,
-                                save_activations=save_activations)
+    def per_device_of(layout: Layout):
+        def per_device(arrays):
+            args = (arrays["hidden_states"], arrays["weights"], arrays["ids"], _experts(arrays))
+            if layout.data_parallel_only:
+                return body(*args)
+            return _sharded_experts(layout, *args, num_routed=num_routed, activation=activation, backend=backend,
+                                    save_activations=save_activations)
+
+        return per_device
 
     arrays = dict(hidden_states=hidden_states, weights=weights, ids=ids, **experts._asdict())
-    return _shard_map(layout, per_device, arrays, _token_spec(layout))
+    return _run(layout, per_device_of, arrays, 1)
 
 
-def fused_moe(layout: Layout, body, route_body, hidden_states, router_logits, selection_bias,
+def fused_moe(layout: Layout | Deferred, body, route_body, hidden_states, router_logits, selection_bias,
               experts: ExpertWeights, *, routing: Routing, activation: Activation, backend: str,
               save_activations: bool):
     """``jax_moe.fused_moe`` past its checks in ``layout``: (output, weights, ids). With data
@@ -258,21 +297,190 @@ def fused_moe(layout: Layout, body, route_body, hidden_states, router_logits, se
     selection_bias)`` and computes its share of the pairs (``_sharded_experts``)."""
     num_routed = experts.num_routed
 
-    def per_device(arrays):
-        x, logits, bias, local = arrays["hidden_states"], arrays["router_logits"], arrays.get("selection_bias"), _experts(arrays)
-        if layout.data_parallel_only:
-            return body(x, logits, bias, local)
-        weights, ids = route_body(logits, bias)
-        out = _sharded_experts(
-            layout, x, weights, ids, local, num_routed=num_routed, activation=activation, backend=backend,
-            save_activations=save_activations, capacity=routing.expert_capacity(math.prod(x.shape[:-1]), num_routed),
-        )
-        return out, weights, ids
+    def per_device_of(layout: Layout):
+        def per_device(arrays):
+            x, logits, bias = arrays["hidden_states"], arrays["router_logits"], arrays.get("selection_bias")
+            local = _experts(arrays)
+            if layout.data_parallel_only:
+                return body(x, logits, bias, local)
+            weights, ids = route_body(logits, bias)
+            out = _sharded_experts(
+                layout, x, weights, ids, local, num_routed=num_routed, activation=activation, backend=backend,
+                save_activations=save_activations,
+                capacity=routing.expert_capacity(math.prod(x.shape[:-1]), num_routed),
+            )
+            return out, weights, ids
+
+        return per_device
 
     arrays = dict(hidden_states=hidden_states, router_logits=router_logits, selection_bias=selection_bias,
                   **experts._asdict())
+    return _run(layout, per_device_of, arrays, 3)
+
+
+def _run(layout: Layout | Deferred, per_device_of, arrays: dict, num_outputs: int):
+    """``per_device_of(layout)`` on each device's shards of ``arrays`` (the first one holds the
+    tokens in its leading dims), its ``num_outputs`` outputs sharded as the tokens: one
+    ``jax.shard_map`` for a known layout, a ``_partitioned`` op for a deferred one."""
+    if isinstance(layout, Deferred):
+        return _partitioned(layout, per_device_of, arrays, num_outputs)
     spec = _token_spec(layout)
-    return _shard_map(layout, per_device, arrays, (spec, spec, spec))
+    return _shard_map(layout, per_device_of(layout), arrays, spec if num_outputs == 1 else (spec,) * num_outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Meshes of Auto axes: the layout is read when XLA partitions the program
+# --------------------------------------------------------------------------------------------
+
+# Factors of the Shardy rule of each argument, after the token dims (named t0, t1, ...). The
+# weights' factors are their own: a dim the weights share with the activations (H, E) is not tied
+# to theirs, so that no sharding of the weights spreads to the activations or back.
+_RULE_FACTORS = dict(
+    hidden_states="h", router_logits="l", weights="k", ids="k", w_gate="we wh wf", w_up="we wh wf",
+    w_down="we wf wh", gate_bias="we wf", up_bias="we wf", down_bias="we wh", shared_w_gate="ws wh wf",
+    shared_w_up="ws wh wf", shared_w_down="ws wf wh", shared_gate="wh", selection_bias="b",
+)
+_TOKEN_ARRAYS = ("hidden_states", "router_logits", "weights", "ids")
+
+
+def _sharding_rule(names, ranks, out_factors, token_results=None) -> tuple[str, tuple[str, ...]]:
+    """The einsum-like Shardy rule of a partitioned op over the arguments ``names`` (the first
+    holds the tokens, ``ranks[0] - 1`` leading dims of them) and its reduction factors (those of no
+    result, in order of first appearance, as Shardy wants them). Each result has the token dims
+    and then its ``out_factors`` entry, or with ``token_results[i]`` False only that entry."""
+    tokens = [f"t{i}" for i in range(ranks[0] - 1)]
+
+    def factors(name):
+        return " ".join(tokens * (name in _TOKEN_ARRAYS) + [_RULE_FACTORS[name]])
+
+    token_results = token_results or [True] * len(out_factors)
+    operands = [factors(name) for name in names]
+    results = [
+        " ".join(tokens * is_token + [factor])
+        for factor, is_token in zip(out_factors, token_results)
+    ]
+    rule = ", ".join(operands) + " -> " + ", ".join(results)
+    in_result = set(" ".join(results).split())
+    order = list(dict.fromkeys(" ".join(operands).split()))
+    return rule, tuple(f for f in order if f not in in_result)
+
+
+def _layout_of_shardings(deferred: Deferred, mesh, names, shardings) -> Layout:
+    """The layout the partitioner's shardings of the arguments ask for: the token dims of the
+    first argument, the E and F dims of ``w_gate`` (see ``layout_of``)."""
+    specs = {name: tuple(sharding.spec) + (None,) * 3 for name, sharding in zip(names, shardings)}
+    expert = tensor = ()
+    if "w_gate" in specs:
+        expert, tensor = _axes(specs["w_gate"][0]), _axes(specs["w_gate"][2])
+    layout = Layout(mesh.abstract_mesh, specs[names[0]][: deferred.token_dims], expert, tensor, deferred.exchange)
+    if deferred.exchange == "all_to_all" and expert:
+        _check_all_to_all(layout)
+    return layout
+
+
+def _unmentioned(layout: Layout, spec: PartitionSpec) -> tuple[str, ...]:
+    """The mesh axes that do not split an array of this spec: it is replicated over them."""
+    mentioned = {a for entry in spec for a in _axes(entry)}
+    return tuple(a for a in layout.mesh.axis_names if a not in mentioned)
+
+
+def _partitioned(deferred: Deferred, per_device_of, arrays: dict, num_outputs: int):
+    """``per_device_of(layout)`` over the mesh, with ``layout`` read from the shardings XLA's
+    partitioner gives the arguments (``jax.experimental.custom_partitioning``, with a Shardy rule):
+    what ``_shard_map`` does for a layout known at trace time. Differentiable: the backward pass is
+    a second partitioned op that recomputes the forward on each device and transposes it as
+    ``jax.shard_map`` would (cotangents of replicated outputs split, gradients of replicated
+    arguments summed)."""
+    names = tuple(name for name, a in arrays.items() if a is not None)
+    values = tuple(arrays[name] for name in names)
+    token_dims = deferred.token_dims
+
+    def as_tuple(out):
+        return tuple(out) if num_outputs > 1 else (out,)
+
+    def local(layout: Layout):
+        per_device = per_device_of(layout)
+        return lambda *v: as_tuple(per_device(dict(zip(names, v))))
+
+    one_device = local(Layout(deferred.mesh, (None,) * token_dims))
+    out_avals = jax.eval_shape(one_device, *values)
+    float_in = [jnp.issubdtype(v.dtype, jnp.floating) for v in values]
+    float_out = [jnp.issubdtype(a.dtype, jnp.floating) for a in out_avals]
+    out_factors = ("h",) + ("k",) * (num_outputs - 1) if "hidden_states" in names else ("k",) * num_outputs
+
+    def layout_and_specs(mesh, arg_shapes):
+        layout = _layout_of_shardings(deferred, mesh, names, [a.sharding for a in arg_shapes[: len(names)]])
+        specs = layout.specs(dict(zip(names, values)))
+        return layout, [NamedSharding(mesh, specs[name]) for name in names]
+
+    def token_shardings(mesh, layout, count):
+        return (NamedSharding(mesh, _token_spec(layout)),) * count
+
+    def partition_forward(mesh, arg_shapes, result_shape):
+        layout, arg_shardings = layout_and_specs(mesh, arg_shapes)
+        return mesh, local(layout), token_shardings(mesh, layout, num_outputs), tuple(arg_shardings)
+
+    def infer_forward(mesh, arg_shapes, result_shape):
+        layout, _ = layout_and_specs(mesh, arg_shapes)
+        return token_shardings(mesh, layout, num_outputs)
+
+    forward = custom_partitioning(one_device)
+    rule, reduced = _sharding_rule(names, [v.ndim for v in values], out_factors)
+    forward.def_partition(partition=partition_forward, infer_sharding_from_operands=infer_forward,
+                          sharding_rule=rule, reduction_factors=reduced)
+
+    def gradients(fn, split=1.0, summed_over=None):
+        """The float arguments' gradients of ``fn`` for the float outputs' cotangents ``cts``."""
+
+        def grads(*values_and_cts):
+            v, cts = values_and_cts[: len(names)], iter(values_and_cts[len(names):])
+            outs, vjp = jax.vjp(fn, *v)
+            full = tuple(next(cts) / split if is_float else np.zeros(o.shape, jax.dtypes.float0)
+                         for is_float, o in zip(float_out, outs))
+            out = [g for g, is_float in zip(vjp(full), float_in) if is_float]
+            if summed_over is not None:
+                out = [jax.lax.psum(g, axes) if axes else g for g, axes in zip(out, summed_over)]
+            return tuple(out)
+
+        return grads
+
+    def partition_backward(mesh, arg_shapes, result_shape):
+        layout, arg_shardings = layout_and_specs(mesh, arg_shapes)
+        num_float_out = sum(float_out)
+        split = layout.size(_unmentioned(layout, _token_spec(layout)))
+        summed_over = [_unmentioned(layout, s.spec) for s, f in zip(arg_shardings, float_in) if f]
+        grad_shardings = tuple(s for s, f in zip(arg_shardings, float_in) if f)
+        lower = gradients(local(layout), split, summed_over)
+        return mesh, lower, grad_shardings, (*arg_shardings, *token_shardings(mesh, layout, num_float_out))
+
+    def infer_backward(mesh, arg_shapes, result_shape):
+        _, arg_shardings = layout_and_specs(mesh, arg_shapes)
+        return tuple(s for s, f in zip(arg_shardings, float_in) if f)
+
+    backward = custom_partitioning(gradients(one_device))
+    grad_names = [name for name, f in zip(names, float_in) if f]
+    ct_names = [("hidden_states" if factor == "h" else "weights") for factor, f in zip(out_factors, float_out) if f]
+    rule, reduced = _sharding_rule(
+        [*names, *ct_names], [v.ndim for v in values] + [a.ndim for a, f in zip(out_avals, float_out) if f],
+        [_RULE_FACTORS[name] for name in grad_names], token_results=[name in _TOKEN_ARRAYS for name in grad_names],
+    )
+    backward.def_partition(partition=partition_backward, infer_sharding_from_operands=infer_backward,
+                           sharding_rule=rule, reduction_factors=reduced)
+
+    @jax.custom_vjp
+    def op(*v):
+        return forward(*v)
+
+    def op_forward(*v):
+        return forward(*v), v
+
+    def op_backward(v, cts):
+        grads = iter(backward(*v, *(c for c, f in zip(cts, float_out) if f)))
+        return tuple(next(grads) if f else None for f in float_in)
+
+    op.defvjp(op_forward, op_backward)
+    outs = op(*values)
+    return outs if num_outputs > 1 else outs[0]
 
 
 def _sharded_experts(layout: Layout, hidden_states, weights, ids, params: ExpertWeights, *,

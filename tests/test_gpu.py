@@ -261,3 +261,31 @@ def test_expert_exchanges_across_gpus(key, capacity_factor):
             assert numpy_moe.rel_error(grad, np.asarray(ref_grad.astype(jnp.float32), np.float64)) <= 1e-2, exchange
     hlo = grads_of("all_to_all", "triton").lower(*placed).compile().as_text()
     assert "ragged-all-to-all" in hlo
+
+
+def test_auto_mesh_layer_across_gpus(key):
+    """On a mesh of Auto axes the triton backend's layout is read when XLA partitions the program
+    (``jax.experimental.custom_partitioning``): tokens and experts split over every GPU present,
+    forward and gradients as on one device."""
+    devices = jax.devices("gpu")
+    if len(devices) < 2:
+        pytest.skip("needs two or more GPUs")
+    mesh = jax.make_mesh((len(devices),), ("expert",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    shape = arg_specs.QWEN3_30B_A3B
+    inputs = arg_specs.random_inputs(shape, 64 * len(devices), "bfloat16", key)
+    placed = [jax.device_put(a, jax.NamedSharding(mesh, P("expert"))) for a in inputs.as_args()]
+
+    def loss(backend, *args):
+        out = jax_moe.fused_moe(*args, routing=shape.routing, backend=backend).astype(jnp.float32)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    grads_of = lambda backend: jax.value_and_grad(functools.partial(loss, backend), argnums=range(5), has_aux=True)
+    compiled = jax.jit(grads_of("triton")).lower(*placed).compile()
+    assert "custom_partitioning" in compiled.as_text()
+    (_, out), grads = compiled(*placed)
+    assert out.sharding.spec == P("expert")
+    one = [jax.device_put(a, devices[0]) for a in inputs.as_args()]
+    (_, want), want_grads = jax.jit(grads_of("reference"))(*one)
+    assert numpy_moe.rel_error(out, np.asarray(want, np.float64)) <= 1e-2
+    for grad, want_grad in zip(grads, want_grads):
+        assert numpy_moe.rel_error(grad, np.asarray(want_grad.astype(jnp.float32), np.float64)) <= 1e-2

@@ -259,14 +259,14 @@ def test_dispatch_gives_absent_pairs_no_rows():
         assert np.all(flat[rows[rows < num_pairs]] == block_expert[block])
 
 
-def test_auto_mesh_kernels_warn_and_explicit_axes_spreads_them():
+def test_auto_mesh_interpret_warns_and_explicit_axes_spreads_it():
     mesh = _mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
     specs = _specs(P("data"), expert="expert")
     arrays = _arrays(PLAIN)
     sharded = _on_mesh(arrays, mesh, specs)
     names = ("hidden_states", "router_logits", "w_gate", "w_up", "w_down")
     layer = lambda *args: jax_moe.fused_moe(*args, top_k=2, backend="interpret")
-    with pytest.warns(UserWarning, match="mesh of Auto axes"):
+    with pytest.warns(UserWarning, match="host callbacks can't run inside XLA's partitioner"):
         jax.jit(layer).lower(*(sharded[n] for n in names))
     with jax.set_mesh(mesh):
         spread = jax.sharding.explicit_axes(layer, in_sharding=tuple(specs[n] for n in names))
@@ -275,6 +275,81 @@ def test_auto_mesh_kernels_warn_and_explicit_axes_spreads_them():
             out = jax.jit(spread)(*(sharded[n] for n in names))
     assert out.sharding.spec == P("data")
     assert numpy_moe.rel_error(out, np.asarray(_one_device(PLAIN)[0], np.float64)) <= 1e-5
+    # Outside jax.jit the arrays say how they are split: the layer spreads without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = layer(*(sharded[n] for n in names))
+    assert out.sharding.spec == P("data", None, None)
+    assert numpy_moe.rel_error(out, np.asarray(_one_device(PLAIN)[0], np.float64)) <= 1e-5
+
+
+@pytest.fixture
+def deferred_reference(monkeypatch):
+    """The reference backend laid out as the triton backend is on a mesh of Auto axes: when XLA
+    partitions the program (the interpret backend's host callbacks can't run there)."""
+    monkeypatch.setattr(sharding, "DEFERRED_BACKENDS", ("reference",))
+
+
+@pytest.mark.parametrize("layout", [
+    "data", "data on both dims, 2x4", "expert", "data x expert", "expert on both axes", "tensor",
+    "data x expert x tensor", "fsdp", "fsdp x expert",
+])
+def test_auto_mesh_layouts_are_read_when_xla_partitions(deferred_reference, layout):
+    mesh_shape, axes, specs = LAYOUTS[layout]
+    mesh = _mesh(mesh_shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+    arrays = _on_mesh(_arrays(PLAIN), mesh, specs)
+    out, grads, hlo = _value_and_grads("reference", PLAIN, arrays)
+    assert "custom_partitioning" in hlo  # the layer went through the partitioner
+    _check_parity(out, grads, *_one_device(PLAIN), 1e-5)
+    assert _padded(out.sharding.spec, 3) == _padded(specs["hidden_states"], 3)
+    for name, grad in grads.items():
+        assert _padded(grad.sharding.spec, grad.ndim) == _padded(specs[name], grad.ndim), name
+    assert "all-to-all" not in hlo  # nothing resharded behind the layer's back
+    if layout in ("data", "data on both dims, 2x4"):
+        assert not re.search(r"all-gather|reduce-scatter", hlo)
+    if layout == "fsdp":
+        weight_shapes = set().union(*(_shard_shapes(arrays[n], specs[n], mesh) for n in ("w_gate", "w_up", "w_down")))
+        assert {(8, 8, 16), (8, 16, 8)} <= _collective_shapes(hlo, "all-gather") <= weight_shapes
+
+
+def test_auto_mesh_options_route_and_moe_experts_when_xla_partitions(deferred_reference, ragged_all_to_all_on_cpu):
+    """Every family option, the all-to-all exchange and a capacity; ``route`` and
+    ``moe_experts``; inputs placed by ``jax.jit``'s own in_shardings."""
+    mesh_shape, axes, specs = LAYOUTS["data x expert x tensor"]
+    mesh = _mesh(mesh_shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+    arrays = _on_mesh(_arrays(ALL_OPTIONS), mesh, specs)
+    out, grads, _ = _value_and_grads("reference", ALL_OPTIONS, arrays, expert_exchange="all_to_all")
+    _check_parity(out, grads, *_one_device(ALL_OPTIONS), 1e-5)
+
+    shape = dataclasses.replace(PLAIN, routing=Routing(2, capacity_factor=1.0))
+    mesh_shape, axes, specs = LAYOUTS["data x expert"]
+    mesh = _mesh(mesh_shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+    shardings = {name: NamedSharding(mesh, specs[name]) for name in _arrays(shape)}
+    compiled = jax.jit(jax.value_and_grad(_loss("reference", shape), has_aux=True), in_shardings=(shardings,))
+    with jax.set_mesh(mesh):  # arrays placed by in_shardings carry no mesh: the context names it
+        (_, out), grads = compiled(jax.device_get(_arrays(shape)))
+    _check_parity(out, grads, *_each_devices_tokens_alone(_arrays(shape), mesh, specs["hidden_states"], shape), 1e-5)
+
+    arrays = _arrays(PLAIN)
+    sharded = _on_mesh(arrays, mesh, specs)
+    weights, ids = jax.jit(lambda logits: jax_moe.route(logits, top_k=2, backend="reference"))(sharded["router_logits"])
+    want_weights, want_ids = jax_moe.route(arrays["router_logits"], top_k=2, backend="reference")
+    np.testing.assert_array_equal(ids, want_ids)
+    assert ids.sharding.spec == P(("data", "expert"))
+
+    def loss(backend, x, routing_weights, w_gate, w_up, w_down, expert_ids):
+        out = jax_moe.moe_experts(x, routing_weights, expert_ids, w_gate, w_up, w_down, backend=backend)
+        return jnp.sum(out * _cotangent(PLAIN.hidden))
+
+    experts = [sharded[n] for n in ("w_gate", "w_up", "w_down")]
+    grads = jax.jit(jax.grad(functools.partial(loss, "reference"), argnums=range(5)))(
+        sharded["hidden_states"], weights, *experts, ids
+    )
+    want = jax.grad(functools.partial(loss, "reference"), argnums=range(5))(
+        arrays["hidden_states"], want_weights, *(arrays[n] for n in ("w_gate", "w_up", "w_down")), want_ids
+    )
+    for got, expected in zip(grads, want):
+        assert numpy_moe.rel_error(got, np.asarray(expected, np.float64)) <= 1e-5
 
 
 FLAX_RULES = (("expert", "expert"), ("mlp", "tensor"), ("embed", None))
