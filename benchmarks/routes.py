@@ -71,8 +71,12 @@ def dense_einsum(shape: arg_specs.MoeShape):
     return moe
 
 
-def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot):
-    """Sort the (token, slot) pairs by expert, three ragged GEMMs, weight, scatter-add back."""
+def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot, *, products_in_input_dtype: bool = False):
+    """Sort the (token, slot) pairs by expert, three ragged GEMMs, weight, scatter-add back.
+
+    The GEMMs return float32, or with ``products_in_input_dtype`` the activations' dtype: tokamax's
+    backward multiplies each GEMM's cotangent with its other operand and needs both of one dtype.
+    """
     activation = shape.activation
     top_k = shape.top_k
 
@@ -85,13 +89,14 @@ def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot):
         sorted_ids = ids.reshape(-1)[order]
         group_sizes = jnp.bincount(ids.reshape(-1), length=num_experts).astype(jnp.int32)
         rows = x[tokens]
-        dot = functools.partial(ragged_dot, group_sizes=group_sizes, preferred_element_type=jnp.float32)
-        gate, up = dot(rows, w_gate), dot(rows, w_up)
+        product_dtype = x.dtype if products_in_input_dtype else jnp.float32
+        dot = functools.partial(ragged_dot, group_sizes=group_sizes, preferred_element_type=product_dtype)
+        gate, up = (dot(rows, w).astype(jnp.float32) for w in (w_gate, w_up))
         if "gate_bias" in extras:
             gate = gate + extras["gate_bias"][sorted_ids]
             up = up + extras["up_bias"][sorted_ids]
         act = reference.swiglu(gate, up, activation).astype(x.dtype)
-        out = dot(act, w_down)
+        out = dot(act, w_down).astype(jnp.float32)
         if "down_bias" in extras:
             out = out + extras["down_bias"][sorted_ids]
         out = out * weights.reshape(-1)[order][:, None]
@@ -123,5 +128,5 @@ def available(shape: arg_specs.MoeShape) -> dict:
         flags.FLAGS.mark_as_parsed()
     for implementation in ("mosaic", "triton"):
         ragged = functools.partial(tokamax.ragged_dot, implementation=implementation)
-        routes[f"tokamax_{implementation}"] = sorted_ragged(shape, ragged)
+        routes[f"tokamax_{implementation}"] = sorted_ragged(shape, ragged, products_in_input_dtype=True)
     return routes

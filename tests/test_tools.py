@@ -1,6 +1,7 @@
 """The helpers around the kernels: input specs, timing, the tuner's plumbing."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -10,6 +11,8 @@ import pytest
 
 from jax_moe import arg_specs, backend_triton, reference, tile_configs, timing, tune
 from jax_moe.options import Routing
+
+import numpy_moe
 
 
 def test_zipf_routing_is_skewed(key):
@@ -524,3 +527,45 @@ def test_parallel_benchmark_times_every_layout(benchmark_module):
     # XLA:CPU has no ragged all-to-all: the benchmark records the exchange as skipped, and why.
     row = parallel_bench.run_layout(shape, ("data", "expert"), 8, "reference", devices, "all_to_all")
     assert row["skipped"] == "no ragged all-to-all on cpu" and row["exchange"] == "all_to_all"
+
+
+def _ragged_dot_of_one_dtype(lhs, rhs, group_sizes, preferred_element_type):
+    """``jax.lax.ragged_dot`` whose backward multiplies the cotangent with the other operand and
+    refuses two dtypes there, as tokamax's ragged dots do."""
+
+    @jax.custom_vjp
+    def dot(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+
+    def backward(operands, cotangent):
+        lhs, rhs = operands
+        if cotangent.dtype != rhs.dtype:
+            raise TypeError(f"lhs and rhs must have same dtype; got {cotangent.dtype} and {rhs.dtype}")
+        _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes), lhs, rhs)
+        return vjp(cotangent)
+
+    dot.defvjp(lambda lhs, rhs: (dot(lhs, rhs), (lhs, rhs)), backward)
+    return dot(lhs, rhs)
+
+
+def test_ragged_routes_train_through_ragged_dots_of_one_dtype(benchmark_module, key):
+    """The tokamax routes' GEMMs return the activations' dtype, so their backward runs; the
+    float32 products of the ragged_dot route would not."""
+    routes = benchmark_module("routes")
+    shape = arg_specs.MoeShape("tiny", num_experts=8, routing=Routing(2), hidden=32, intermediate=16)
+    inputs = arg_specs.random_inputs(shape, 24, "bfloat16", key)
+    args = (*inputs.as_args(), inputs.extras)
+
+    def loss(route, *weights):
+        x, logits, *_, extras = args
+        return jnp.sum(route(x, logits, *weights, extras).astype(jnp.float32))
+
+    weights = inputs.as_args()[2:]
+    route = routes.sorted_ragged(shape, _ragged_dot_of_one_dtype, products_in_input_dtype=True)
+    grads = jax.grad(functools.partial(loss, route), argnums=(0, 1, 2))(*weights)
+    want = jax.grad(functools.partial(loss, routes.dense_einsum(shape)), argnums=(0, 1, 2))(*weights)
+    for grad, expected in zip(grads, want):
+        assert grad.dtype == jnp.bfloat16
+        assert numpy_moe.rel_error(grad, np.asarray(expected.astype(jnp.float32), np.float64)) <= 2e-2
+    with pytest.raises(TypeError, match="lhs and rhs must have same dtype"):
+        jax.grad(functools.partial(loss, routes.sorted_ragged(shape, _ragged_dot_of_one_dtype)))(*weights)
