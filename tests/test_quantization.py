@@ -1,0 +1,127 @@
+"""Quantized expert weights: storage layouts against a numpy re-derivation, every scheme on the
+reference and interpret backends against float64 numpy on the dequantized weights, gradients,
+errors. The interpret backend poisons kernel outputs before the kernels run (NaN), so an element
+no program writes fails ``rel_error``."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe import Quantization, QuantizedArray
+
+import numpy_moe
+import numpy_quant
+
+T, H, F, E, TOP_K = 12, 256, 192, 4, 2
+
+SCHEMES = {
+    "fp8-tensor": Quantization("fp8", "tensor"),
+    "fp8-channel": Quantization("fp8", "channel"),
+    "fp8-block": Quantization("fp8", "block"),
+    "fp8-block-w8a8": Quantization("fp8", "block", activations="fp8"),
+    "fp8-channel-w8a8": Quantization("fp8", "channel", activations="fp8"),
+    "int8-channel": Quantization("int8", "channel"),
+    "int8-group32-zp": Quantization("int8", "group", group_size=32, zero_point=True),
+    "int4-group32": Quantization("int4", "group", group_size=32),
+    "int4-group64-zp": Quantization("int4", "group", group_size=64, zero_point=True),
+    "int4-channel": Quantization("int4", "channel"),
+    "mxfp4": Quantization("mxfp4"),
+}
+# ||out - ref|| / ||ref|| against float64 on the dequantized weights (bf16 activations).
+BOUNDS = {"fp8": 2e-2, "int8": 2e-2, "int4": 2e-2, "mxfp4": 3e-2}
+W8A8_BOUND = 3.5e-2
+
+
+def _bound(scheme: Quantization) -> float:
+    return W8A8_BOUND if scheme.activations == "fp8" else BOUNDS[scheme.format]
+
+
+def _layer(seed: int = 0, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (T, H), dtype)
+    logits = jax.random.normal(keys[1], (T, E))
+    weights = (
+        jax.random.normal(keys[2], (E, H, F)) * H**-0.5,
+        jax.random.normal(keys[3], (E, H, F)) * H**-0.5,
+        jax.random.normal(keys[4], (E, F, H)) * F**-0.5,
+    )
+    return x, logits, weights
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_dequantize_matches_numpy(name):
+    scheme = SCHEMES[name]
+    _, _, (w, _, w_down) = _layer()
+    for weight in (w, w_down):
+        q = jax_moe.quantize(weight, scheme)
+        assert q.shape == weight.shape and q.scheme == scheme
+        expected = numpy_quant.dequantize(q)
+        np.testing.assert_allclose(np.asarray(jax_moe.dequantize(q)), expected, rtol=1e-6, atol=1e-12)
+        # Quantization error of the weights themselves: what the formats can hold.
+        error = np.linalg.norm(expected - np.asarray(weight)) / np.linalg.norm(np.asarray(weight))
+        assert error <= {"fp8": 0.04, "int8": 0.01, "int4": 0.15, "mxfp4": 0.15}[scheme.format], error
+
+
+def test_nibble_order_and_e2m1_codes():
+    # Column 0 of K = 4 rows: 1.0, -6.0, 0.5, 3.0 with scale 1 (amax 6 -> exponent 0).
+    w = jnp.array([1.0, -6.0, 0.5, 3.0] * 8, jnp.float32).reshape(1, 32, 1)
+    q = jax_moe.quantize(w, Quantization("mxfp4"))
+    assert q.values.shape == (1, 16, 1) and q.values.dtype == jnp.uint8
+    np.testing.assert_array_equal(q.scales, [[[127]]])
+    # e2m1 codes: 1.0 -> 2, -6.0 -> 8 | 7 = 15, 0.5 -> 1, 3.0 -> 5; the even row in the low nibble.
+    np.testing.assert_array_equal(np.asarray(q.values)[0, :2, 0], [2 | (15 << 4), 1 | (5 << 4)])
+    signed = jax_moe.quantize(jnp.array([7.0, -7.0, -1.0, 3.0], jnp.float32).reshape(1, 4, 1), Quantization("int4"))
+    np.testing.assert_array_equal(np.asarray(signed.values)[0, :, 0], [7 | (0x9 << 4), 0xF | (3 << 4)])
+
+
+def test_e8m0_bias_and_scale_layout():
+    codes = np.array([[[127, 128]], [[126, 130]]], np.uint8)  # [E=2, K/32=1, N=2]
+    values = np.full((2, 16, 2), 0x22, np.uint8)  # every element e2m1 code 2: 1.0
+    q = QuantizedArray(jnp.asarray(values), jnp.asarray(codes), None, Quantization("mxfp4"), (2, 32, 2))
+    w = np.asarray(jax_moe.dequantize(q))
+    np.testing.assert_array_equal(w[0, :, 0], 1.0)
+    np.testing.assert_array_equal(w[0, :, 1], 2.0)
+    np.testing.assert_array_equal(w[1, :, 0], 0.5)
+    np.testing.assert_array_equal(w[1, :, 1], 8.0)
+
+
+def test_fp8_block_scales_multiply_per_128_block():
+    values = np.ones((1, 200, 130), np.float32).astype(ml_dtypes.float8_e4m3fn)
+    scales = np.array([[[1.0, 2.0], [3.0, 4.0]]], np.float32)  # [E, cdiv(200, 128), cdiv(130, 128)]
+    q = QuantizedArray(jnp.asarray(values), jnp.asarray(scales), None, Quantization("fp8", "block"), (1, 200, 130))
+    w = np.asarray(jax_moe.dequantize(q))[0]
+    assert w[127, 127] == 1.0 and w[127, 128] == 2.0 and w[128, 0] == 3.0 and w[199, 129] == 4.0
+
+
+def _quantized_layer(scheme, seed=0, dtype=jnp.bfloat16):
+    x, logits, weights = _layer(seed, dtype)
+    quantized = [jax_moe.quantize(w, scheme) for w in weights]
+    return x, logits, weights, quantized
+
+
+def _numpy_reference(x, logits, weights):
+    return numpy_moe.fused_moe(x, logits, *weights, top_k=TOP_K)
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+@pytest.mark.parametrize("name", SCHEMES)
+def test_fused_moe_matches_dequantized_numpy(name, backend):
+    scheme = SCHEMES[name]
+    x, logits, weights, quantized = _quantized_layer(scheme)
+    out = jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=TOP_K, backend=backend))(x, logits, *quantized)
+    assert out.shape == (T, H) and out.dtype == jnp.bfloat16
+    dequantized = [numpy_quant.dequantize(q) for q in quantized]
+    float_activations_error = numpy_moe.rel_error(out, _numpy_reference(x, logits, dequantized))
+    if scheme.activations == "fp8":
+        block = scheme.block_size if scheme.granularity == "block" else None
+        spec = numpy_quant.w8a8_fused_moe(x, logits, *dequantized, top_k=TOP_K, block=block)
+    else:
+        spec = _numpy_reference(x, logits, dequantized)
+    error = numpy_moe.rel_error(out, spec)
+    unquantized_error = numpy_moe.rel_error(out, _numpy_reference(x, logits, weights))
+    print(f"{name} {backend}: {error:.2e} vs the dequantized spec, {float_activations_error:.2e} vs dequantized "
+          f"weights with float activations, {unquantized_error:.2e} vs the unquantized weights")
+    assert error <= _bound(scheme)
