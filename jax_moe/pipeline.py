@@ -817,6 +817,12 @@ def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: in
     dispatch's int32 rows would overflow."""
     num_pairs = num_tokens * (top_k + params.num_shared)
     config = _tile_config(backend, num_pairs, params, top_k, dtype)
+    scheme = _scheme(params)
+    if scheme is not None and scheme.activations == "fp8" and scheme.granularity == "block":
+        # An fp8 GEMM step applies one scale per operand: it must not straddle a scale block.
+        widest = max(config.gate_up.block_k, config.down.block_k)
+        if widest > scheme.block_size:
+            config = config.narrowed_k(widest // scheme.block_size)
     rows = max_row_blocks(params.num_routed + params.num_shared, num_pairs, config.block_m) * config.block_m
     if rows > MAX_DISPATCH_ROWS:
         raise ValueError(
