@@ -93,3 +93,55 @@ def w8a8_fused_moe(x, logits, w_gate, w_up, w_down, top_k: int, block) -> np.nda
         act = through_fp8(as_f64(act), block)
         np.add.at(out, tokens, weights[tokens, slots][:, None] * (act @ w_down[expert]))
     return out
+
+
+def deepseek_fp8(weight, block: int = 128):
+    """An [out, in] float weight as DeepSeek-V3 stores it: e4m3 ``weight`` and float32
+    ``weight_scale_inv`` [cdiv(out, block), cdiv(in, block)], each block's largest magnitude at 448."""
+    weight = np.asarray(weight, np.float64)
+    rows, cols = weight.shape
+    scales = np.ones((-(-rows // block), -(-cols // block)), np.float32)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            amax = np.abs(weight[i * block : (i + 1) * block, j * block : (j + 1) * block]).max()
+            scales[i, j] = amax / 448.0 if amax > 0 else 1.0
+    values = (weight / weight_dequant_scales(scales, weight.shape, block)).astype(ml_dtypes.float8_e4m3fn)
+    return values, scales
+
+
+def weight_dequant_scales(scale_inv, shape, block: int = 128) -> np.ndarray:
+    rows, cols = shape
+    return np.asarray(scale_inv, np.float64)[np.arange(rows)[:, None] // block, np.arange(cols)[None, :] // block]
+
+
+def weight_dequant(weight, scale_inv, block: int = 128) -> np.ndarray:
+    """DeepSeek-V3's ``weight_dequant``: ``y[i, j] = x[i, j] * s[i // block, j // block]``."""
+    return np.asarray(weight).astype(np.float64) * weight_dequant_scales(scale_inv, weight.shape, block)
+
+
+def gpt_oss_mxfp4(weight):
+    """An [E, out, in] float weight as gpt-oss stores it: ``blocks`` [E, out, in/32, 16] uint8 (two
+    e2m1 codes a byte, the first of each pair in the low nibble) and ``scales`` [E, out, in/32]
+    uint8 e8m0 (bias 127), with the smallest power-of-two scale that clips nothing."""
+    weight = np.asarray(weight, np.float64)
+    e, out, k = weight.shape
+    groups = weight.reshape(e, out, k // 32, 32)
+    amax = np.abs(groups).max(axis=-1)
+    exponent = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), 0).astype(np.int64)
+    scaled = groups / np.ldexp(1.0, exponent)[..., None]
+    magnitudes = np.abs(np.asarray(E2M1[:8]))
+    codes = np.abs(np.abs(scaled)[..., None] - magnitudes).argmin(axis=-1) | (np.signbit(scaled) << 3)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exponent + 127).astype(np.uint8)
+
+
+def convert_moe_packed_tensors(blocks, scales) -> np.ndarray:
+    """Hugging Face transformers' gpt-oss dequantization: ``lut[blocks & 0x0F]`` and
+    ``lut[blocks >> 4]`` interleaved (low nibble first), times ``2 ** (scales - 127)``:
+    [..., G, 16] bytes and [..., G] scales -> [..., G * 32]."""
+    blocks, scales = np.asarray(blocks), np.asarray(scales).astype(np.int64) - 127
+    lut = np.asarray(E2M1, np.float64)
+    values = np.empty((*blocks.shape[:-1], 32))
+    values[..., 0::2] = lut[blocks & 0x0F]
+    values[..., 1::2] = lut[blocks >> 4]
+    return np.ldexp(values, scales[..., None]).reshape(*blocks.shape[:-2], -1)

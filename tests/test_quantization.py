@@ -9,13 +9,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from flax import nnx
+
 import jax_moe
+from flax_layers import FusedMoE, checkpoints
+from flax_layers import linen as moe_linen
 from jax_moe import Quantization, QuantizedArray
 
+import numpy_families
 import numpy_moe
 import numpy_quant
 
 T, H, F, E, TOP_K = 12, 256, 192, 4, 2
+NUM_TOKENS = 16
 
 SCHEMES = {
     "fp8-tensor": Quantization("fp8", "tensor"),
@@ -184,3 +190,77 @@ def test_gradient_with_respect_to_quantized_weights_raises(backend):
     int_weight = jax_moe.quantize(_layer()[2][0], SCHEMES["int8-channel"])
     with pytest.raises(TypeError, match="grad requires real"):
         jax.grad(lambda q: jnp.sum(jax_moe.dequantize(q)))(int_weight)
+
+
+DEEPSEEK_FP8 = dict(hidden_size=256, moe_intermediate_size=192, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                    topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
+                    scoring_func="sigmoid", topk_method="noaux_tc",
+                    quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [128, 128]})
+GPT_OSS_MXFP4 = dict(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                     swiglu_limit=7.0, quantization_config={"quant_method": "mxfp4"})
+
+
+def _deepseek_fp8_checkpoint(rng):
+    """A random DeepSeek-V3 block stored as its fp8 checkpoints are: e4m3 expert weights with
+    ``weight_scale_inv`` beside them (the router stays float); and the same block with the expert
+    weights dequantized by DeepSeek-V3's ``weight_dequant``."""
+    prefix = checkpoints.block_prefix("deepseek_v3", 3)
+    tensors = numpy_families.random_checkpoint("deepseek_v3", DEEPSEEK_FP8, prefix, rng)
+    stored, dequantized = dict(tensors), dict(tensors)
+    for key, weight in tensors.items():
+        if key.endswith("proj.weight"):
+            values, scale_inv = numpy_quant.deepseek_fp8(weight)
+            stored[key], stored[key + "_scale_inv"] = values, scale_inv
+            dequantized[key] = numpy_quant.weight_dequant(values, scale_inv)
+    return prefix, stored, dequantized
+
+
+def _gpt_oss_mxfp4_checkpoint(rng):
+    """A random gpt-oss block stored as its MXFP4 checkpoints are (``*_blocks``, ``*_scales`` of
+    the [E, out, in] matrices) and dequantized as Hugging Face transformers does."""
+    prefix = checkpoints.block_prefix("gpt_oss", 0)
+    tensors = numpy_families.random_checkpoint("gpt_oss", GPT_OSS_MXFP4, prefix, rng)
+    stored, dequantized = dict(tensors), dict(tensors)
+    for name in ("gate_up_proj", "down_proj"):
+        key = f"{prefix}experts.{name}"
+        blocks, scales = numpy_quant.gpt_oss_mxfp4(np.swapaxes(stored.pop(key), 1, 2))  # stored [E, out, in]
+        stored[key + "_blocks"], stored[key + "_scales"] = blocks, scales
+        dequantized[key] = np.swapaxes(numpy_quant.convert_moe_packed_tensors(blocks, scales), 1, 2)
+    return prefix, stored, dequantized
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_quantized_checkpoints_load_as_stored(rng, family):
+    config = DEEPSEEK_FP8 if family == "deepseek_v3" else GPT_OSS_MXFP4
+    make = _deepseek_fp8_checkpoint if family == "deepseek_v3" else _gpt_oss_mxfp4_checkpoint
+    prefix, stored, dequantized = make(rng)
+    kwargs = checkpoints.layer_kwargs(family, config)
+    scheme = kwargs["quantization"]
+    layer = FusedMoE(**kwargs, backend="interpret", rngs=nnx.Rngs(0))
+    checkpoints.load_block(layer, family, stored, config, prefix)
+    # The layer holds the stored bytes, rearranged: its dequantization is the published one's.
+    hidden = config["hidden_size"]
+    for param, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+        q = getattr(layer, param).get_value()
+        assert isinstance(q, QuantizedArray) and q.scheme == scheme
+        if family == "deepseek_v3":
+            expected = np.stack([dequantized[f"{prefix}experts.{i}.{name}.weight"].T for i in range(q.shape[0])])
+        elif param == "wo":
+            expected = dequantized[prefix + "experts.down_proj"]
+        else:
+            expected = dequantized[prefix + "experts.gate_up_proj"][..., 0 if param == "wi_0" else 1 :: 2]
+        np.testing.assert_array_equal(numpy_quant.dequantize(q), expected)
+    x = rng.standard_normal((NUM_TOKENS, hidden)).astype(np.float32)
+    ref, margin = numpy_families.BLOCKS[family](x, dequantized, prefix, config)
+    decisive = margin > 1e-5
+    out = np.asarray(layer(jnp.asarray(x)))[decisive]
+    # gpt-oss is weight-only (exact fp32 dequantization); DeepSeek-V3's w8a8 rounds activations to
+    # fp8, which alone costs 4-4.5e-2 against float activations (test_fused_moe_matches_dequantized_numpy).
+    error = numpy_moe.rel_error(out, ref[decisive])
+    print(f"{family} checkpoint: {error:.2e} against the block on the dequantized checkpoint")
+    assert error <= (5e-2 if scheme.activations == "fp8" else 1e-5)
+    linen_out = moe_linen.FusedMoE(**kwargs, backend="reference").apply(
+        checkpoints.linen_variables(family, stored, config, prefix), jnp.asarray(x)
+    )
+    assert numpy_moe.rel_error(np.asarray(linen_out)[decisive], np.asarray(out, np.float64)) <= 1e-4
