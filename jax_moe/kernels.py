@@ -15,6 +15,11 @@ Vocabulary shared by every kernel:
   means ``E + S``.
 * A *pair* is one (token, slot) choice, numbered ``pair = token * TOP_K + slot``; there are
   ``NUM_PAIRS = T * TOP_K`` of them.
+* Expert weights are float, or quantized (``W_FORMAT``: fp8, int8, int4, mxfp4; scales per
+  ``SCALE_BLOCK_K x SCALE_BLOCK_N`` block, optional zero points): the GEMMs dequantize each weight
+  tile in registers (``_dequantized_tile``) before the same ``tl.dot``, or with fp8 activations
+  (``ACT_FP8``, w8a8) multiply fp8 tiles and apply both scales per K step (``_fp8_scaled_dot``).
+  Float layers compile exactly the float path: the switches are constexprs.
 * Dispatch sorts the pairs by expert into *rows*. Each expert's segment of rows is padded to a
   multiple of ``BLOCK_M`` so that every row block of ``BLOCK_M`` rows belongs to one expert. Padding
   rows hold the sentinel pair ``NUM_PAIRS``. Grids are sized for the most row blocks any routing can

@@ -104,6 +104,9 @@ class Quantization:
             raise ValueError(f"Quantization.activations must be one of {ACTIVATIONS}; got {self.activations!r}")
         if self.activations == "fp8" and self.format != "fp8":
             raise ValueError(f"Quantization.activations='fp8' needs format 'fp8'; got format {self.format!r}")
+        if self.activations == "fp8" and self.granularity == "block" and self.block_size < 32:
+            # An fp8 GEMM step stays inside one scale block, and fp8 tensor-core dots take K >= 32.
+            raise ValueError(f"Quantization.block_size must be >= 32 with fp8 activations; got {self.block_size}")
 
     @property
     def packed(self) -> bool:

@@ -11,6 +11,31 @@ interleaved, ``ldexp(values, scales - 127)``); fp8 block scales multiply, as Dee
 import ml_dtypes
 import numpy as np
 
+from jax_moe import Quantization
+
+# The schemes the tests run, and their bounds on ||out - ref|| / ||ref|| against float64 on the
+# dequantized weights (bf16 activations; w8a8: with the activations through fp8 as the spec says).
+SCHEMES = {
+    "fp8-tensor": Quantization("fp8", "tensor"),
+    "fp8-channel": Quantization("fp8", "channel"),
+    "fp8-block": Quantization("fp8", "block"),
+    "fp8-block-w8a8": Quantization("fp8", "block", activations="fp8"),
+    "fp8-channel-w8a8": Quantization("fp8", "channel", activations="fp8"),
+    "int8-channel": Quantization("int8", "channel"),
+    "int8-group32-zp": Quantization("int8", "group", group_size=32, zero_point=True),
+    "int4-group32": Quantization("int4", "group", group_size=32),
+    "int4-group64-zp": Quantization("int4", "group", group_size=64, zero_point=True),
+    "int4-channel": Quantization("int4", "channel"),
+    "mxfp4": Quantization("mxfp4"),
+}
+BOUNDS = {"fp8": 2e-2, "int8": 2e-2, "int4": 2e-2, "mxfp4": 3e-2}
+W8A8_BOUND = 3.5e-2
+
+
+def bound(scheme: Quantization) -> float:
+    return W8A8_BOUND if scheme.activations == "fp8" else BOUNDS[scheme.format]
+
+
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 

@@ -23,26 +23,7 @@ import numpy_quant
 T, H, F, E, TOP_K = 12, 256, 192, 4, 2
 NUM_TOKENS = 16
 
-SCHEMES = {
-    "fp8-tensor": Quantization("fp8", "tensor"),
-    "fp8-channel": Quantization("fp8", "channel"),
-    "fp8-block": Quantization("fp8", "block"),
-    "fp8-block-w8a8": Quantization("fp8", "block", activations="fp8"),
-    "fp8-channel-w8a8": Quantization("fp8", "channel", activations="fp8"),
-    "int8-channel": Quantization("int8", "channel"),
-    "int8-group32-zp": Quantization("int8", "group", group_size=32, zero_point=True),
-    "int4-group32": Quantization("int4", "group", group_size=32),
-    "int4-group64-zp": Quantization("int4", "group", group_size=64, zero_point=True),
-    "int4-channel": Quantization("int4", "channel"),
-    "mxfp4": Quantization("mxfp4"),
-}
-# ||out - ref|| / ||ref|| against float64 on the dequantized weights (bf16 activations).
-BOUNDS = {"fp8": 2e-2, "int8": 2e-2, "int4": 2e-2, "mxfp4": 3e-2}
-W8A8_BOUND = 3.5e-2
-
-
-def _bound(scheme: Quantization) -> float:
-    return W8A8_BOUND if scheme.activations == "fp8" else BOUNDS[scheme.format]
+SCHEMES = numpy_quant.SCHEMES
 
 
 def _layer(seed: int = 0, dtype=jnp.bfloat16):
@@ -130,7 +111,7 @@ def test_fused_moe_matches_dequantized_numpy(name, backend):
     unquantized_error = numpy_moe.rel_error(out, _numpy_reference(x, logits, weights))
     print(f"{name} {backend}: {error:.2e} vs the dequantized spec, {float_activations_error:.2e} vs dequantized "
           f"weights with float activations, {unquantized_error:.2e} vs the unquantized weights")
-    assert error <= _bound(scheme)
+    assert error <= numpy_quant.bound(scheme)
 
 
 def _family_experts(scheme, seed=0, dtype=jnp.float32):
