@@ -265,7 +265,9 @@ def _required_keys(family: str, prefix: str, num_experts: int, quantization=None
         if quantization is None:
             names += ("experts.gate_up_proj", "experts.down_proj")
         else:
-            names += tuple(f"experts.{p}_{part}" for p in ("gate_up_proj", "down_proj") for part in ("blocks", "scales"))
+            names += tuple(
+                f"experts.{p}_{part}" for p in ("gate_up_proj", "down_proj") for part in ("blocks", "scales")
+            )
         return [prefix + n for n in names]
     keys = [f"{prefix}gate.weight"]
     weights = [f"{prefix}experts.{i}.{n}.weight" for i in range(num_experts) for n in _expert_names(family)]

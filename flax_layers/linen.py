@@ -125,7 +125,8 @@ class FusedMoE(nn.Module):
             if self.quantization is None:
                 return param(name, self.kernel_init, shape, axes)
             init = moe_math.quantized_init(self.kernel_init, self.quantization)
-            return self.variable("quantized", name, lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
+            make = lambda: init(self.make_rng("params"), shape, self.param_dtype)  # noqa: E731
+            return self.variable("quantized", name, make).value
 
         e, h, f = self.num_experts, self.hidden_size, self.intermediate_size
         up_axes = (self.expert_axis, self.embed_axis, self.mlp_axis)

@@ -173,7 +173,8 @@ class FusedMoE(nnx.Module):
             def matrix(shape, axes):
                 if quantization is None:
                     return param(kernel_init, shape, axes)
-                return QuantizedWeight(moe_math.quantized_init(kernel_init, quantization)(rngs.params(), shape, param_dtype))
+                init = moe_math.quantized_init(kernel_init, quantization)
+                return QuantizedWeight(init(rngs.params(), shape, param_dtype))
 
             up_shape = (num_experts, hidden_size, intermediate_size)
             down_shape = (num_experts, intermediate_size, hidden_size)

@@ -411,8 +411,8 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
       return_routing: also return the routed experts' routing, for auxiliary losses or logging.
 
     Differentiable once with respect to hidden_states, router_logits (through the routing
-    weights), the expert weights, biases, shared experts and shared gate; the reference backend to
-    any order.
+    weights), the float expert weights, biases, shared experts and shared gate; the reference
+    backend to any order.
 
     NaN: a token with a NaN router logit (or, with softmax scoring, a +inf one) gets NaN routing
     weights and a NaN output; other tokens are unaffected.

@@ -560,7 +560,9 @@ def _dequantized_tile(
         values_ptr=values_ptr, w_rows=w_rows, w_cols=w_cols, mask=mask, N=N, W_FORMAT=W_FORMAT,
         HAS_ZEROS=HAS_ZEROS,
     ).to(tl.float32)
-    offsets = _scale_offsets(w_rows=w_rows, w_cols=w_cols, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N)
+    offsets = _scale_offsets(
+        w_rows=w_rows, w_cols=w_cols, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N
+    )
     if HAS_ZEROS:
         values -= tl.load(zeros_ptr + offsets, mask=mask, other=0.0)
     return (values * _scales_at(scales_ptr=scales_ptr, offsets=offsets, mask=mask, W_FORMAT=W_FORMAT)).to(DTYPE)
@@ -777,11 +779,13 @@ def _gathered_gemm(
 @triton.jit
 def _gate_up_preactivations(
     x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
-    gate_bias_ptr, up_bias_ptr, expert, col_start, cols, col_ok, x_scales_ptr, w_gate_scales_ptr, w_gate_zeros_ptr, w_up_scales_ptr, w_up_zeros_ptr, shared_w_gate_scales_ptr,
+    gate_bias_ptr, up_bias_ptr, expert, col_start, cols, col_ok, x_scales_ptr, w_gate_scales_ptr, w_gate_zeros_ptr,
+    w_up_scales_ptr, w_up_zeros_ptr, shared_w_gate_scales_ptr,
     shared_w_gate_zeros_ptr, shared_w_up_scales_ptr, shared_w_up_zeros_ptr,
     NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr, INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     ACT_FP8: tl.constexpr, ACT_BLOCK: tl.constexpr,
 ):
     """fp32 ``x[tokens] @ w_gate[e] (+ gate_bias[e])`` and the same for up, for one row block and
@@ -803,7 +807,8 @@ def _gate_up_preactivations(
         x_ptr, x_scales_ptr, tokens, is_real, w1_ptr=w_gate, w1_scales_ptr=w_gate_scales, w1_zeros_ptr=w_gate_zeros,
         w2_ptr=w_up, w2_scales_ptr=w_up_scales, w2_zeros_ptr=w_up_zeros, col_start=col_start, cols=cols,
         col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
         ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
     )
     if HAS_BIAS:
@@ -912,7 +917,8 @@ def gate_up_kernel(
             TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M,
             ROWS=BLOCK_M // 2, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT,
-            SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS, USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+            SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS, USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+            SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
             ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
     else:
@@ -928,7 +934,8 @@ def gate_up_kernel(
             TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M,
             ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
             ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT, SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS,
-            USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+            USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            HAS_ZEROS=HAS_ZEROS,
             ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
 
@@ -936,7 +943,8 @@ def gate_up_kernel(
 @triton.jit
 def _gate_up_rows(
     x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
-    sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert, x_scales_ptr, w_gate_scales_ptr, w_gate_zeros_ptr, w_up_scales_ptr, w_up_zeros_ptr, shared_w_gate_scales_ptr,
+    sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert, x_scales_ptr,
+    w_gate_scales_ptr, w_gate_zeros_ptr, w_up_scales_ptr, w_up_zeros_ptr, shared_w_gate_scales_ptr,
     shared_w_gate_zeros_ptr, shared_w_up_scales_ptr, shared_w_up_zeros_ptr,
     NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -1096,7 +1104,8 @@ def _gemm_combine_rows(
     NUM_ROUTED: tl.constexpr, K: tl.constexpr, N: tl.constexpr, B_TRANSPOSED: tl.constexpr,
     SECOND_TERM: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
     ACT_FP8: tl.constexpr, ACT_BLOCK: tl.constexpr,
 ):
     """``expert_gemm_combine_kernel``'s work on the first ``ROWS`` rows of a row block."""

@@ -157,12 +157,9 @@ class Quantization:
 
     def describe(self) -> str:
         size = {"block": f" {self.block_size}", "group": f" {self.group_size}"}.get(self.granularity, "")
-        extras = (", zero points" if self.zero_point else "") + (", fp8 activations" if self.activations == "fp8" else "")
+        extras = ", zero points" if self.zero_point else ""
+        extras += ", fp8 activations" if self.activations == "fp8" else ""
         return f"{self.format} {self.granularity}{size}{extras}"
-
-
-FP8_BLOCK_W8A8 = Quantization("fp8", "block", activations="fp8")  # DeepSeek-V3/R1 checkpoints
-MXFP4 = Quantization("mxfp4")  # gpt-oss checkpoints
 
 
 @jax.tree_util.register_pytree_node_class
@@ -333,10 +330,6 @@ def activations_through_fp8(x, block: int | None):
     per_element = jnp.repeat(scales, block, axis=-1)[..., :k_dim]
     x = x.astype(jnp.float32)
     return x + jax.lax.stop_gradient(values.astype(jnp.float32) * per_element - x)
-
-
-def is_quantized(w) -> bool:
-    return isinstance(w, QuantizedArray)
 
 
 def activation_block(scheme: Quantization) -> int | None:
