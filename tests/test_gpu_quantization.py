@@ -1,8 +1,12 @@
-"""Quantized expert weights on the triton backend (marked ``gpu``; skipped without one): every
-scheme against the reference backend, which is the quantized layer's specification (dequantize to
-the activation dtype, then the same math; w8a8 with the activations through fp8), forward and the
-activation and router gradients. Outputs are poisoned as in ``test_gpu``: a NaN-filled buffer of
-the output's size is freed right before the kernels run."""
+"""Quantized expert weights on the triton backend.
+
+On the GPU (tests marked ``gpu``; skipped without one): every scheme against the reference
+backend, which is the quantized layer's specification (dequantize to the activation dtype, then
+the same math; w8a8 with the activations through fp8), forward and the activation and router
+gradients. Outputs are poisoned as in ``test_gpu``: a NaN-filled buffer of the output's size is
+freed right before the kernels run. Anywhere: the quantized kernels compile for Hopper."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +14,10 @@ import numpy as np
 import pytest
 
 import jax_moe
+from jax_moe import pipeline, tile_configs
 
 import numpy_moe
 import numpy_quant
-
-pytestmark = pytest.mark.gpu
 
 # A Mixtral-like layer, narrowed: H and F multiples of every group and block size.
 E, H, F, TOP_K = 8, 2048, 1024, 2
@@ -36,6 +39,7 @@ def _layer_fn(backend: str):
     return jax.jit(lambda *a: jax_moe.fused_moe(*a, top_k=TOP_K, backend=backend))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 77, 512])
 @pytest.mark.parametrize("name", numpy_quant.SCHEMES)
 def test_triton_matches_the_quantized_reference(name, num_tokens):
@@ -53,6 +57,7 @@ def test_triton_matches_the_quantized_reference(name, num_tokens):
     assert error <= 1e-2
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mxfp4", "int4-group64-zp", "fp8-block-w8a8"])
 def test_triton_gradients_match_the_reference(name):
     scheme = numpy_quant.SCHEMES[name]
@@ -67,3 +72,30 @@ def test_triton_gradients_match_the_reference(name):
     tolerance = 6e-2 if scheme.activations == "fp8" else 2e-2
     for got, ref in zip(grads["triton"], grads["reference"]):
         assert numpy_moe.rel_error(got, np.asarray(ref, np.float64)) <= tolerance
+
+
+@pytest.mark.parametrize("name", ["fp8-block-w8a8", "int4-group64-zp", "mxfp4"])
+def test_quantized_kernels_compile_for_hopper(benchmark_module, name):
+    """Every GEMM launch of a quantized training step (forward and the activation gradients),
+    compiled for sm_90 with Hopper's tiles by Triton's bundled ptxas: no GPU needed, nothing runs
+    (kernel_resources' recording launcher)."""
+    resources = benchmark_module("kernel_resources")
+    records = []
+    num_tokens = 77
+    config = tile_configs.select(num_tokens * TOP_K, 2, "cuda-sm90")
+    plan = pipeline.Plan(config=config, dot_precision="tf32", launch=resources.recording_launcher(records))
+    scheme = numpy_quant.SCHEMES[name]
+    x, logits, _, quantized = jax.eval_shape(functools.partial(_layer, num_tokens, scheme))
+
+    def loss(x, logits):
+        weights, ids = pipeline.top_k_routing(logits, None, routing=jax_moe.Routing(TOP_K), launch=plan.launch)
+        out = pipeline.experts(x, weights, ids, jax_moe.ExpertWeights(*quantized), plan=plan)
+        return jnp.sum(out.astype(jnp.float32))
+
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1)), x, logits)
+    gemms = [r for r in records if r.constexprs.get("W_FORMAT") == scheme.format]
+    assert [r.kernel.__name__ for r in gemms] == [
+        "gate_up_kernel", "expert_gemm_combine_kernel", "gate_up_backward_kernel", "expert_gemm_combine_kernel",
+    ]
+    for record in gemms:
+        assert resources.compile_record(record, 90).asm["cubin"]

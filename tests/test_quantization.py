@@ -253,3 +253,4 @@ def test_quantized_checkpoints_load_as_stored(rng, family):
         checkpoints.linen_variables(family, stored, config, prefix), jnp.asarray(x)
     )
     assert numpy_moe.rel_error(np.asarray(linen_out)[decisive], np.asarray(out, np.float64)) <= 1e-4
+
