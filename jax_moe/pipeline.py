@@ -354,13 +354,11 @@ class Plan:
         )
 
 
-def _use_tma(plan: Plan, n_dim: int, params: ExpertWeights) -> bool:
-    """Whether a GEMM over row-major [K, n_dim] weights reads them through TMA descriptors: where
-    the plan has them, the weights are float (quantized tiles are dequantized from registers) and
-    their rows (and so every expert's matrix) are 16-byte aligned."""
-    if _scheme(params) is not None:
-        return False
-    return plan.tma and n_dim * jnp.dtype(params.w_gate.dtype).itemsize % 16 == 0
+def _use_tma(plan: Plan, n_dim: int, dtype) -> bool:
+    """Whether a GEMM over row-major [K, n_dim] float weights reads them through TMA descriptors:
+    where the plan has them and the weights' rows (and so every expert's matrix) are 16-byte
+    aligned. Quantized weights never do: their tiles are dequantized from registers."""
+    return plan.tma and n_dim * jnp.dtype(dtype).itemsize % 16 == 0
 
 
 def _partial_dtype(out_dtype):
@@ -461,7 +459,7 @@ def _combine(plan: Plan, tiles: GemmTiles, *, first_term, second_term, bias, rou
         HAS_BIAS=bias is not None,
         SCALE_BY_ROUTING_WEIGHT=scale,
         HALF_BLOCKS=_half_blocks(plan),
-        USE_TMA=not transposed_b and _use_tma(plan, n_dim, params),
+        USE_TMA=not transposed_b and _scheme(params) is None and _use_tma(plan, n_dim, b[0].dtype),
         **_quantization_args(params, act_fp8=a_scales is not None),
         **_row_block_args(
             plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks, num_routed=num_routed
@@ -514,7 +512,7 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
         HAS_BIAS=params.has_bias,
         SAVE_PREACTIVATIONS=plan.save_activations,
         HALF_BLOCKS=_half_blocks(plan),
-        USE_TMA=_use_tma(plan, intermediate, params),
+        USE_TMA=_scheme(params) is None and _use_tma(plan, intermediate, x.dtype),
         **_quantization_args(params, act_fp8=act_fp8),
         **zero_args,
         **plan.activation_args(),
@@ -579,7 +577,7 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         INTERMEDIATE=intermediate,
         HAS_BIAS=params.has_bias,
         RECOMPUTE=saved is None,
-        USE_TMA=_use_tma(plan, intermediate, params),
+        USE_TMA=_scheme(params) is None and _use_tma(plan, intermediate, x.dtype),
         **_quantization_args(params, act_fp8=act_fp8),
         **zero_args,
         **plan.activation_args(),
