@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from jax_moe import arg_specs, pipeline, tile_configs
 from jax_moe.options import Routing
 
-TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32"}
+TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32", "int8": "i8", "uint8": "u8"}
 
 
 @dataclasses.dataclass

@@ -47,7 +47,9 @@ class FusedMoE(nn.Module):
     ``intermediates`` collection (``apply(..., mutable=["intermediates"])``) and the selection
     bias lives in the ``routing`` collection, not in ``params``. Sharded as the NNX layer is, from
     the context mesh and the logical axis rules, with the parameters placed by
-    ``nn.logical_to_mesh_sharding``; the sizes are checked against the mesh at each call.
+    ``nn.logical_to_mesh_sharding``; the sizes are checked against the mesh at each call. With
+    ``quantization`` the expert matrices are ``jax_moe.QuantizedArray``s in the ``quantized``
+    collection, not in ``params``: frozen, out of reach of optimizers over ``params``.
 
     Example::
 
@@ -84,12 +86,13 @@ class FusedMoE(nn.Module):
     expert_axis: str | None = "expert"
     embed_axis: str | None = "embed"
     mlp_axis: str | None = "mlp"
+    quantization: jax_moe.Quantization | None = None
 
     @property
     def options(self) -> moe_math.LayerOptions:
         return moe_math.layer_options(
             self.routing, self.activation, self.dtype, self.backend, self.load_balancing_loss_weight,
-            self.router_z_loss_weight, self.expert_exchange,
+            self.router_z_loss_weight, expert_exchange=self.expert_exchange, quantization=self.quantization,
         )
 
     def __post_init__(self):
@@ -119,13 +122,20 @@ class FusedMoE(nn.Module):
         def param(name, init, shape, axes):
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
 
+        def matrix(name, shape, axes):
+            if self.quantization is None:
+                return param(name, self.kernel_init, shape, axes)
+            init = moe_math.quantized_init(self.kernel_init, self.quantization)
+            make = lambda: init(self.make_rng("params"), shape, self.param_dtype)  # noqa: E731
+            return self.variable("quantized", name, make).value
+
         e, h, f = self.num_experts, self.hidden_size, self.intermediate_size
         up_axes = (self.expert_axis, self.embed_axis, self.mlp_axis)
         down_axes = (self.expert_axis, self.mlp_axis, self.embed_axis)
         experts = {
-            "wi_0": param("wi_0", self.kernel_init, (e, h, f), up_axes),
-            "wi_1": param("wi_1", self.kernel_init, (e, h, f), up_axes),
-            "wo": param("wo", self.kernel_init, (e, f, h), down_axes),
+            "wi_0": matrix("wi_0", (e, h, f), up_axes),
+            "wi_1": matrix("wi_1", (e, h, f), up_axes),
+            "wo": matrix("wo", (e, f, h), down_axes),
         }
         if self.use_expert_bias:
             experts["wi_0_bias"] = param("wi_0_bias", self.bias_init, (e, f), (self.expert_axis, self.mlp_axis))
@@ -134,9 +144,9 @@ class FusedMoE(nn.Module):
         s = self.num_shared_experts
         if s:
             shared_up_axes = (None, self.embed_axis, self.mlp_axis)
-            experts["shared_wi_0"] = param("shared_wi_0", self.kernel_init, (s, h, f), shared_up_axes)
-            experts["shared_wi_1"] = param("shared_wi_1", self.kernel_init, (s, h, f), shared_up_axes)
-            experts["shared_wo"] = param("shared_wo", self.kernel_init, (s, f, h), (None, self.mlp_axis, self.embed_axis))
+            experts["shared_wi_0"] = matrix("shared_wi_0", (s, h, f), shared_up_axes)
+            experts["shared_wi_1"] = matrix("shared_wi_1", (s, h, f), shared_up_axes)
+            experts["shared_wo"] = matrix("shared_wo", (s, f, h), (None, self.mlp_axis, self.embed_axis))
         shared_gate = None
         if self.use_shared_expert_gate:
             shared_gate = param("shared_gate", self.shared_gate_init, (h,), (self.embed_axis,))

@@ -40,11 +40,14 @@ class LayerOptions:
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
     expert_exchange: str = "all_gather"
+    quantization: jax_moe.Quantization | None = None
 
 
-def layer_options(routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight,
-                  expert_exchange="all_gather") -> LayerOptions:
+def layer_options(routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight, *,
+                  expert_exchange="all_gather", quantization=None) -> LayerOptions:
     """``LayerOptions`` from a twin's constructor arguments, with a clear error for each bad one."""
+    if quantization is not None and not isinstance(quantization, jax_moe.Quantization):
+        raise TypeError(f"quantization must be a jax_moe.Quantization or None; got {type(quantization).__name__}")
     if not isinstance(routing, jax_moe.Routing):
         raise TypeError(f"routing must be a jax_moe.Routing (e.g. jax_moe.Routing(top_k=2)); got {type(routing).__name__}")
     if backend not in jax_moe.BACKENDS:
@@ -59,6 +62,7 @@ def layer_options(routing, activation, dtype, backend, load_balancing_loss_weigh
         routing=routing, activation=jax_moe.Activation.of(activation), dtype=dtype, backend=backend,
         load_balancing_loss_weight=load_balancing_loss_weight, router_z_loss_weight=router_z_loss_weight,
         expert_exchange=expert_exchange,
+        quantization=quantization,
     )
 
 
@@ -76,6 +80,9 @@ def check_config(hidden_size, intermediate_size, num_experts, num_shared_experts
         if value < least:
             raise ValueError(f"{name} must be >= {least}; got {value}")
     options.routing.check_experts(num_experts)
+    if options.quantization is not None:
+        options.quantization.check_k("wi_0, wi_1 (K = hidden_size)", hidden_size)
+        options.quantization.check_k("wo (K = intermediate_size)", intermediate_size)
     if use_shared_expert_gate and not num_shared_experts:
         raise ValueError("use_shared_expert_gate needs num_shared_experts >= 1")
 
@@ -134,6 +141,17 @@ def router_z_loss(router_logits):
 
 
 EXPERT_PARAMS = ("wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias", "shared_wi_0", "shared_wi_1", "shared_wo")
+EXPERT_MATRICES = ("wi_0", "wi_1", "wo", "shared_wi_0", "shared_wi_1", "shared_wo")
+
+
+def quantized_init(init, quantization: jax_moe.Quantization):
+    """An initializer of quantized expert weights: ``init``'s float weights, quantized. A fresh
+    quantized layer is for shapes and tests; its weights normally come from a checkpoint."""
+
+    def quantized(key, shape, dtype):
+        return jax_moe.quantize(init(key, shape, dtype), quantization)
+
+    return quantized
 _FUSED_MOE_NAMES = dict(
     wi_0="w_gate", wi_1="w_up", wo="w_down", wi_0_bias="gate_bias", wi_1_bias="up_bias",
     wo_bias="down_bias", shared_wi_0="shared_w_gate", shared_wi_1="shared_w_up", shared_wo="shared_w_down",
@@ -154,7 +172,9 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
         raise TypeError(f"x must have a floating-point dtype; got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != hidden:
         raise ValueError(f"x must have shape [..., hidden_size] = [..., {hidden}]; got shape {list(x.shape)}")
-    compute_dtype = options.dtype or jnp.result_type(x.dtype, experts["wi_0"].dtype)
+    # Quantized weights are dequantized to the activations' dtype inside the kernels.
+    quantized = options.quantization is not None
+    compute_dtype = options.dtype or (x.dtype if quantized else jnp.result_type(x.dtype, experts["wi_0"].dtype))
     # HIGHEST: on GPUs a float32 dot may otherwise round its inputs to tf32 (~1e-3), enough to
     # flip experts whose scores are that close; the router is a small GEMM beside the experts.
     logits = jnp.dot(
@@ -162,9 +182,8 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     )
     if router_bias is not None:
         logits = logits + _whole(router_bias).astype(jnp.float32)
-    matrices = {"wi_0", "wi_1", "wo", "shared_wi_0", "shared_wi_1", "shared_wo"}
     weights = jax_moe.ExpertWeights(
-        **{_FUSED_MOE_NAMES[name]: value.astype(compute_dtype) if name in matrices else value
+        **{_FUSED_MOE_NAMES[name]: value.astype(compute_dtype) if name in EXPERT_MATRICES and not quantized else value
            for name, value in experts.items()},
         shared_gate=shared_gate,
     )

@@ -19,6 +19,12 @@ class SelectionBias(nnx.Variable):
     or a checkpoint, not by the optimizer."""
 
 
+class QuantizedWeight(nnx.Variable):
+    """A quantized expert weight (a ``jax_moe.QuantizedArray``). Not a ``Param``: quantized weights
+    are frozen, so ``nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))`` and optimizers over
+    ``nnx.Param`` leave them alone (differentiating them raises ``ValueError`` in ``jax_moe``)."""
+
+
 class FusedMoE(nnx.Module):
     """A Mixture-of-Experts feed-forward layer (router + gated experts) on jax-moe's fused kernels.
 
@@ -31,7 +37,9 @@ class FusedMoE(nnx.Module):
     ``use_expert_bias``, ``wi_0_bias``/``wi_1_bias`` [E, F] and ``wo_bias`` [E, H]; with shared
     experts, ``shared_wi_0``/``shared_wi_1`` [S, H, F], ``shared_wo`` [S, F, H] and, if gated,
     ``shared_gate`` [H]; with ``use_selection_bias``, ``selection_bias`` [E] (a ``SelectionBias``
-    variable, not a ``Param``). Every parameter carries logical sharding names (``expert_axis``,
+    variable, not a ``Param``). With ``quantization``, the six expert matrices are
+    ``QuantizedWeight`` variables holding ``jax_moe.QuantizedArray``s of those logical shapes
+    (frozen; the router, biases and shared gate stay float ``Param``s), on one device. Every parameter carries logical sharding names (``expert_axis``,
     ``embed_axis``, ``mlp_axis``).
 
     Sharding: built under a mesh of Explicit axes (``jax.set_mesh``), with Flax's logical axis rules
@@ -94,6 +102,10 @@ class FusedMoE(nnx.Module):
       expert_exchange: how expert parallelism moves the pairs, "all_gather" or "all_to_all"
         (``jax_moe.fused_moe``).
       expert_axis, embed_axis, mlp_axis: logical axis names for sharding.
+      quantization: a ``jax_moe.Quantization``: the expert matrices (routed and shared) are held
+        quantized, as ``QuantizedWeight`` variables (initialized as ``kernel_init`` quantized;
+        ``flax_layers.checkpoints`` loads fp8 and MXFP4 checkpoints as they are stored). The
+        experts then compute in ``dtype`` or the input's dtype.
       rngs: random number generators for the initializers.
     """
 
@@ -124,10 +136,12 @@ class FusedMoE(nnx.Module):
         expert_axis: str | None = "expert",
         embed_axis: str | None = "embed",
         mlp_axis: str | None = "mlp",
+        quantization: jax_moe.Quantization | None = None,
         rngs: nnx.Rngs,
     ):
         self.options = moe_math.layer_options(
-            routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight, expert_exchange
+            routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight,
+            expert_exchange=expert_exchange, quantization=quantization,
         )
         moe_math.check_config(
             hidden_size, intermediate_size, num_experts, num_shared_experts, use_shared_expert_gate, self.options
@@ -162,11 +176,17 @@ class FusedMoE(nnx.Module):
             def param(init, shape, axes):
                 return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, param_dtype))
 
+            def matrix(shape, axes):
+                if quantization is None:
+                    return param(kernel_init, shape, axes)
+                init = moe_math.quantized_init(kernel_init, quantization)
+                return QuantizedWeight(init(rngs.params(), shape, param_dtype))
+
             up_shape = (num_experts, hidden_size, intermediate_size)
             down_shape = (num_experts, intermediate_size, hidden_size)
-            self.wi_0 = param(kernel_init, up_shape, up_axes)
-            self.wi_1 = param(kernel_init, up_shape, up_axes)
-            self.wo = param(kernel_init, down_shape, down_axes)
+            self.wi_0 = matrix(up_shape, up_axes)
+            self.wi_1 = matrix(up_shape, up_axes)
+            self.wo = matrix(down_shape, down_axes)
             if use_expert_bias:
                 self.wi_0_bias = param(bias_init, up_shape[::2], (expert_axis, mlp_axis))
                 self.wi_1_bias = param(bias_init, up_shape[::2], (expert_axis, mlp_axis))
@@ -174,9 +194,9 @@ class FusedMoE(nnx.Module):
             if num_shared_experts:
                 shared_up = (num_shared_experts, hidden_size, intermediate_size)
                 shared_down = (num_shared_experts, intermediate_size, hidden_size)
-                self.shared_wi_0 = param(kernel_init, shared_up, (None, embed_axis, mlp_axis))
-                self.shared_wi_1 = param(kernel_init, shared_up, (None, embed_axis, mlp_axis))
-                self.shared_wo = param(kernel_init, shared_down, (None, mlp_axis, embed_axis))
+                self.shared_wi_0 = matrix(shared_up, (None, embed_axis, mlp_axis))
+                self.shared_wi_1 = matrix(shared_up, (None, embed_axis, mlp_axis))
+                self.shared_wo = matrix(shared_down, (None, mlp_axis, embed_axis))
             self.shared_gate = (
                 param(shared_gate_init, (hidden_size,), (embed_axis,)) if use_shared_expert_gate else None
             )
@@ -184,7 +204,7 @@ class FusedMoE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., hidden_size] -> [..., hidden_size]."""
         experts = {
-            name: getattr(self, name)[...] for name in moe_math.EXPERT_PARAMS if hasattr(self, name)
+            name: getattr(self, name).get_value() for name in moe_math.EXPERT_PARAMS if hasattr(self, name)
         }
         y, aux = moe_math.moe_forward(
             x,

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_moe import backend_triton, pipeline, reference, sharding
+from jax_moe import backend_triton, pipeline, quantization, reference, sharding
 from jax_moe.layer_math import drop_over_capacity
 from jax_moe.options import Activation, ExpertWeights, Routing, gather
+from jax_moe.quantization import QuantizedArray
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -73,14 +74,84 @@ def _check_experts(hidden_states, experts: ExpertWeights) -> None:
                 f"hidden_states and E={num_experts}, F={intermediate} of w_gate; got "
                 f"{_shape_str(array.shape)}"
             )
-        if array.dtype != hidden_states.dtype:
-            raise TypeError(
-                f"{name} must have the dtype of hidden_states ({hidden_states.dtype}); got {array.dtype}"
-            )
+        _check_weight_dtype(name, array, hidden_states)
     if num_experts < 1:
         raise ValueError("w_gate must hold at least one expert; got E=0")
     _check_biases(experts)
     _check_shared(hidden_states, experts)
+    _weight_scheme(experts)
+
+
+def _check_weight_dtype(name: str, array, hidden_states) -> None:
+    """A float weight has the activations' dtype; a quantized one is checked against its scheme."""
+    if isinstance(array, QuantizedArray):
+        _check_quantized(name, array)
+    elif array.dtype != hidden_states.dtype:
+        raise TypeError(f"{name} must have the dtype of hidden_states ({hidden_states.dtype}); got {array.dtype}")
+
+
+def _check_quantized(name: str, q: QuantizedArray) -> None:
+    """The arrays of a quantized weight against its scheme and logical [E, K, N] shape."""
+    scheme = q.scheme
+    scheme.check_k(name, q.shape[1])
+    parts = {
+        "values": (q.values, scheme.values_shape(q.shape), scheme.values_dtype),
+        "scales": (q.scales, scheme.scales_shape(q.shape), scheme.scales_dtype),
+    }
+    if scheme.zero_point:
+        parts["zeros"] = (q.zeros, scheme.scales_shape(q.shape), jnp.dtype(jnp.float32))
+    elif q.zeros is not None:
+        raise ValueError(f"{name}: zeros given, but the scheme ({scheme.describe()}) has no zero points")
+    for part, (array, shape, dtype) in parts.items():
+        if array is None:
+            raise ValueError(f"{name}.{part} is missing; {scheme.describe()} needs it")
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(
+                f"{name}.{part} must have shape {_shape_str(shape)} for a {_shape_str(q.shape)} weight "
+                f"quantized {scheme.describe()}; got {_shape_str(array.shape)}"
+            )
+        if jnp.dtype(array.dtype) != dtype:
+            raise TypeError(f"{name}.{part} must be {dtype} for {scheme.describe()}; got {array.dtype}")
+
+
+def _weight_scheme(experts: ExpertWeights):
+    """The one quantization of every expert matrix (None: all float); mixed schemes raise."""
+    names = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
+    given = {name: getattr(experts, name) for name in names if getattr(experts, name) is not None}
+    schemes = {name: w.scheme if isinstance(w, QuantizedArray) else None for name, w in given.items()}
+    if len(set(schemes.values())) > 1:
+        described = ", ".join(f"{n}: {'float' if s is None else s.describe()}" for n, s in schemes.items())
+        raise ValueError(f"expert weights must all be float or all share one quantization; got {described}")
+    return schemes["w_gate"]
+
+
+def _frozen_weights(experts: ExpertWeights) -> ExpertWeights:
+    """The experts with each quantized weight ``quantization.frozen``: differentiating one raises."""
+    return experts._replace(**{
+        name: quantization.frozen(w, name) for name, w in experts._asdict().items() if isinstance(w, QuantizedArray)
+    })
+
+
+def _layout(hidden_states, others, experts: ExpertWeights, *, backend: str, exchange: str):
+    """``sharding.layout_of`` the call; None for an empty layer. Quantized weights run on one
+    device only: a call whose arguments are sharded over several raises ValueError."""
+    if _is_empty(hidden_states, experts):
+        return None
+    if _weight_scheme(experts) is None:
+        return sharding.layout_of(hidden_states, others, experts, backend=backend, exchange=exchange)
+    layout = sharding.layout_of(hidden_states, (*others, *jax.tree.leaves(experts)), backend=backend)
+    if isinstance(layout, sharding.Deferred):
+        raise ValueError(
+            "quantized expert weights take arguments on one device, and under jax.jit on a mesh of "
+            "Auto axes the triton backend can't tell how they are split: call the layer outside "
+            "that mesh (jax.set_mesh) or on a mesh of Explicit axes"
+        )
+    if layout is not None:
+        raise ValueError(
+            "quantized expert weights take arguments on one device: multi-device layouts (data, "
+            "expert or tensor parallel) support float weights only; got arguments sharded over a mesh"
+        )
+    return None
 
 
 def _check_biases(experts: ExpertWeights) -> None:
@@ -125,8 +196,7 @@ def _check_shared(hidden_states, experts: ExpertWeights) -> None:
                 f"a wider shared expert is several: see jax_moe.split_shared_expert); got "
                 f"{_shape_str(array.shape)}"
             )
-        if array.dtype != hidden_states.dtype:
-            raise TypeError(f"{name} must have the dtype of hidden_states ({hidden_states.dtype}); got {array.dtype}")
+        _check_weight_dtype(name, array, hidden_states)
     if num_shared < 1:
         raise ValueError("shared_w_gate must hold at least one expert; got S=0")
     if experts.shared_gate is not None:
@@ -296,9 +366,8 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
         _moe_experts_on_device, activation=activation, backend=backend, save_activations=bool(save_activations)
     )
     _check_exchange(expert_exchange)
-    layout = None if _is_empty(hidden_states, experts) else sharding.layout_of(
-        hidden_states, (weights, ids), experts, backend=backend, exchange=expert_exchange
-    )
+    experts = _frozen_weights(experts)
+    layout = _layout(hidden_states, (weights, ids), experts, backend=backend, exchange=expert_exchange)
     if layout is not None:
         return sharding.moe_experts(layout, body, hidden_states, weights, ids, experts, backend=backend,
                                     save_activations=bool(save_activations), activation=activation)
@@ -349,7 +418,10 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
     Args:
       hidden_states: [..., H] bfloat16, float16 or float32 activations.
       router_logits: [..., E] router logits, any float dtype (routing runs in float32).
-      w_gate, w_up: [E, H, F]; w_down: [E, F, H]: expert weights, dtype of hidden_states.
+      w_gate, w_up: [E, H, F]; w_down: [E, F, H]: expert weights, dtype of hidden_states, or
+        ``jax_moe.QuantizedArray``s of these logical shapes, all of one ``jax_moe.Quantization``
+        (shared experts included; biases and the shared gate stay float). Quantized weights are
+        frozen: differentiating with respect to them raises ValueError.
       selection_bias: [E], added to the scores to rank experts, not to weight them (DeepSeek-V3's
         ``e_score_correction_bias``); gets no gradient.
       activation: "silu" (SwiGLU), "clamped_swiglu" (gpt-oss: alpha 1.702, limit 7), or a
@@ -366,8 +438,8 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
         (with a capacity, a dropped pair has id -1 and weight 0).
 
     Differentiable once with respect to hidden_states, router_logits (through the routing
-    weights), the expert weights, biases, shared experts and shared gate; the reference backend to
-    any order.
+    weights), the float expert weights, biases, shared experts and shared gate; the reference
+    backend to any order.
 
     NaN: a token with a NaN router logit (or, with softmax scoring, a +inf one) gets NaN routing
     weights and a NaN output; other tokens are unaffected.
@@ -391,9 +463,8 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
         save_activations=bool(save_activations),
     )
     _check_exchange(expert_exchange)
-    layout = None if _is_empty(hidden_states, experts) else sharding.layout_of(
-        hidden_states, (router_logits, selection_bias), experts, backend=backend, exchange=expert_exchange
-    )
+    experts = _frozen_weights(experts)
+    layout = _layout(hidden_states, (router_logits, selection_bias), experts, backend=backend, exchange=expert_exchange)
     if layout is not None:
         route_body = functools.partial(_route_on_device, routing=routing, backend=backend)
         out, weights, ids = sharding.fused_moe(

@@ -15,6 +15,11 @@ Vocabulary shared by every kernel:
   means ``E + S``.
 * A *pair* is one (token, slot) choice, numbered ``pair = token * TOP_K + slot``; there are
   ``NUM_PAIRS = T * TOP_K`` of them.
+* Expert weights are float, or quantized (``W_FORMAT``: fp8, int8, int4, mxfp4; scales per
+  ``SCALE_BLOCK_K x SCALE_BLOCK_N`` block, optional zero points): the GEMMs dequantize each weight
+  tile in registers (``_dequantized_tile``) before the same ``tl.dot``, or with fp8 activations
+  (``ACT_FP8``, w8a8) multiply fp8 tiles and apply both scales per K step (``_fp8_scaled_dot``).
+  Float layers compile exactly the float path: the switches are constexprs.
 * Dispatch sorts the pairs by expert into *rows*. Each expert's segment of rows is padded to a
   multiple of ``BLOCK_M`` so that every row block of ``BLOCK_M`` rows belongs to one expert. Padding
   rows hold the sentinel pair ``NUM_PAIRS``. Grids are sized for the most row blocks any routing can
@@ -470,6 +475,130 @@ def _expert_matrix(routed_ptr, shared_ptr, expert, NUM_ROUTED: tl.constexpr, MAT
 
 
 @triton.jit
+def _expert_weight(
+    routed_ptr, routed_scales_ptr, routed_zeros_ptr, shared_ptr, shared_scales_ptr, shared_zeros_ptr, expert,
+    NUM_ROUTED: tl.constexpr, K: tl.constexpr, N: tl.constexpr, W_FORMAT: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+):
+    """Starts of one expert's logical [K, N] weight: its values and, where ``W_FORMAT`` is a
+    quantized format, its scales and zero points (the pipeline's ``_quantized_weights`` layouts:
+    4-bit values two per byte along K, one scale per ``SCALE_BLOCK_K x SCALE_BLOCK_N`` block)."""
+    stored_rows: tl.constexpr = K // 2 if (W_FORMAT == "int4") or (W_FORMAT == "mxfp4") else K
+    scales_size: tl.constexpr = (K + SCALE_BLOCK_K - 1) // SCALE_BLOCK_K * ((N + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N)
+    values = _expert_matrix(
+        routed_ptr=routed_ptr, shared_ptr=shared_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=stored_rows * N,
+    )
+    scales = _expert_matrix(
+        routed_ptr=routed_scales_ptr, shared_ptr=shared_scales_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=scales_size,
+    )
+    zeros = _expert_matrix(
+        routed_ptr=routed_zeros_ptr, shared_ptr=shared_zeros_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
+        MATRIX_SIZE=scales_size,
+    )
+    return values, scales, zeros
+
+
+@triton.jit
+def _scale_offsets(w_rows, w_cols, N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr):
+    """Offsets of the scales of elements ``(w_rows, w_cols)`` (broadcast against each other) of
+    a [K, N] weight, in its row-major ``[cdiv(K, SCALE_BLOCK_K), cdiv(N, SCALE_BLOCK_N)]`` scales."""
+    scale_cols: tl.constexpr = (N + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N
+    return (w_rows // SCALE_BLOCK_K) * scale_cols + w_cols // SCALE_BLOCK_N
+
+
+@triton.jit
+def _quantized_values(values_ptr, w_rows, w_cols, mask, N: tl.constexpr, W_FORMAT: tl.constexpr,
+                      HAS_ZEROS: tl.constexpr):
+    """The stored values of elements ``(w_rows, w_cols)`` of a quantized [K, N] weight, decoded
+    but not scaled: fp8 as float8e4nv, the others as fp32 (int4 two's complement without zero
+    points, unsigned with them; mxfp4 e2m1). 4-bit values sit two per byte along K, row ``2j`` in
+    byte ``j``'s low nibble."""
+    if (W_FORMAT == "int4") or (W_FORMAT == "mxfp4"):
+        byte = tl.load(values_ptr + (w_rows // 2) * N + w_cols, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((w_rows % 2) * 4).to(tl.int32)) & 0xF
+        if W_FORMAT == "int4":
+            if HAS_ZEROS:
+                values = code.to(tl.float32)
+            else:
+                values = (code - ((code >> 3) << 4)).to(tl.float32)
+        else:
+            # e2m1: sign, 2 exponent bits (bias 1), 1 mantissa bit; exponent 0 is subnormal (0, 0.5).
+            exponent = (code >> 1) & 3
+            mantissa = (code & 1).to(tl.float32)
+            power = ((exponent + 126) << 23).to(tl.float32, bitcast=True)  # 2 ** (exponent - 1)
+            magnitude = tl.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * power)
+            values = tl.where(code >= 8, -magnitude, magnitude)
+    else:
+        raw = tl.load(values_ptr + w_rows * N + w_cols, mask=mask, other=0)
+        if W_FORMAT == "fp8":
+            values = raw.to(tl.float8e4nv, bitcast=True)
+        else:
+            values = raw.to(tl.float32)
+    return values
+
+
+@triton.jit
+def _scales_at(scales_ptr, offsets, mask, W_FORMAT: tl.constexpr):
+    """fp32 scales at ``offsets``: e8m0 bytes (mxfp4) are the exponent bits of ``2 ** (s - 127)``."""
+    scales = tl.load(scales_ptr + offsets, mask=mask, other=0)
+    if W_FORMAT == "mxfp4":
+        scales = (scales.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return scales
+
+
+@triton.jit
+def _dequantized_tile(
+    values_ptr, scales_ptr, zeros_ptr, w_rows, w_cols, mask, N: tl.constexpr, W_FORMAT: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Elements ``(w_rows, w_cols)`` of one expert's quantized [K, N] weight, dequantized in
+    registers to ``DTYPE`` (the activations'): ``(value - zero) * scale`` in fp32, rounded once.
+    Masked-off elements are 0."""
+    values = _quantized_values(
+        values_ptr=values_ptr, w_rows=w_rows, w_cols=w_cols, mask=mask, N=N, W_FORMAT=W_FORMAT,
+        HAS_ZEROS=HAS_ZEROS,
+    ).to(tl.float32)
+    offsets = _scale_offsets(
+        w_rows=w_rows, w_cols=w_cols, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N
+    )
+    if HAS_ZEROS:
+        values -= tl.load(zeros_ptr + offsets, mask=mask, other=0.0)
+    return (values * _scales_at(scales_ptr=scales_ptr, offsets=offsets, mask=mask, W_FORMAT=W_FORMAT)).to(DTYPE)
+
+
+@triton.jit
+def _fp8_scaled_dot(
+    acc, a, a_scales, w_ptr, w_scales_ptr, k_start, ks, cols, w_mask, N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+):
+    """``acc + (a @ w) * a_scales[:, None] * w_scales``: one K step of an fp8 x fp8 GEMM (w8a8)
+    with fp32 accumulation, ``a`` an fp8 activation tile with its rows' scales, ``w`` the
+    [BLOCK_K, BLOCK_N] fp8 tile of a row-major [K, N] weight at ``k_start``. The step lies in one
+    scale block of both operands along K, so the scales apply to the step's product as a whole."""
+    w_rows = (k_start + ks)[:, None]
+    w = tl.load(w_ptr + w_rows * N + cols[None, :], mask=w_mask, other=0).to(tl.float8e4nv, bitcast=True)
+    w_offsets = _scale_offsets(
+        w_rows=k_start, w_cols=cols, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N
+    )
+    w_scales = tl.load(w_scales_ptr + w_offsets)
+    return acc + tl.dot(a, w, out_dtype=tl.float32) * a_scales[:, None] * w_scales[None, :]
+
+
+@triton.jit
+def _fp8_activations(a_ptrs, a_scales_ptr, a_rows, a_row_ok, k_ok, k_start, K: tl.constexpr,
+                     ACT_BLOCK: tl.constexpr):
+    """An fp8 activation tile (stored as bytes) and its rows' fp32 scales for the K step at
+    ``k_start`` (``ACT_BLOCK`` channels share a scale; the step lies within one block). Rows not
+    ``a_row_ok`` read zeros."""
+    a = tl.load(a_ptrs, mask=a_row_ok[:, None] & k_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+    scale_cols: tl.constexpr = (K + ACT_BLOCK - 1) // ACT_BLOCK
+    scales = tl.load(a_scales_ptr + a_rows * scale_cols + k_start // ACT_BLOCK, mask=a_row_ok, other=0.0)
+    return a, scales
+
+
+@triton.jit
 def _expert_bias(bias_ptr, expert, cols, col_ok, NUM_ROUTED: tl.constexpr, N: tl.constexpr):
     """[1, BLOCK_N] fp32 slice of a routed expert's [E, N] bias; shared experts have none (their
     ids are clamped to a real row for the load, whose values are then dropped)."""
@@ -516,13 +645,21 @@ def _weight_tiles(w_ptr, K: tl.constexpr, N: tl.constexpr, BLOCK_K: tl.constexpr
 
 @triton.jit
 def _gathered_dual_gemm(
-    x_ptr, tokens, is_real, w1_ptr, w2_ptr, col_start, cols, col_ok,
+    x_ptr, x_scales_ptr, tokens, is_real, w1_ptr, w1_scales_ptr, w1_zeros_ptr, w2_ptr, w2_scales_ptr, w2_zeros_ptr,
+    col_start, cols, col_ok,
     K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, ACT_FP8: tl.constexpr,
+    ACT_BLOCK: tl.constexpr,
 ):
     """``x[tokens] @ w1`` and ``x[tokens] @ w2`` for row-major [K, N] weights (already offset to
     the expert), loading each [BLOCK_M, BLOCK_K] activation tile once for both; the weight tiles
-    of columns ``cols`` (from ``col_start``) through pointers or, with ``USE_TMA``, descriptors."""
+    of columns ``cols`` (from ``col_start``) through pointers or, with ``USE_TMA``, descriptors.
+
+    Quantized weights (``W_FORMAT`` other than ``"none"``; never with TMA): each tile is
+    dequantized in registers (``_dequantized_tile``) before the same dot; with ``ACT_FP8`` (w8a8)
+    ``x`` holds fp8 bytes with their per-row scales ``x_scales`` and the dots are fp8 x fp8
+    (``_fp8_scaled_dot``)."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * K + ks[None, :]
     w_offsets = ks[:, None] * N + cols[None, :]
@@ -533,16 +670,45 @@ def _gathered_dual_gemm(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
-        x = tl.load(x_ptrs, mask=is_real[:, None] & k_ok[None, :], other=0.0)
-        if USE_TMA:
-            w1 = w1_tiles.load([k_start, col_start])
-            w2 = w2_tiles.load([k_start, col_start])
-        else:
+        x_mask = is_real[:, None] & k_ok[None, :]
+        if ACT_FP8:
+            x, x_scales = _fp8_activations(
+                a_ptrs=x_ptrs, a_scales_ptr=x_scales_ptr, a_rows=tokens, a_row_ok=is_real, k_ok=k_ok,
+                k_start=k_start, K=K, ACT_BLOCK=ACT_BLOCK,
+            )
             w_mask = k_ok[:, None] & col_ok[None, :]
-            w1 = tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0)
-            w2 = tl.load(w2_ptr + w_offsets, mask=w_mask, other=0.0)
-        acc1 = tl.dot(x, w1, acc1, input_precision=DOT_PRECISION)
-        acc2 = tl.dot(x, w2, acc2, input_precision=DOT_PRECISION)
+            acc1 = _fp8_scaled_dot(
+                acc1, x, x_scales, w_ptr=w1_ptr, w_scales_ptr=w1_scales_ptr, k_start=k_start, ks=ks, cols=cols,
+                w_mask=w_mask, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            )
+            acc2 = _fp8_scaled_dot(
+                acc2, x, x_scales, w_ptr=w2_ptr, w_scales_ptr=w2_scales_ptr, k_start=k_start, ks=ks, cols=cols,
+                w_mask=w_mask, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            )
+        else:
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            if W_FORMAT != "none":
+                w_rows = (k_start + ks)[:, None]
+                w_mask = k_ok[:, None] & col_ok[None, :]
+                w1 = _dequantized_tile(
+                    values_ptr=w1_ptr, scales_ptr=w1_scales_ptr, zeros_ptr=w1_zeros_ptr, w_rows=w_rows,
+                    w_cols=cols[None, :], mask=w_mask, N=N, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+                    SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=x.dtype,
+                )
+                w2 = _dequantized_tile(
+                    values_ptr=w2_ptr, scales_ptr=w2_scales_ptr, zeros_ptr=w2_zeros_ptr, w_rows=w_rows,
+                    w_cols=cols[None, :], mask=w_mask, N=N, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+                    SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=x.dtype,
+                )
+            elif USE_TMA:
+                w1 = w1_tiles.load([k_start, col_start])
+                w2 = w2_tiles.load([k_start, col_start])
+            else:
+                w_mask = k_ok[:, None] & col_ok[None, :]
+                w1 = tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0)
+                w2 = tl.load(w2_ptr + w_offsets, mask=w_mask, other=0.0)
+            acc1 = tl.dot(x, w1, acc1, input_precision=DOT_PRECISION)
+            acc2 = tl.dot(x, w2, acc2, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_offsets += BLOCK_K * N
     return acc1, acc2
@@ -550,56 +716,100 @@ def _gathered_dual_gemm(
 
 @triton.jit
 def _gathered_gemm(
-    acc, a_ptr, a_rows, a_row_ok, b_ptr, col_start, cols, col_ok,
-    K: tl.constexpr, N: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
+    acc, a_ptr, a_scales_ptr, a_rows, a_row_ok, b_ptr, b_scales_ptr, b_zeros_ptr, col_start, cols, col_ok,
+    K: tl.constexpr, N: tl.constexpr, B_TRANSPOSED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    ACT_FP8: tl.constexpr, ACT_BLOCK: tl.constexpr,
 ):
     """``acc + a[a_rows] @ b`` for row-major ``a`` with K columns and a [K, N] ``b`` (already
-    offset to the expert) laid out by its strides: a transposed weight is just other strides.
-    ``USE_TMA`` (row-major ``b`` only: ``STRIDE_BN == 1``) reads ``b``'s tiles through a
-    descriptor."""
+    offset to the expert): a row-major weight, or with ``B_TRANSPOSED`` the transpose of a
+    row-major [N, K] one (other strides). ``USE_TMA`` (row-major ``b`` only) reads ``b``'s tiles
+    through a descriptor. Quantized and fp8 paths as in ``_gathered_dual_gemm`` (a transposed
+    weight dequantized only: w8a8 runs the forward GEMMs, whose weights are row-major)."""
+    stride_bk: tl.constexpr = 1 if B_TRANSPOSED else N
+    stride_bn: tl.constexpr = K if B_TRANSPOSED else 1
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * K + ks[None, :]
-    b_ptrs = b_ptr + ks[:, None] * STRIDE_BK + cols[None, :] * STRIDE_BN
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     if USE_TMA:
-        tl.static_assert(STRIDE_BN == 1, "TMA weight tiles need a row-major weight")
+        tl.static_assert(not B_TRANSPOSED, "TMA weight tiles need a row-major weight")
         b_tiles = _weight_tiles(w_ptr=b_ptr, K=K, N=N, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
-        a = tl.load(a_ptrs, mask=a_row_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_TMA:
-            b = b_tiles.load([k_start, col_start])
+        a_mask = a_row_ok[:, None] & k_ok[None, :]
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        if ACT_FP8:
+            tl.static_assert(not B_TRANSPOSED, "fp8 activations take row-major weights")
+            a, a_scales = _fp8_activations(
+                a_ptrs=a_ptrs, a_scales_ptr=a_scales_ptr, a_rows=a_rows, a_row_ok=a_row_ok, k_ok=k_ok,
+                k_start=k_start, K=K, ACT_BLOCK=ACT_BLOCK,
+            )
+            acc = _fp8_scaled_dot(
+                acc, a, a_scales, w_ptr=b_ptr, w_scales_ptr=b_scales_ptr, k_start=k_start, ks=ks, cols=cols,
+                w_mask=b_mask, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            )
         else:
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if W_FORMAT != "none":
+                # The stored [rows, columns] of element (k, n): (k, n), or (n, k) transposed.
+                k_index = (k_start + ks)[:, None]
+                if B_TRANSPOSED:
+                    b = _dequantized_tile(
+                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, w_rows=cols[None, :],
+                        w_cols=k_index, mask=b_mask, N=K, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+                        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
+                    )
+                else:
+                    b = _dequantized_tile(
+                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, w_rows=k_index,
+                        w_cols=cols[None, :], mask=b_mask, N=N, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+                        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
+                    )
+            elif USE_TMA:
+                b = b_tiles.load([k_start, col_start])
+            else:
+                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * STRIDE_BK
+        b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
 @triton.jit
 def _gate_up_preactivations(
     x_ptr, tokens, is_real, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr,
-    gate_bias_ptr, up_bias_ptr, expert, col_start, cols, col_ok,
+    gate_bias_ptr, up_bias_ptr, expert, col_start, cols, col_ok, x_scales_ptr, w_gate_scales_ptr, w_gate_zeros_ptr,
+    w_up_scales_ptr, w_up_zeros_ptr, shared_w_gate_scales_ptr,
+    shared_w_gate_zeros_ptr, shared_w_up_scales_ptr, shared_w_up_zeros_ptr,
     NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr, INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    ACT_FP8: tl.constexpr, ACT_BLOCK: tl.constexpr,
 ):
     """fp32 ``x[tokens] @ w_gate[e] (+ gate_bias[e])`` and the same for up, for one row block and
-    column tile: what the forward computes and the backward recomputes."""
-    matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
-    w_gate = _expert_matrix(
-        routed_ptr=w_gate_ptr, shared_ptr=shared_w_gate_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
-        MATRIX_SIZE=matrix_size,
+    column tile: what the forward computes and the backward recomputes. Quantized weights come
+    with their scales and zero points, fp8 activations with their scales (``_gathered_dual_gemm``)."""
+    w_gate, w_gate_scales, w_gate_zeros = _expert_weight(
+        routed_ptr=w_gate_ptr, routed_scales_ptr=w_gate_scales_ptr, routed_zeros_ptr=w_gate_zeros_ptr,
+        shared_ptr=shared_w_gate_ptr, shared_scales_ptr=shared_w_gate_scales_ptr,
+        shared_zeros_ptr=shared_w_gate_zeros_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED, K=HIDDEN, N=INTERMEDIATE,
+        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
     )
-    w_up = _expert_matrix(
-        routed_ptr=w_up_ptr, shared_ptr=shared_w_up_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
-        MATRIX_SIZE=matrix_size,
+    w_up, w_up_scales, w_up_zeros = _expert_weight(
+        routed_ptr=w_up_ptr, routed_scales_ptr=w_up_scales_ptr, routed_zeros_ptr=w_up_zeros_ptr,
+        shared_ptr=shared_w_up_ptr, shared_scales_ptr=shared_w_up_scales_ptr, shared_zeros_ptr=shared_w_up_zeros_ptr,
+        expert=expert, NUM_ROUTED=NUM_ROUTED, K=HIDDEN, N=INTERMEDIATE, W_FORMAT=W_FORMAT,
+        SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
     )
     gate, up = _gathered_dual_gemm(
-        x_ptr, tokens, is_real, w1_ptr=w_gate, w2_ptr=w_up, col_start=col_start, cols=cols, col_ok=col_ok,
-        K=HIDDEN, N=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+        x_ptr, x_scales_ptr, tokens, is_real, w1_ptr=w_gate, w1_scales_ptr=w_gate_scales, w1_zeros_ptr=w_gate_zeros,
+        w2_ptr=w_up, w2_scales_ptr=w_up_scales, w2_zeros_ptr=w_up_zeros, col_start=col_start, cols=cols,
+        col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+        ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
     )
     if HAS_BIAS:
         gate += _expert_bias(
@@ -625,6 +835,15 @@ def gate_up_kernel(
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32, from dispatch_kernel
     block_expert_ptr,  # [MAX_BLOCKS] int32, from dispatch_kernel
     expert_row_end_ptr,  # [EXPERTS_PAD] int32, from dispatch_kernel (read only if GROUP_M == 0)
+    x_scales_ptr,  # [T, cdiv(H, ACT_BLOCK)] float32 scales of fp8 x (read only if ACT_FP8; x is then fp8 bytes)
+    w_gate_scales_ptr,  # [E, cdiv(H, SCALE_BLOCK_K), cdiv(F, SCALE_BLOCK_N)] (read only if quantized)
+    w_gate_zeros_ptr,  # like w_gate_scales_ptr, zero points (read only if HAS_ZEROS)
+    w_up_scales_ptr,  # like w_gate_scales_ptr
+    w_up_zeros_ptr,  # like w_gate_zeros_ptr
+    shared_w_gate_scales_ptr,  # [S, ...] the same for the shared experts
+    shared_w_gate_zeros_ptr,
+    shared_w_up_scales_ptr,
+    shared_w_up_zeros_ptr,
     act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] in the activation dtype: the gated activation
     gate_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ gate (+ bias), written only if SAVE_PREACTIVATIONS
     up_preact_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] x @ up (+ bias), written only if SAVE_PREACTIVATIONS
@@ -649,6 +868,12 @@ def gate_up_kernel(
     NUM_ZEROS: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     USE_TMA: tl.constexpr,  # read the weight tiles through TMA descriptors (_weight_tiles)
+    W_FORMAT: tl.constexpr,  # "none" (float weights) or the quantized format: "fp8", "int8", "int4", "mxfp4"
+    SCALE_BLOCK_K: tl.constexpr,  # rows of K sharing a scale (at least K: one for the whole K)
+    SCALE_BLOCK_N: tl.constexpr,  # columns of N sharing a scale (at least N: one for the whole N)
+    HAS_ZEROS: tl.constexpr,  # quantized with zero points
+    ACT_FP8: tl.constexpr,  # w8a8: fp8 x fp8 dots, x quantized with per-row scales
+    ACT_BLOCK: tl.constexpr,  # channels of x sharing a scale (at least H: per token)
 ):
     """Grouped gate and up projections with the gated activation in the epilogue.
 
@@ -663,6 +888,10 @@ def gate_up_kernel(
     ``HALF_BLOCKS`` a block whose second half is padding (often an expert's last block) computes
     its first half only: at ``BLOCK_M = 128`` that is still one whole 64-row warpgroup MMA, at half
     the cost; those padding rows stay unwritten.
+
+    Quantized weights (``W_FORMAT``): their tiles are dequantized in registers, never in memory
+    (``_gathered_dual_gemm``). Pointer layouts of the quantized weights: values as the float ones
+    (4-bit formats two per byte along H: [E, H // 2, F] bytes), scales and zero points row-major.
     """
     _zero_fill(zeros_ptr, NUM_ZEROS, ZERO_BLOCK)
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
@@ -681,10 +910,16 @@ def gate_up_kernel(
             shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr, up_bias_ptr=up_bias_ptr,
             sorted_pairs_ptr=sorted_pairs_ptr, act_ptr=act_ptr, gate_preact_ptr=gate_preact_ptr,
             up_preact_ptr=up_preact_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
+            x_scales_ptr=x_scales_ptr, w_gate_scales_ptr=w_gate_scales_ptr, w_gate_zeros_ptr=w_gate_zeros_ptr,
+            w_up_scales_ptr=w_up_scales_ptr, w_up_zeros_ptr=w_up_zeros_ptr,
+            shared_w_gate_scales_ptr=shared_w_gate_scales_ptr, shared_w_gate_zeros_ptr=shared_w_gate_zeros_ptr,
+            shared_w_up_scales_ptr=shared_w_up_scales_ptr, shared_w_up_zeros_ptr=shared_w_up_zeros_ptr,
             TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M,
             ROWS=BLOCK_M // 2, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT,
-            SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS, USE_TMA=USE_TMA,
+            SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS, USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+            SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+            ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
     else:
         _gate_up_rows(
@@ -692,21 +927,31 @@ def gate_up_kernel(
             shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr, up_bias_ptr=up_bias_ptr,
             sorted_pairs_ptr=sorted_pairs_ptr, act_ptr=act_ptr, gate_preact_ptr=gate_preact_ptr,
             up_preact_ptr=up_preact_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
+            x_scales_ptr=x_scales_ptr, w_gate_scales_ptr=w_gate_scales_ptr, w_gate_zeros_ptr=w_gate_zeros_ptr,
+            w_up_scales_ptr=w_up_scales_ptr, w_up_zeros_ptr=w_up_zeros_ptr,
+            shared_w_gate_scales_ptr=shared_w_gate_scales_ptr, shared_w_gate_zeros_ptr=shared_w_gate_zeros_ptr,
+            shared_w_up_scales_ptr=shared_w_up_scales_ptr, shared_w_up_zeros_ptr=shared_w_up_zeros_ptr,
             TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M,
             ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
             ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT, SAVE_PREACTIVATIONS=SAVE_PREACTIVATIONS,
-            USE_TMA=USE_TMA,
+            USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            HAS_ZEROS=HAS_ZEROS,
+            ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
 
 
 @triton.jit
 def _gate_up_rows(
     x_ptr, w_gate_ptr, w_up_ptr, shared_w_gate_ptr, shared_w_up_ptr, gate_bias_ptr, up_bias_ptr,
-    sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert,
+    sorted_pairs_ptr, act_ptr, gate_preact_ptr, up_preact_ptr, block, col_tile, expert, x_scales_ptr,
+    w_gate_scales_ptr, w_gate_zeros_ptr, w_up_scales_ptr, w_up_zeros_ptr, shared_w_gate_scales_ptr,
+    shared_w_gate_zeros_ptr, shared_w_up_scales_ptr, shared_w_up_zeros_ptr,
     NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr, NUM_ROUTED: tl.constexpr, HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, SAVE_PREACTIVATIONS: tl.constexpr, USE_TMA: tl.constexpr,
+    W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    ACT_FP8: tl.constexpr, ACT_BLOCK: tl.constexpr,
 ):
     """``gate_up_kernel``'s work on the first ``ROWS`` rows of a row block."""
     rows, pairs, is_real, tokens = _block_pairs(
@@ -720,8 +965,14 @@ def _gate_up_rows(
         x_ptr=x_ptr, tokens=tokens, is_real=is_real, w_gate_ptr=w_gate_ptr, w_up_ptr=w_up_ptr,
         shared_w_gate_ptr=shared_w_gate_ptr, shared_w_up_ptr=shared_w_up_ptr, gate_bias_ptr=gate_bias_ptr,
         up_bias_ptr=up_bias_ptr, expert=expert, col_start=col_start, cols=cols, col_ok=col_ok,
+        x_scales_ptr=x_scales_ptr, w_gate_scales_ptr=w_gate_scales_ptr, w_gate_zeros_ptr=w_gate_zeros_ptr,
+        w_up_scales_ptr=w_up_scales_ptr, w_up_zeros_ptr=w_up_zeros_ptr,
+        shared_w_gate_scales_ptr=shared_w_gate_scales_ptr, shared_w_gate_zeros_ptr=shared_w_gate_zeros_ptr,
+        shared_w_up_scales_ptr=shared_w_up_scales_ptr, shared_w_up_zeros_ptr=shared_w_up_zeros_ptr,
         NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=ROWS, BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, USE_TMA=USE_TMA,
+        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+        ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
     )
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
     act, _, _ = _swiglu(gate=gate, up=up, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT)
@@ -734,7 +985,7 @@ def _gate_up_rows(
 @triton.jit
 def expert_gemm_combine_kernel(
     a_ptr,  # [MAX_BLOCKS * BLOCK_M, K] per-row left operand (sorted-row order)
-    b_ptr,  # [E, ...] right operand: element (k, n) of expert e at e * K * N + k * STRIDE_BK + n * STRIDE_BN
+    b_ptr,  # [E, K, N] right operand, row-major, or with B_TRANSPOSED the transposes of row-major [E, N, K]
     shared_b_ptr,  # [S, ...] the same for the shared experts E .. E + S - 1
     a2_ptr,  # like a_ptr, second term (read only if SECOND_TERM)
     b2_ptr,  # like b_ptr, second term (read only if SECOND_TERM)
@@ -744,6 +995,15 @@ def expert_gemm_combine_kernel(
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
     expert_row_end_ptr,  # [EXPERTS_PAD] int32 (read only if GROUP_M == 0)
+    a_scales_ptr,  # [MAX_BLOCKS * BLOCK_M, cdiv(K, ACT_BLOCK)] float32 scales of fp8 a (read only if ACT_FP8)
+    b_scales_ptr,  # [E, ...] b's scales, row-major over b's stored matrix (read only if quantized)
+    b_zeros_ptr,  # like b_scales_ptr, zero points (read only if HAS_ZEROS)
+    shared_b_scales_ptr,  # [S, ...] the same for the shared experts
+    shared_b_zeros_ptr,
+    b2_scales_ptr,  # like b_scales_ptr, second term
+    b2_zeros_ptr,
+    shared_b2_scales_ptr,
+    shared_b2_zeros_ptr,
     zeroed_arrivals_ptr,  # [T, cdiv(N, BLOCK_N)] int32 zeros: arrivals_ptr's buffer on its way in (never read)
     out_ptr,  # out [T, N]
     partial_ptr,  # out (scratch) [NUM_PAIRS, N] float32 or bfloat16, one row per pair (TOP_K > 1)
@@ -753,8 +1013,7 @@ def expert_gemm_combine_kernel(
     NUM_ROUTED: tl.constexpr,
     K: tl.constexpr,
     N: tl.constexpr,
-    STRIDE_BK: tl.constexpr,
-    STRIDE_BN: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
     SECOND_TERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
@@ -766,6 +1025,12 @@ def expert_gemm_combine_kernel(
     DOT_PRECISION: tl.constexpr,
     HALF_BLOCKS: tl.constexpr,  # compute only the first half of blocks whose second half is padding
     USE_TMA: tl.constexpr,  # read the weight tiles through TMA descriptors (row-major b only)
+    W_FORMAT: tl.constexpr,  # as gate_up_kernel's, for b and b2
+    SCALE_BLOCK_K: tl.constexpr,  # of b's stored matrix
+    SCALE_BLOCK_N: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    ACT_FP8: tl.constexpr,  # a holds fp8 bytes with per-row scales (row-major b only)
+    ACT_BLOCK: tl.constexpr,
 ):
     """Grouped GEMM over the sorted rows with a deterministic per-token top-k combine.
 
@@ -785,6 +1050,8 @@ def expert_gemm_combine_kernel(
     slot order, and writes the result.
     The sum's order never depends on scheduling, so every run gives the same bits, with no extra
     launch. The rows of one block hold distinct pairs, so their counters are updated once each.
+
+    Quantized weights are dequantized tile by tile in registers (``_gathered_gemm``).
     """
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     block, col_tile, expert = _row_block_tile(
@@ -801,33 +1068,45 @@ def expert_gemm_combine_kernel(
             a_ptr=a_ptr, b_ptr=b_ptr, shared_b_ptr=shared_b_ptr, a2_ptr=a2_ptr, b2_ptr=b2_ptr,
             shared_b2_ptr=shared_b2_ptr, bias_ptr=bias_ptr, routing_weights_ptr=routing_weights_ptr,
             sorted_pairs_ptr=sorted_pairs_ptr, out_ptr=out_ptr, partial_ptr=partial_ptr,
-            arrivals_ptr=arrivals_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
-            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
+            arrivals_ptr=arrivals_ptr, block=block, col_tile=col_tile, expert=expert, a_scales_ptr=a_scales_ptr,
+            b_scales_ptr=b_scales_ptr, b_zeros_ptr=b_zeros_ptr, shared_b_scales_ptr=shared_b_scales_ptr,
+            shared_b_zeros_ptr=shared_b_zeros_ptr, b2_scales_ptr=b2_scales_ptr, b2_zeros_ptr=b2_zeros_ptr,
+            shared_b2_scales_ptr=shared_b2_scales_ptr, shared_b2_zeros_ptr=shared_b2_zeros_ptr, NUM_PAIRS=NUM_PAIRS,
+            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, K=K, N=N, B_TRANSPOSED=B_TRANSPOSED,
             SECOND_TERM=SECOND_TERM, HAS_BIAS=HAS_BIAS, SCALE_BY_ROUTING_WEIGHT=SCALE_BY_ROUTING_WEIGHT,
             BLOCK_M=BLOCK_M, ROWS=BLOCK_M // 2, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
-            USE_TMA=USE_TMA,
+            USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            HAS_ZEROS=HAS_ZEROS, ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
     else:
         _gemm_combine_rows(
             a_ptr=a_ptr, b_ptr=b_ptr, shared_b_ptr=shared_b_ptr, a2_ptr=a2_ptr, b2_ptr=b2_ptr,
             shared_b2_ptr=shared_b2_ptr, bias_ptr=bias_ptr, routing_weights_ptr=routing_weights_ptr,
             sorted_pairs_ptr=sorted_pairs_ptr, out_ptr=out_ptr, partial_ptr=partial_ptr,
-            arrivals_ptr=arrivals_ptr, block=block, col_tile=col_tile, expert=expert, NUM_PAIRS=NUM_PAIRS,
-            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN,
+            arrivals_ptr=arrivals_ptr, block=block, col_tile=col_tile, expert=expert, a_scales_ptr=a_scales_ptr,
+            b_scales_ptr=b_scales_ptr, b_zeros_ptr=b_zeros_ptr, shared_b_scales_ptr=shared_b_scales_ptr,
+            shared_b_zeros_ptr=shared_b_zeros_ptr, b2_scales_ptr=b2_scales_ptr, b2_zeros_ptr=b2_zeros_ptr,
+            shared_b2_scales_ptr=shared_b2_scales_ptr, shared_b2_zeros_ptr=shared_b2_zeros_ptr, NUM_PAIRS=NUM_PAIRS,
+            TOP_K=TOP_K, NUM_ROUTED=NUM_ROUTED, K=K, N=N, B_TRANSPOSED=B_TRANSPOSED,
             SECOND_TERM=SECOND_TERM, HAS_BIAS=HAS_BIAS, SCALE_BY_ROUTING_WEIGHT=SCALE_BY_ROUTING_WEIGHT,
             BLOCK_M=BLOCK_M, ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
-            USE_TMA=USE_TMA,
+            USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            HAS_ZEROS=HAS_ZEROS, ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
 
 
 @triton.jit
 def _gemm_combine_rows(
     a_ptr, b_ptr, shared_b_ptr, a2_ptr, b2_ptr, shared_b2_ptr, bias_ptr, routing_weights_ptr, sorted_pairs_ptr,
-    out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr,
-    NUM_ROUTED: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STRIDE_BK: tl.constexpr, STRIDE_BN: tl.constexpr,
+    out_ptr, partial_ptr, arrivals_ptr, block, col_tile, expert, a_scales_ptr, b_scales_ptr, b_zeros_ptr,
+    shared_b_scales_ptr, shared_b_zeros_ptr, b2_scales_ptr, b2_zeros_ptr, shared_b2_scales_ptr, shared_b2_zeros_ptr,
+    NUM_PAIRS: tl.constexpr, TOP_K: tl.constexpr,
+    NUM_ROUTED: tl.constexpr, K: tl.constexpr, N: tl.constexpr, B_TRANSPOSED: tl.constexpr,
     SECOND_TERM: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_BY_ROUTING_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_FORMAT: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    ACT_FP8: tl.constexpr, ACT_BLOCK: tl.constexpr,
 ):
     """``expert_gemm_combine_kernel``'s work on the first ``ROWS`` rows of a row block."""
     num_col_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -838,26 +1117,37 @@ def _gemm_combine_rows(
     col_start = col_tile * BLOCK_N
     cols = col_start + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    matrix_size: tl.constexpr = K * N
+    # The stored matrix of b: [K, N], or [N, K] transposed.
+    stored_rows: tl.constexpr = N if B_TRANSPOSED else K
+    stored_cols: tl.constexpr = K if B_TRANSPOSED else N
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    b = _expert_matrix(
-        routed_ptr=b_ptr, shared_ptr=shared_b_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED, MATRIX_SIZE=matrix_size,
+    b, b_scales, b_zeros = _expert_weight(
+        routed_ptr=b_ptr, routed_scales_ptr=b_scales_ptr, routed_zeros_ptr=b_zeros_ptr, shared_ptr=shared_b_ptr,
+        shared_scales_ptr=shared_b_scales_ptr, shared_zeros_ptr=shared_b_zeros_ptr, expert=expert,
+        NUM_ROUTED=NUM_ROUTED, K=stored_rows, N=stored_cols, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+        SCALE_BLOCK_N=SCALE_BLOCK_N,
     )
     acc = _gathered_gemm(
-        acc=acc, a_ptr=a_ptr, a_rows=rows, a_row_ok=is_real, b_ptr=b, col_start=col_start, cols=cols,
-        col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+        acc=acc, a_ptr=a_ptr, a_scales_ptr=a_scales_ptr, a_rows=rows, a_row_ok=is_real, b_ptr=b,
+        b_scales_ptr=b_scales, b_zeros_ptr=b_zeros, col_start=col_start, cols=cols, col_ok=col_ok, K=K, N=N,
+        B_TRANSPOSED=B_TRANSPOSED, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+        ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
     )
     if SECOND_TERM:
-        b2 = _expert_matrix(
-            routed_ptr=b2_ptr, shared_ptr=shared_b2_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
-            MATRIX_SIZE=matrix_size,
+        b2, b2_scales, b2_zeros = _expert_weight(
+            routed_ptr=b2_ptr, routed_scales_ptr=b2_scales_ptr, routed_zeros_ptr=b2_zeros_ptr,
+            shared_ptr=shared_b2_ptr, shared_scales_ptr=shared_b2_scales_ptr, shared_zeros_ptr=shared_b2_zeros_ptr,
+            expert=expert, NUM_ROUTED=NUM_ROUTED, K=stored_rows, N=stored_cols, W_FORMAT=W_FORMAT,
+            SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
         )
         acc = _gathered_gemm(
-            acc=acc, a_ptr=a2_ptr, a_rows=rows, a_row_ok=is_real, b_ptr=b2, col_start=col_start, cols=cols,
-            col_ok=col_ok, K=K, N=N, STRIDE_BK=STRIDE_BK, STRIDE_BN=STRIDE_BN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            DOT_PRECISION=DOT_PRECISION, USE_TMA=USE_TMA,
+            acc=acc, a_ptr=a2_ptr, a_scales_ptr=a_scales_ptr, a_rows=rows, a_row_ok=is_real, b_ptr=b2,
+            b_scales_ptr=b2_scales, b_zeros_ptr=b2_zeros, col_start=col_start, cols=cols, col_ok=col_ok, K=K, N=N,
+            B_TRANSPOSED=B_TRANSPOSED, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION,
+            USE_TMA=USE_TMA, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+            HAS_ZEROS=HAS_ZEROS, ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
     if HAS_BIAS:
         acc += _expert_bias(
@@ -919,6 +1209,19 @@ def gate_up_backward_kernel(
     sorted_pairs_ptr,  # [MAX_BLOCKS * BLOCK_M] int32
     block_expert_ptr,  # [MAX_BLOCKS] int32
     expert_row_end_ptr,  # [EXPERTS_PAD] int32 (read only if GROUP_M == 0)
+    x_scales_ptr,  # as gate_up_kernel's (read only if ACT_FP8 and RECOMPUTE)
+    w_gate_scales_ptr,  # as gate_up_kernel's: scales and zero points of the quantized weights
+    w_gate_zeros_ptr,
+    w_up_scales_ptr,
+    w_up_zeros_ptr,
+    shared_w_gate_scales_ptr,
+    shared_w_gate_zeros_ptr,
+    shared_w_up_scales_ptr,
+    shared_w_up_zeros_ptr,
+    w_down_scales_ptr,  # [E, cdiv(F, SCALE_BLOCK_K), cdiv(H, SCALE_BLOCK_N)] (read only if quantized)
+    w_down_zeros_ptr,  # (read only if HAS_ZEROS)
+    shared_w_down_scales_ptr,
+    shared_w_down_zeros_ptr,
     weighted_act_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] routing weight * activation, for the down weight gradient
     grad_gate_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the gate pre-activation
     grad_up_ptr,  # out [MAX_BLOCKS * BLOCK_M, F] gradient of the up pre-activation
@@ -943,6 +1246,12 @@ def gate_up_backward_kernel(
     NUM_ZEROS: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     USE_TMA: tl.constexpr,  # recompute with the weight tiles read through TMA descriptors
+    W_FORMAT: tl.constexpr,  # as gate_up_kernel's, for all three weights
+    SCALE_BLOCK_K: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    ACT_FP8: tl.constexpr,  # the recomputation reads fp8 x, as the forward
+    ACT_BLOCK: tl.constexpr,
 ):
     """Backward through the down projection and the gated activation, per row block and tile.
 
@@ -959,6 +1268,7 @@ def gate_up_backward_kernel(
       down bias's share).
 
     Every program first zeroes its share of ``zeros`` (``_zero_fill``); then unused blocks exit.
+    Quantized weights are dequantized tile by tile in registers, as in the forward.
     """
     _zero_fill(zeros_ptr, NUM_ZEROS, ZERO_BLOCK)
     num_col_tiles: tl.constexpr = (INTERMEDIATE + BLOCK_N - 1) // BLOCK_N
@@ -974,7 +1284,6 @@ def gate_up_backward_kernel(
     )
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTERMEDIATE
-    matrix_size: tl.constexpr = HIDDEN * INTERMEDIATE
     offsets = rows[:, None] * INTERMEDIATE + cols[None, :]
 
     if RECOMPUTE:
@@ -984,20 +1293,30 @@ def gate_up_backward_kernel(
             up_bias_ptr=up_bias_ptr, expert=expert, col_start=col_tile * BLOCK_N, cols=cols, col_ok=col_ok,
             NUM_ROUTED=NUM_ROUTED, HIDDEN=HIDDEN, INTERMEDIATE=INTERMEDIATE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, USE_TMA=USE_TMA,
+            x_scales_ptr=x_scales_ptr, w_gate_scales_ptr=w_gate_scales_ptr, w_gate_zeros_ptr=w_gate_zeros_ptr,
+            w_up_scales_ptr=w_up_scales_ptr, w_up_zeros_ptr=w_up_zeros_ptr,
+            shared_w_gate_scales_ptr=shared_w_gate_scales_ptr, shared_w_gate_zeros_ptr=shared_w_gate_zeros_ptr,
+            shared_w_up_scales_ptr=shared_w_up_scales_ptr, shared_w_up_zeros_ptr=shared_w_up_zeros_ptr,
+            W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+            ACT_FP8=ACT_FP8, ACT_BLOCK=ACT_BLOCK,
         )
     else:
         gate = tl.load(gate_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
         up = tl.load(up_preact_ptr + offsets, mask=col_ok[None, :], other=0.0).to(tl.float32)
-    # w_down[e] is [F, H]: its transpose, [H, F], has strides (1, H).
+    # w_down[e] is [F, H]: the GEMM reads its transpose, [H, F].
     g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_down = _expert_matrix(
-        routed_ptr=w_down_ptr, shared_ptr=shared_w_down_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED,
-        MATRIX_SIZE=matrix_size,
+    w_down, w_down_scales, w_down_zeros = _expert_weight(
+        routed_ptr=w_down_ptr, routed_scales_ptr=w_down_scales_ptr, routed_zeros_ptr=w_down_zeros_ptr,
+        shared_ptr=shared_w_down_ptr, shared_scales_ptr=shared_w_down_scales_ptr,
+        shared_zeros_ptr=shared_w_down_zeros_ptr, expert=expert, NUM_ROUTED=NUM_ROUTED, K=INTERMEDIATE, N=HIDDEN,
+        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
     )
     g = _gathered_gemm(
-        acc=g, a_ptr=grad_out_ptr, a_rows=tokens, a_row_ok=is_real, b_ptr=w_down, col_start=col_tile * BLOCK_N,
-        cols=cols, col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, STRIDE_BK=1, STRIDE_BN=HIDDEN, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, DOT_PRECISION=DOT_PRECISION, USE_TMA=False,
+        acc=g, a_ptr=grad_out_ptr, a_scales_ptr=x_scales_ptr, a_rows=tokens, a_row_ok=is_real, b_ptr=w_down,
+        b_scales_ptr=w_down_scales, b_zeros_ptr=w_down_zeros, col_start=col_tile * BLOCK_N, cols=cols,
+        col_ok=col_ok, K=HIDDEN, N=INTERMEDIATE, B_TRANSPOSED=True, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        DOT_PRECISION=DOT_PRECISION, USE_TMA=False, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, ACT_FP8=False, ACT_BLOCK=ACT_BLOCK,
     )
 
     act, act_by_gate, act_by_up = _swiglu(gate=gate, up=up, ACTIVATION=ACTIVATION, ALPHA=ALPHA, LIMIT=LIMIT)

@@ -33,6 +33,7 @@ import triton
 from jax_moe import kernels, stacks, tile_configs
 from jax_moe.layer_math import drop_over_capacity, route_weights, shared_expert_weights, with_shared_experts
 from jax_moe.options import SILU, Activation, ExpertWeights, Routing
+from jax_moe.quantization import Quantization, QuantizedArray, activation_block, fake_quantize_activations
 from jax_moe.tile_configs import GemmTiles, TileConfig, WeightGradTiles
 
 Launch = Callable[..., tuple[jax.Array, ...]]
@@ -258,14 +259,60 @@ def _absent_output(dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1,), dtype)
 
 
-def _kernel_weights(params: ExpertWeights) -> tuple[jax.Array, ...]:
-    """The six weight arrays the row-block kernels take: routed gate, up, down, then the shared
-    ones (the kernels read those only for ids >= E; absent ones are never read)."""
-    if params.num_shared:
-        shared = (params.shared_w_gate, params.shared_w_up, params.shared_w_down)
-    else:
-        shared = (_absent(params.w_gate.dtype),) * 3
-    return (params.w_gate, params.w_up, params.w_down, *shared)
+# A scale block at least this long spans a whole matrix dimension: the kernels' scales per tensor
+# or per output column, and per token for fp8 activations.
+WHOLE = 2**30
+WEIGHT_NAMES = ("w_gate", "w_up", "w_down", "shared_w_gate", "shared_w_up", "shared_w_down")
+
+
+def _scheme(params: ExpertWeights) -> Quantization | None:
+    """The quantization of every expert matrix (``jax_moe.api`` checked they share it), or None."""
+    return params.w_gate.scheme if isinstance(params.w_gate, QuantizedArray) else None
+
+
+def _act_fp8(params: ExpertWeights) -> bool:
+    scheme = _scheme(params)
+    return scheme is not None and scheme.activations == "fp8"
+
+
+def _quantization_args(params: ExpertWeights, *, act_fp8: bool) -> dict:
+    """The kernels' quantization constexprs (``kernels.gate_up_kernel`` documents them); ``act_fp8``:
+    the launch's activation operand is fp8 (the forward GEMMs of a w8a8 layer)."""
+    scheme = _scheme(params)
+    if scheme is None:
+        return dict(W_FORMAT="none", SCALE_BLOCK_K=WHOLE, SCALE_BLOCK_N=WHOLE, HAS_ZEROS=False, ACT_FP8=False,
+                    ACT_BLOCK=WHOLE)
+    block_k, block_n = {"tensor": (WHOLE, WHOLE), "channel": (WHOLE, 1), "block": (scheme.block_size,) * 2,
+                        "group": (scheme.group_size, 1)}[scheme.granularity]
+    return dict(W_FORMAT=scheme.format, SCALE_BLOCK_K=block_k, SCALE_BLOCK_N=block_n, HAS_ZEROS=scheme.zero_point,
+                ACT_FP8=act_fp8, ACT_BLOCK=activation_block(scheme) or WHOLE)
+
+
+def _kernel_weights(params: ExpertWeights) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The six weights the row-block kernels take (routed gate, up, down, then the shared ones,
+    which the kernels read only for ids >= E), each as ``(values, scales, zero points)``: float
+    weights have absent scales and zero points, fp8 values travel as their bytes, and whatever a
+    layer lacks is absent (never read)."""
+    operands = {}
+    for name in WEIGHT_NAMES:
+        w = getattr(params, name)
+        if w is None:
+            operands[name] = tuple(_absent(part.dtype) for part in operands["w_gate"])
+        elif isinstance(w, QuantizedArray):
+            values = jax.lax.bitcast_convert_type(w.values, jnp.uint8) if w.scheme.format == "fp8" else w.values
+            operands[name] = (values, w.scales, _absent(jnp.float32) if w.zeros is None else w.zeros)
+        else:
+            operands[name] = (w, _absent(jnp.float32), _absent(jnp.float32))
+    return operands
+
+
+def _fp8_activations(a, params: ExpertWeights):
+    """``a`` as the fp8 GEMMs of a w8a8 layer read it: (e4m3 bytes, float32 scales per row and
+    ``ACT_BLOCK`` channels), from ``quantization.fake_quantize_activations`` (in XLA, before the
+    launch). The reference backend rounds activations the same way."""
+    scheme = _scheme(params)
+    values, scales = fake_quantize_activations(a, activation_block(scheme))
+    return jax.lax.bitcast_convert_type(values, jnp.uint8), scales
 
 
 def _biases(params: ExpertWeights, dtype) -> tuple[jax.Array, jax.Array]:
@@ -308,8 +355,9 @@ class Plan:
 
 
 def _use_tma(plan: Plan, n_dim: int, dtype) -> bool:
-    """Whether a GEMM over row-major [K, n_dim] weights reads them through TMA descriptors: where
-    the plan has them and the weights' rows (and so every expert's matrix) are 16-byte aligned."""
+    """Whether a GEMM over row-major [K, n_dim] float weights reads them through TMA descriptors:
+    where the plan has them and the weights' rows (and so every expert's matrix) are 16-byte
+    aligned. Quantized weights never do: their tiles are dequantized from registers."""
     return plan.tma and n_dim * jnp.dtype(dtype).itemsize % 16 == 0
 
 
@@ -374,21 +422,25 @@ def _zeros_for(counters: int, grid: int):
 
 def _combine(plan: Plan, tiles: GemmTiles, *, first_term, second_term, bias, routing_weights, dispatched,
              zeroed_arrivals, num_tokens: int, top_k: int, num_routed: int, k_dim: int, n_dim: int,
-             transposed_b: bool, scale: bool, out_dtype):
+             transposed_b: bool, scale: bool, out_dtype, params: ExpertWeights, a_scales=None):
     """One launch of ``expert_gemm_combine_kernel``: [T, n_dim] in ``out_dtype``.
 
-    ``first_term`` and ``second_term`` (or None) are ``(rows, routed weights, shared weights)``;
-    ``dispatched`` is ``(sorted_pairs, block_expert, expert_row_end)``; ``zeroed_arrivals``:
-    ``_arrival_counters`` zeros, made by the launch before."""
+    ``first_term`` and ``second_term`` (or None) are ``(rows, routed weights, shared weights)``,
+    each weight ``_kernel_weights``' ``(values, scales, zero points)`` of ``params``' scheme;
+    ``a_scales``: the first term's rows are fp8 with these scales (w8a8); ``dispatched`` is
+    ``(sorted_pairs, block_expert, expert_row_end)``; ``zeroed_arrivals``: ``_arrival_counters``
+    zeros, made by the launch before."""
     blocks = dispatched[1].shape[0]
     col_tiles = triton.cdiv(n_dim, tiles.block_n)
     combines = top_k > 1  # with one expert per token the kernel writes the output directly
     partial_dtype = _partial_dtype(out_dtype)
     a, b, shared_b = first_term
-    a2, b2, shared_b2 = second_term or (_absent(a.dtype), _absent(b.dtype), _absent(b.dtype))
+    absent_weight = tuple(_absent(part.dtype) for part in b)
+    a2, b2, shared_b2 = second_term or (_absent(a.dtype), absent_weight, absent_weight)
     inputs = (
-        a, b, shared_b, a2, b2, shared_b2, _absent(a.dtype) if bias is None else bias, routing_weights,
-        *dispatched, zeroed_arrivals,
+        a, b[0], shared_b[0], a2, b2[0], shared_b2[0], _absent(a.dtype) if bias is None else bias, routing_weights,
+        *dispatched, _absent(jnp.float32) if a_scales is None else a_scales, *b[1:], *shared_b[1:], *b2[1:],
+        *shared_b2[1:], zeroed_arrivals,
     )
     out, _, _ = plan.launch(
         kernels.expert_gemm_combine_kernel,
@@ -402,13 +454,13 @@ def _combine(plan: Plan, tiles: GemmTiles, *, first_term, second_term, bias, rou
         in_place_zeros={len(inputs) - 1: 2} if combines else {},
         K=k_dim,
         N=n_dim,
-        STRIDE_BK=1 if transposed_b else n_dim,
-        STRIDE_BN=k_dim if transposed_b else 1,
+        B_TRANSPOSED=transposed_b,
         SECOND_TERM=second_term is not None,
         HAS_BIAS=bias is not None,
         SCALE_BY_ROUTING_WEIGHT=scale,
         HALF_BLOCKS=_half_blocks(plan),
-        USE_TMA=not transposed_b and _use_tma(plan, n_dim, b.dtype),
+        USE_TMA=not transposed_b and _scheme(params) is None and _use_tma(plan, n_dim, b[0].dtype),
+        **_quantization_args(params, act_fp8=a_scales is not None),
         **_row_block_args(
             plan, tiles, num_pairs=num_tokens * top_k, top_k=top_k, blocks=blocks, num_routed=num_routed
         ),
@@ -431,7 +483,9 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
             f"dispatched: the metadata is for {sorted_pairs.shape[0]} rows, the plan's tiles need "
             f"{blocks * block_m} ({blocks} blocks of {block_m})"
         )
-    w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down = _kernel_weights(params)
+    weights_in = _kernel_weights(params)
+    act_fp8 = _act_fp8(params)
+    x_in, x_scales = _fp8_activations(x, params) if act_fp8 else (x, None)
     preact = (
         jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype) if plan.save_activations
         else _absent_output(x.dtype)
@@ -442,9 +496,10 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
     zeros_shape, zero_args = _zeros_for(_arrival_counters(out_rows, hidden, plan.config.down, combine_k), grid)
     act, gate_preact, up_preact, zeroed_arrivals = plan.launch(
         kernels.gate_up_kernel,
-        x, w_gate, w_up, shared_w_gate, shared_w_up,
+        x_in, *(weights_in[name][0] for name in ("w_gate", "w_up", "shared_w_gate", "shared_w_up")),
         *_biases(params, x.dtype),
         sorted_pairs, block_expert, expert_row_end,
+        *_gate_up_quantization_inputs(weights_in, x_scales),
         out_shapes=(
             jax.ShapeDtypeStruct((blocks * block_m, intermediate), x.dtype),
             preact,
@@ -457,7 +512,8 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
         HAS_BIAS=params.has_bias,
         SAVE_PREACTIVATIONS=plan.save_activations,
         HALF_BLOCKS=_half_blocks(plan),
-        USE_TMA=_use_tma(plan, intermediate, x.dtype),
+        USE_TMA=_scheme(params) is None and _use_tma(plan, intermediate, x.dtype),
+        **_quantization_args(params, act_fp8=act_fp8),
         **zero_args,
         **plan.activation_args(),
         **_row_block_args(
@@ -466,12 +522,13 @@ def _experts_forward(plan: Plan, x, weights, ids, params: ExpertWeights, dispatc
         ),
     )
     flat_weights = weights.reshape(-1)
+    act, act_scales = _fp8_activations(act, params) if act_fp8 else (act, None)
     out = _combine(
-        plan, plan.config.down, first_term=(act, w_down, shared_w_down), second_term=None,
-        bias=params.down_bias, routing_weights=flat_weights, dispatched=dispatched,
+        plan, plan.config.down, first_term=(act, weights_in["w_down"], weights_in["shared_w_down"]),
+        second_term=None, bias=params.down_bias, routing_weights=flat_weights, dispatched=dispatched,
         zeroed_arrivals=zeroed_arrivals, num_tokens=out_rows, top_k=combine_k, num_routed=params.num_routed,
         k_dim=intermediate, n_dim=hidden, transposed_b=False, scale=True,
-        out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype,
+        out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype, params=params, a_scales=act_scales,
     )
     if plan.partial_sum:
         out = _sum_present_pairs(out, ids)
@@ -493,16 +550,21 @@ def _experts_backward(plan: Plan, residuals, grad_out):
     blocks = block_expert.shape[0]
     tiles = plan.config.gate_up_backward
     f_tiles = triton.cdiv(intermediate, tiles.block_n)
-    w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down = _kernel_weights(params)
+    weights_in = _kernel_weights(params)
+    # The recomputation reads x as the forward did: fp8 under w8a8.
+    act_fp8 = _act_fp8(params) and saved is None
+    x_in, x_scales = _fp8_activations(x, params) if act_fp8 else (x, None)
     gate_preact, up_preact = saved if saved is not None else (_absent(x.dtype),) * 2
     grid = blocks * f_tiles
     out_rows, combine_k = _combined_rows(plan, num_tokens, top_k)
     zeros_shape, zero_args = _zeros_for(_arrival_counters(out_rows, hidden, plan.config.input_grad, combine_k), grid)
     weighted_act, grad_gate, grad_up, grad_weight_parts, zeroed_arrivals = plan.launch(
         kernels.gate_up_backward_kernel,
-        x, w_gate, w_up, w_down, shared_w_gate, shared_w_up, shared_w_down,
+        x_in, *(weights_in[name][0] for name in WEIGHT_NAMES),
         *_biases(params, x.dtype),
         grad_out, flat_weights, gate_preact, up_preact, sorted_pairs, block_expert, expert_row_end,
+        *_gate_up_quantization_inputs(weights_in, x_scales),
+        *weights_in["w_down"][1:], *weights_in["shared_w_down"][1:],
         out_shapes=(
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
             jax.ShapeDtypeStruct((rows, intermediate), x.dtype),
@@ -515,7 +577,8 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         INTERMEDIATE=intermediate,
         HAS_BIAS=params.has_bias,
         RECOMPUTE=saved is None,
-        USE_TMA=_use_tma(plan, intermediate, x.dtype),
+        USE_TMA=_scheme(params) is None and _use_tma(plan, intermediate, x.dtype),
+        **_quantization_args(params, act_fp8=act_fp8),
         **zero_args,
         **plan.activation_args(),
         **_row_block_args(
@@ -523,26 +586,36 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         ),
     )
     grad_x = _combine(
-        plan, plan.config.input_grad, first_term=(grad_gate, w_gate, shared_w_gate),
-        second_term=(grad_up, w_up, shared_w_up), bias=None, routing_weights=flat_weights,
-        dispatched=(sorted_pairs, block_expert, expert_row_end), zeroed_arrivals=zeroed_arrivals,
-        num_tokens=out_rows, top_k=combine_k, num_routed=num_routed, k_dim=intermediate, n_dim=hidden,
-        transposed_b=True, scale=False, out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype,
+        plan, plan.config.input_grad, first_term=(grad_gate, weights_in["w_gate"], weights_in["shared_w_gate"]),
+        second_term=(grad_up, weights_in["w_up"], weights_in["shared_w_up"]), bias=None,
+        routing_weights=flat_weights, dispatched=(sorted_pairs, block_expert, expert_row_end),
+        zeroed_arrivals=zeroed_arrivals, num_tokens=out_rows, top_k=combine_k, num_routed=num_routed,
+        k_dim=intermediate, n_dim=hidden, transposed_b=True, scale=False,
+        out_dtype=_partial_dtype(x.dtype) if plan.partial_sum else x.dtype, params=params,
     )
     if plan.partial_sum:
         grad_x = _sum_present_pairs(grad_x, ids).astype(x.dtype)
-    common = dict(
-        routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
-        params=params, top_k=top_k,
-    )
-    grad_w_down, grad_shared_w_down, _, _, grad_down_bias, _ = _weight_grad(
-        plan, plan.config.down_weight_grad, weighted_act, grad_out, None, m_dim=intermediate, n_dim=hidden,
-        a_by_token=False, b_by_token=True, weighted_bias_grad=True, **common,
-    )
-    grad_w_gate, grad_shared_w_gate, grad_w_up, grad_shared_w_up, grad_gate_bias, grad_up_bias = _weight_grad(
-        plan, plan.config.gate_up_weight_grad, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
-        a_by_token=True, b_by_token=False, weighted_bias_grad=False, **common,
-    )
+    if _scheme(params) is None:
+        common = dict(
+            routing_weights=flat_weights, sorted_pairs=sorted_pairs, expert_row_end=expert_row_end,
+            params=params, top_k=top_k,
+        )
+        grad_w_down, grad_shared_w_down, _, _, grad_down_bias, _ = _weight_grad(
+            plan, plan.config.down_weight_grad, weighted_act, grad_out, None, m_dim=intermediate, n_dim=hidden,
+            a_by_token=False, b_by_token=True, weighted_bias_grad=True, **common,
+        )
+        grad_w_gate, grad_shared_w_gate, grad_w_up, grad_shared_w_up, grad_gate_bias, grad_up_bias = _weight_grad(
+            plan, plan.config.gate_up_weight_grad, x, grad_gate, grad_up, m_dim=hidden, n_dim=intermediate,
+            a_by_token=True, b_by_token=False, weighted_bias_grad=False, **common,
+        )
+    else:
+        # Quantized weights are frozen (jax_moe.api refuses to differentiate them): no weight
+        # gradients, only the biases', which are float.
+        grad_w_down = grad_shared_w_down = grad_w_gate = grad_shared_w_gate = grad_w_up = grad_shared_w_up = None
+        grad_gate_bias, grad_up_bias, grad_down_bias = _bias_grads(
+            params, grad_gate=grad_gate, grad_up=grad_up, grad_out=grad_out, flat_weights=flat_weights, ids=ids,
+            sorted_pairs=sorted_pairs, block_expert=block_expert,
+        ) if params.has_bias else (None, None, None)
     grad_weights = jnp.sum(grad_weight_parts, axis=1).reshape(num_tokens, top_k)
     if params.has_bias:
         # A routed expert's output includes its down bias: <bias[e], grad_out[t]> joins the
@@ -563,6 +636,43 @@ def _experts_backward(plan: Plan, residuals, grad_out):
         *((grad_shared_w_gate, grad_shared_w_up, grad_shared_w_down) if has_shared else (None, None, None)),
     )
     return grad_x, grad_weights, None, grad_params, None
+
+
+def _gate_up_quantization_inputs(weights_in: dict, x_scales) -> tuple[jax.Array, ...]:
+    """The inputs of the gate/up kernels after their float ones: fp8 x's scales (absent unless
+    w8a8), then the gate and up weights' scales and zero points, routed and shared."""
+    return (
+        _absent(jnp.float32) if x_scales is None else x_scales,
+        *(part for name in ("w_gate", "w_up", "shared_w_gate", "shared_w_up") for part in weights_in[name][1:]),
+    )
+
+
+def _bias_grads(params: ExpertWeights, *, grad_gate, grad_up, grad_out, flat_weights, ids, sorted_pairs,
+                block_expert):
+    """The routed experts' bias gradients in XLA, for layers whose weights get none (quantized):
+    the gate and up biases' are the column sums of each expert's real rows of ``grad_gate`` and
+    ``grad_up``, the down bias's the routing-weighted sum of its tokens' ``grad_out``."""
+    num_routed, num_pairs = params.num_routed, flat_weights.shape[0]
+    real = sorted_pairs < num_pairs
+    row_expert = jnp.repeat(block_expert, sorted_pairs.shape[0] // block_expert.shape[0])
+    # Rows of other experts (shared ones, padding, unused blocks) land in the dropped segment E.
+    segments = jnp.where(real & (row_expert >= 0) & (row_expert < num_routed), row_expert, num_routed)
+
+    def column_sums(rows):
+        rows = jnp.where(real[:, None], rows.astype(jnp.float32), 0.0)
+        return jax.ops.segment_sum(rows, segments, num_segments=num_routed + 1)[:num_routed]
+
+    pair_ids = ids.reshape(-1)
+    pair_segments = jnp.where((pair_ids >= 0) & (pair_ids < num_routed), pair_ids, num_routed)
+    top_k = ids.shape[1]
+    weighted_out = flat_weights[:, None] * jnp.repeat(grad_out.astype(jnp.float32), top_k, axis=0)
+    grad_down_bias = jax.ops.segment_sum(weighted_out, pair_segments, num_segments=num_routed + 1)[:num_routed]
+    return tuple(
+        g.astype(b.dtype) for g, b in zip(
+            (column_sums(grad_gate), column_sums(grad_up), grad_down_bias),
+            (params.gate_bias, params.up_bias, params.down_bias),
+        )
+    )
 
 
 def _weight_grad(plan: Plan, tiles: WeightGradTiles, a, b, b2, *, routing_weights, sorted_pairs, expert_row_end,
@@ -684,11 +794,12 @@ def _dot_precision(dtype) -> str:
     return "tf32x3"
 
 
-def _tile_config(backend: str, num_pairs: int, params: ExpertWeights, top_k: int) -> TileConfig:
+def _tile_config(backend: str, num_pairs: int, params: ExpertWeights, top_k: int, dtype) -> TileConfig:
     """Tuned tiles for this GPU and layer shape where configs/ has them, else the fallbacks.
-    ``num_pairs`` counts the shared experts' rows too; ``top_k`` only the routed choices."""
+    ``num_pairs`` counts the shared experts' rows too; ``top_k`` only the routed choices;
+    ``dtype``: the activations' (quantized weights are dequantized to it)."""
     num_experts, hidden, intermediate = params.w_gate.shape
-    dtype = jnp.dtype(params.w_gate.dtype)
+    dtype = jnp.dtype(dtype)
     shape = tile_configs.shape_key(num_experts, hidden, intermediate, top_k, dtype.name, params.num_shared)
     if backend == "triton":
         tables = tile_configs.device_tables(jax.devices()[0])
@@ -705,7 +816,13 @@ def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: in
     ``partial_sum``: see ``Plan``. Raises ValueError where dispatch's int32 rows would overflow."""
     if num_pairs is None:
         num_pairs = num_tokens * (top_k + params.num_shared)
-    config = _tile_config(backend, num_pairs, params, top_k)
+    config = _tile_config(backend, num_pairs, params, top_k, dtype)
+    scheme = _scheme(params)
+    if scheme is not None and scheme.activations == "fp8" and scheme.granularity == "block":
+        # An fp8 GEMM step applies one scale per operand: it must not straddle a scale block.
+        widest = max(config.gate_up.block_k, config.down.block_k)
+        if widest > scheme.block_size:
+            config = config.narrowed_k(widest // scheme.block_size)
     rows = max_row_blocks(params.num_routed + params.num_shared, num_pairs, config.block_m) * config.block_m
     if rows > MAX_DISPATCH_ROWS:
         raise ValueError(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jax_moe.layer_math import drop_over_capacity, route_weights, scores, shared_expert_weights, with_shared_experts
 from jax_moe.options import SILU, Activation, ExpertWeights, Routing
+from jax_moe.quantization import QuantizedArray, activation_block, activations_through_fp8, dequantize
 
 
 def route(router_logits: jax.Array, routing: Routing, selection_bias: jax.Array | None = None):
@@ -62,7 +63,23 @@ def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation:
     with the weights of ``layer_math.shared_expert_weights``; their outputs join the same sum.
     Products accumulate in float32; the activation is rounded to the activation dtype before the
     down projection, as the kernels store it. Returns [..., H] in the dtype of hidden_states.
+
+    Quantized weights (``jax_moe.QuantizedArray``) are dequantized to the activation dtype first,
+    as the kernels dequantize their tiles; with fp8 activations (w8a8) to float32, and both GEMMs'
+    left operands, x and the gated activation, go through ``activations_through_fp8`` (per token,
+    per block of channels with block scaling).
     """
+    scheme = experts.w_gate.scheme if isinstance(experts.w_gate, QuantizedArray) else None
+    if scheme is not None:
+        # fp8 x fp8 dots are exact in fp32: w8a8 weights are not rounded to the activation dtype.
+        dtype = jnp.float32 if scheme.activations == "fp8" else hidden_states.dtype
+        experts = experts._replace(**{
+            name: dequantize(w, dtype) for name, w in experts._asdict().items() if isinstance(w, QuantizedArray)
+        })
+    through_fp8 = (
+        functools.partial(activations_through_fp8, block=activation_block(scheme))
+        if scheme is not None and scheme.activations == "fp8" else lambda a: a
+    )
     if experts.num_shared:
         shared = shared_expert_weights(hidden_states, experts.num_shared, experts.shared_gate)
         weights, ids = with_shared_experts(weights, ids, experts.num_routed, shared)
@@ -84,12 +101,13 @@ def moe_experts(hidden_states, weights, ids, experts: ExpertWeights, activation:
     einsum = functools.partial(
         jnp.einsum, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
     )
-    gate = einsum("th,ehf->etf", x, w_gate)
-    up = einsum("th,ehf->etf", x, w_up)
+    x_in = through_fp8(x)
+    gate = einsum("th,ehf->etf", x_in, w_gate)
+    up = einsum("th,ehf->etf", x_in, w_up)
     if gate_bias is not None:
         gate = gate + gate_bias.astype(jnp.float32)[:, None, :]
         up = up + up_bias.astype(jnp.float32)[:, None, :]
-    act = swiglu(gate, up, activation).astype(x.dtype)
+    act = through_fp8(swiglu(gate, up, activation).astype(x.dtype))
     expert_out = einsum("etf,efh->eth", act, w_down)
     if down_bias is not None:
         expert_out = expert_out + down_bias.astype(jnp.float32)[:, None, :]

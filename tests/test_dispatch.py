@@ -112,12 +112,14 @@ def test_padding_rows_never_reach_the_output(routing, seed, group_m, use_tma):
         NUM_PAIRS=ids.size, TOP_K=top_k, NUM_ROUTED=num_experts, HAS_BIAS=False,
         MAX_BLOCKS=blocks, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=group_m, DOT_PRECISION="ieee",
         HALF_BLOCKS=block_m >= 32,  # halves of at least 16 rows, the smallest tl.dot
-        USE_TMA=use_tma,
+        USE_TMA=use_tma, **pipeline._quantization_args(pipeline.ExpertWeights(w_gate, w_up, w_down), act_fp8=False),
     )
+    absent = jnp.zeros((1,), jnp.float32)  # the scales and zero points of quantized weights, not read
     counters = (num_tokens + 1) * 2  # + the guard row's: zeroed by the gate/up programs (poisoned before)
     zero_block = triton.next_power_of_2(triton.cdiv(counters, blocks * 2))
     act, _, _, zeroed_arrivals = backend_interpret.launch(
         kernels.gate_up_kernel, x, w_gate, w_up, w_gate, w_up, x, x, sorted_pairs, block_expert, expert_row_end,
+        *(absent,) * 9,
         out_shapes=(jax.ShapeDtypeStruct((blocks * block_m, intermediate), jnp.float32),) * 3
         + (jax.ShapeDtypeStruct((counters,), jnp.int32),),
         grid=(blocks * 2,), HIDDEN=hidden, INTERMEDIATE=intermediate, SAVE_PREACTIVATIONS=False,
@@ -126,13 +128,13 @@ def test_padding_rows_never_reach_the_output(routing, seed, group_m, use_tma):
     assert not np.asarray(zeroed_arrivals).any()
     out, _, _ = backend_interpret.launch(
         kernels.expert_gemm_combine_kernel, act, w_down, w_down, act, w_down, w_down, x,
-        weights.reshape(-1), sorted_pairs, block_expert, expert_row_end, zeroed_arrivals,
+        weights.reshape(-1), sorted_pairs, block_expert, expert_row_end, *(absent,) * 9, zeroed_arrivals,
         out_shapes=(
             jax.ShapeDtypeStruct((num_tokens + 1, hidden), jnp.float32),  # + guard row
             jax.ShapeDtypeStruct((ids.size, hidden), jnp.float32),
             jax.ShapeDtypeStruct((counters,), jnp.int32),
         ),
-        grid=(blocks * 2,), in_place_zeros={11: 2}, K=intermediate, N=hidden, STRIDE_BK=hidden, STRIDE_BN=1,
+        grid=(blocks * 2,), in_place_zeros={20: 2}, K=intermediate, N=hidden, B_TRANSPOSED=False,
         SECOND_TERM=False, SCALE_BY_ROUTING_WEIGHT=True, **constants,
     )
     out = np.asarray(out)

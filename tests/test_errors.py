@@ -312,3 +312,80 @@ def test_no_intermediate_columns_leave_the_down_biases(backend):
     want = jnp.einsum("tk,tkh->th", weights, biases["down_bias"][ids])
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
     assert float(jnp.abs(out).max()) > 0
+
+
+# Quantized weights: H = 16, F = 24 fit group 32 nowhere, so these layers use channel scales
+# unless a test is about groups.
+def quantized(args, scheme, *names):
+    return {name: jax_moe.quantize(args[name], scheme) for name in names or ("w_gate", "w_up", "w_down")}
+
+
+@pytest.mark.parametrize(
+    "fields,error,message",
+    [
+        (dict(format="fp4"), ValueError, r"Quantization.format must be one of .*got 'fp4'"),
+        (dict(format="fp8", granularity="group"), ValueError, r"granularity of format 'fp8' must be one of"),
+        (dict(format="int4", granularity="group", group_size=48), ValueError, r"group_size must be one of \(32, 64, 128\); got 48"),
+        (dict(format="mxfp4", group_size=64), ValueError, r"group_size of mxfp4 must be 32; got 64"),
+        (dict(format="fp8", zero_point=True), ValueError, r"zero_point applies to int8 and int4"),
+        (dict(format="int8", activations="fp8"), ValueError, r"activations='fp8' needs format 'fp8'"),
+        (dict(format="fp8", activations="int8"), ValueError, r"activations must be one of"),
+        (dict(format="fp8", block_size=100), ValueError, r"block_size must be a power of two >= 16; got 100"),
+        (dict(format="int8", group_size=32.0), TypeError, r"group_size must be an int; got float"),
+    ],
+)
+def test_bad_quantization_schemes(fields, error, message):
+    with pytest.raises(error, match=message):
+        jax_moe.Quantization(**fields)
+
+
+def test_quantized_scale_shape_must_match_the_weight(args):
+    weights = quantized(args, jax_moe.Quantization("fp8", "block", block_size=16))
+    q = weights["w_down"]
+    weights["w_down"] = jax_moe.QuantizedArray(q.values, q.scales[:, :1], None, q.scheme, q.shape)
+    with pytest.raises(ValueError, match=r"w_down.scales must have shape \[4, 2, 1\] for a \[4, 24, 16\] weight "
+                                         r"quantized fp8 block 16; got \[4, 1, 1\]"):
+        call(args, **weights)
+
+
+def test_quantized_values_dtype_must_match_the_scheme(args):
+    weights = quantized(args, jax_moe.Quantization("int8"))
+    q = weights["w_up"]
+    weights["w_up"] = jax_moe.QuantizedArray(q.values.astype(jnp.uint8), q.scales, None, q.scheme, q.shape)
+    with pytest.raises(TypeError, match=r"w_up.values must be int8 for int8 channel; got uint8"):
+        call(args, **weights)
+
+
+def test_quantized_k_must_be_a_multiple_of_the_group(args):
+    scheme = jax_moe.Quantization("int4", "group", group_size=32)
+    with pytest.raises(ValueError, match=r"K=16 must be a multiple of the group size 32 of int4 group 32"):
+        jax_moe.quantize(args["w_gate"], scheme)
+    q = jax_moe.quantize(jnp.zeros((E, 32, F)), scheme)
+    fake = jax_moe.QuantizedArray(q.values[:, :8], q.scales[:, :1], None, scheme, (E, H, F))
+    with pytest.raises(ValueError, match=r"w_gate: K=16 must be a multiple of the group size 32"):
+        call(args, w_gate=fake, **quantized(args, jax_moe.Quantization("int4"), "w_up", "w_down"))
+
+
+def test_mixed_quantization_schemes_are_refused(args):
+    weights = quantized(args, jax_moe.Quantization("fp8"))
+    weights["w_down"] = jax_moe.quantize(args["w_down"], jax_moe.Quantization("int8"))
+    with pytest.raises(ValueError, match=r"must all be float or all share one quantization; got w_gate: fp8 "
+                                         r"channel, w_up: fp8 channel, w_down: int8 channel"):
+        call(args, **weights)
+    with pytest.raises(ValueError, match=r"w_up: float"):
+        call(args, **quantized(args, jax_moe.Quantization("fp8"), "w_gate", "w_down"))
+
+
+def test_quantize_takes_a_scheme_and_float_expert_weights(args):
+    with pytest.raises(TypeError, match="scheme must be a jax_moe.Quantization; got str"):
+        jax_moe.quantize(args["w_gate"], "fp8")
+    with pytest.raises(ValueError, match=r"quantize takes float \[E, K, N\] weights; got float32 shape \[16, 24\]"):
+        jax_moe.quantize(args["w_gate"][0], jax_moe.Quantization("fp8"))
+
+
+def test_quantized_weights_on_several_devices_are_refused(args):
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    x = jax.device_put(args["hidden_states"][:4], jax.NamedSharding(mesh, jax.P("data")))
+    weights = quantized(args, jax_moe.Quantization("fp8"))
+    with pytest.raises(ValueError, match="quantized expert weights take arguments on one device"):
+        call({**args, "hidden_states": x, "router_logits": args["router_logits"][:4]}, backend="reference", **weights)

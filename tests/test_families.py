@@ -105,7 +105,7 @@ def test_checkpoint_errors_name_the_problem(rng):
     tensors = numpy_families.random_checkpoint("gpt_oss", config, "", rng)
     quantized = {k: v for k, v in tensors.items() if "gate_up_proj" not in k}
     quantized["experts.gate_up_proj_blocks"] = np.zeros(1, np.uint8)
-    with pytest.raises(ValueError, match="MXFP4-quantized experts: dequantize them first"):
+    with pytest.raises(ValueError, match="the tensors are quantized: pass the checkpoint.s config.json with its quantization_config"):
         checkpoints.convert_block("gpt_oss", quantized, config)
     with pytest.raises(ValueError, match="family must be one of"):
         checkpoints.layer_kwargs("llama", config)

@@ -283,3 +283,47 @@ def test_empty_batch_with_auxiliary_losses(key):
     y, aux = nnx.capture(layer, nnx.Intermediate)(jnp.zeros((0, 3, H)))
     assert y.shape == (0, 3, H)
     assert float(aux["load_balancing_loss"][0]) == 0.0 and float(aux["router_z_loss"][0]) == 0.0
+
+
+@pytest.mark.parametrize("twin", ["nnx", "linen"])
+def test_quantized_layer_holds_frozen_quantized_weights(twin):
+    scheme = jax_moe.Quantization("int4", "group", group_size=32, zero_point=True)
+    hidden, intermediate = 32, 64
+    x = jax.random.normal(jax.random.key(1), (5, hidden))
+    if twin == "nnx":
+        layer = FusedMoE(hidden, intermediate, E, Routing(K), quantization=scheme, use_expert_bias=True,
+                         backend="interpret", rngs=nnx.Rngs(0))
+        weights = [getattr(layer, n).get_value() for n in ("wi_0", "wi_1", "wo")]
+        assert sorted(nnx.state(layer, nnx.Param).keys()) == ["gate", "wi_0_bias", "wi_1_bias", "wo_bias"]
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.Param))(layer)
+        assert set(grads.keys()) == {"gate", "wi_0_bias", "wi_1_bias", "wo_bias"}
+        assert float(jnp.abs(grads["gate"]["kernel"][...]).sum()) > 0
+        # Every variable, integer ones allowed: the float scales reach jax_moe, which refuses.
+        with pytest.raises(ValueError, match="w_gate is a quantized weight, frozen"):
+            nnx.grad(lambda m: jnp.sum(m(x)), argnums=nnx.DiffState(0, ...), allow_int=True)(layer)
+        out = layer(x)
+    else:
+        layer = moe_linen.FusedMoE(hidden, intermediate, E, Routing(K), quantization=scheme, backend="reference")
+        variables = layer.init(jax.random.key(0), x)
+        assert sorted(variables["quantized"]) == ["wi_0", "wi_1", "wo"] and "wi_0" not in variables["params"]
+        weights = [variables["quantized"][n] for n in ("wi_0", "wi_1", "wo")]
+        grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, "params": p}, x) ** 2))(variables["params"])
+        assert sorted(grads) == ["gate"]
+        out = layer.apply(variables, x)
+    assert [w.shape for w in weights] == [(E, hidden, intermediate)] * 2 + [(E, intermediate, hidden)]
+    assert all(isinstance(w, jax_moe.QuantizedArray) and w.scheme == scheme for w in weights)
+    if twin == "nnx":
+        router = layer.gate.kernel[...]
+        biases = dict(gate_bias=layer.wi_0_bias[...], up_bias=layer.wi_1_bias[...], down_bias=layer.wo_bias[...])
+    else:
+        router, biases = nn.unbox(variables["params"])["gate"]["kernel"], {}
+    ref = jax_moe.fused_moe(x, x @ router, *weights, top_k=K, backend="reference", **biases)
+    assert numpy_moe.rel_error(out, np.asarray(ref, np.float64)) <= 1e-5
+
+
+def test_quantized_layer_checks_its_sizes():
+    with pytest.raises(ValueError, match=r"wo \(K = intermediate_size\): K=40 must be a multiple of the group size 32"):
+        FusedMoE(32, 40, E, Routing(K), quantization=jax_moe.Quantization("int8", "group", group_size=32),
+                 rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="quantization must be a jax_moe.Quantization or None; got str"):
+        FusedMoE(32, 64, E, Routing(K), quantization="int8", rngs=nnx.Rngs(0))
