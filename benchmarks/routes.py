@@ -110,6 +110,7 @@ def available(shape: arg_specs.MoeShape) -> dict:
     """Route name -> layer function, for every route this machine can run."""
     routes = {
         "jax_moe": fused(shape),
+        "jax_moe_batch_invariant": fused(shape, batch_invariant=True),
         "dense_einsum": dense_einsum(shape),
         "ragged_dot": sorted_ragged(shape, jax.lax.ragged_dot),
     }

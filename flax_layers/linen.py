@@ -83,6 +83,7 @@ class FusedMoE(nn.Module):
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
     expert_exchange: str = "all_gather"
+    batch_invariant: bool = False
     expert_axis: str | None = "expert"
     embed_axis: str | None = "embed"
     mlp_axis: str | None = "mlp"
@@ -92,7 +93,8 @@ class FusedMoE(nn.Module):
     def options(self) -> moe_math.LayerOptions:
         return moe_math.layer_options(
             self.routing, self.activation, self.dtype, self.backend, self.load_balancing_loss_weight,
-            self.router_z_loss_weight, expert_exchange=self.expert_exchange, quantization=self.quantization,
+            self.router_z_loss_weight, expert_exchange=self.expert_exchange,
+            batch_invariant=self.batch_invariant, quantization=self.quantization,
         )
 
     def __post_init__(self):

@@ -40,11 +40,12 @@ class LayerOptions:
     load_balancing_loss_weight: float = 0.0
     router_z_loss_weight: float = 0.0
     expert_exchange: str = "all_gather"
+    batch_invariant: bool = False
     quantization: jax_moe.Quantization | None = None
 
 
 def layer_options(routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight, *,
-                  expert_exchange="all_gather", quantization=None) -> LayerOptions:
+                  expert_exchange="all_gather", batch_invariant=False, quantization=None) -> LayerOptions:
     """``LayerOptions`` from a twin's constructor arguments, with a clear error for each bad one."""
     if quantization is not None and not isinstance(quantization, jax_moe.Quantization):
         raise TypeError(f"quantization must be a jax_moe.Quantization or None; got {type(quantization).__name__}")
@@ -62,6 +63,7 @@ def layer_options(routing, activation, dtype, backend, load_balancing_loss_weigh
         routing=routing, activation=jax_moe.Activation.of(activation), dtype=dtype, backend=backend,
         load_balancing_loss_weight=load_balancing_loss_weight, router_z_loss_weight=router_z_loss_weight,
         expert_exchange=expert_exchange,
+        batch_invariant=batch_invariant,
         quantization=quantization,
     )
 
@@ -190,6 +192,7 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
     y, _, ids = jax_moe.fused_moe(
         x.astype(compute_dtype), logits, experts=weights, routing=options.routing, selection_bias=selection_bias,
         activation=options.activation, backend=options.backend, expert_exchange=options.expert_exchange,
+        batch_invariant=options.batch_invariant,
         return_routing=True,
     )
     aux = {}

@@ -101,6 +101,7 @@ class FusedMoE(nnx.Module):
       router_z_loss_weight: weight of the router z-loss (0: not computed).
       expert_exchange: how expert parallelism moves the pairs, "all_gather" or "all_to_all"
         (``jax_moe.fused_moe``).
+      batch_invariant: a token's output bitwise independent of its batch (``jax_moe.fused_moe``).
       expert_axis, embed_axis, mlp_axis: logical axis names for sharding.
       quantization: a ``jax_moe.Quantization``: the expert matrices (routed and shared) are held
         quantized, as ``QuantizedWeight`` variables (initialized as ``kernel_init`` quantized;
@@ -133,6 +134,7 @@ class FusedMoE(nnx.Module):
         load_balancing_loss_weight: float = 0.0,
         router_z_loss_weight: float = 0.0,
         expert_exchange: str = "all_gather",
+        batch_invariant: bool = False,
         expert_axis: str | None = "expert",
         embed_axis: str | None = "embed",
         mlp_axis: str | None = "mlp",
@@ -141,7 +143,7 @@ class FusedMoE(nnx.Module):
     ):
         self.options = moe_math.layer_options(
             routing, activation, dtype, backend, load_balancing_loss_weight, router_z_loss_weight,
-            expert_exchange=expert_exchange, quantization=quantization,
+            expert_exchange=expert_exchange, batch_invariant=batch_invariant, quantization=quantization,
         )
         moe_math.check_config(
             hidden_size, intermediate_size, num_experts, num_shared_experts, use_shared_expert_gate, self.options

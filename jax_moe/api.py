@@ -219,6 +219,16 @@ def _check_router_logits(router_logits, routing: Routing, selection_bias) -> Non
             )
 
 
+def _check_batch_invariant(batch_invariant, backend: str) -> None:
+    if not isinstance(batch_invariant, (bool, np.bool_)):
+        raise TypeError(f"batch_invariant must be a bool; got {type(batch_invariant).__name__}")
+    if batch_invariant and backend == "reference":
+        raise ValueError(
+            'batch_invariant=True needs a kernel backend ("triton" or "interpret"); the reference '
+            "backend's XLA dots may reduce in an order that depends on the batch"
+        )
+
+
 def _check_exchange(expert_exchange) -> None:
     if expert_exchange not in sharding.EXPERT_EXCHANGES:
         raise ValueError(f"expert_exchange must be one of {sharding.EXPERT_EXCHANGES}; got {expert_exchange!r}")
@@ -300,12 +310,13 @@ def _resolve_backend(backend) -> str:
 
 
 def route(router_logits, routing: Routing | None = None, *, selection_bias=None, backend: str = "auto",
-          **routing_keywords):
+          batch_invariant: bool = False, **routing_keywords):
     """Top-k routing of [..., E] logits.
 
     ``routing`` is a ``jax_moe.Routing``, or its fields come as keywords (``top_k=2, ...``).
     ``selection_bias``: [E], added to the scores to rank experts, not to weight them
-    (DeepSeek-V3's ``e_score_correction_bias``); it gets no gradient.
+    (DeepSeek-V3's ``e_score_correction_bias``); it gets no gradient. ``batch_invariant``: as
+    ``fused_moe``'s.
 
     Returns ``(weights, ids)``: [..., top_k] float32 weights and [..., top_k] int32 expert ids, as
     ``jax_moe.reference.route``. Differentiable with respect to the logits. A token with a NaN
@@ -314,14 +325,15 @@ def route(router_logits, routing: Routing | None = None, *, selection_bias=None,
     _, routing = gather("route", routing=routing, keywords=routing_keywords, takes_experts=False)
     _check_router_logits(router_logits, routing, selection_bias)
     backend = _resolve_backend(backend)
-    body = functools.partial(_route_on_device, routing=routing, backend=backend)
+    _check_batch_invariant(batch_invariant, backend)
+    body = functools.partial(_route_on_device, routing=routing, backend=backend, batch_invariant=batch_invariant)
     layout = sharding.layout_of(router_logits, (selection_bias,), backend=backend)
     if layout is not None:
         return sharding.route(layout, body, router_logits, selection_bias)
     return body(router_logits, selection_bias)
 
 
-def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend: str):
+def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend: str, batch_invariant: bool):
     """``route`` past its checks, on the arrays one device holds."""
     lead, num_experts = router_logits.shape[:-1], router_logits.shape[-1]
     num_tokens = math.prod(lead)
@@ -329,7 +341,7 @@ def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend
         return reference.route(router_logits, routing, selection_bias)
     weights, ids = pipeline.top_k_routing(
         router_logits.reshape(num_tokens, num_experts), selection_bias, routing=routing,
-        launch=pipeline.launcher(backend),
+        launch=pipeline.launcher(backend), batch_invariant=batch_invariant,
     )
     weights, ids = drop_over_capacity(weights, ids, routing, num_experts)
     return weights.reshape(*lead, routing.top_k), ids.reshape(*lead, routing.top_k)
@@ -338,7 +350,7 @@ def _route_on_device(router_logits, selection_bias, *, routing: Routing, backend
 def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None, *,
                 experts: ExpertWeights | None = None, activation: str | Activation = "silu",
                 backend: str = "auto", save_activations: bool = False, expert_exchange: str = "all_gather",
-                **expert_keywords):
+                batch_invariant: bool = False, **expert_keywords):
     """The expert FFNs and combine for tokens routed by the caller.
 
     ``weights`` and ``ids`` are [..., k] (float and integer). An id of -1 is a dropped pair (as
@@ -362,20 +374,20 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
     dropped = ids == -1
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.where(dropped, 0.0, jnp.nan))
     ids = jnp.where(valid | dropped, ids, 0).astype(jnp.int32)
-    body = functools.partial(
-        _moe_experts_on_device, activation=activation, backend=backend, save_activations=bool(save_activations)
-    )
+    _check_batch_invariant(batch_invariant, backend)
+    kernel_options = dict(save_activations=bool(save_activations), batch_invariant=bool(batch_invariant))
+    body = functools.partial(_moe_experts_on_device, activation=activation, backend=backend, **kernel_options)
     _check_exchange(expert_exchange)
     experts = _frozen_weights(experts)
     layout = _layout(hidden_states, (weights, ids), experts, backend=backend, exchange=expert_exchange)
     if layout is not None:
         return sharding.moe_experts(layout, body, hidden_states, weights, ids, experts, backend=backend,
-                                    save_activations=bool(save_activations), activation=activation)
+                                    activation=activation, **kernel_options)
     return body(hidden_states, weights, ids, experts)
 
 
 def _moe_experts_on_device(hidden_states, weights, ids, experts: ExpertWeights, *, activation: Activation,
-                           backend: str, save_activations: bool):
+                           backend: str, save_activations: bool, batch_invariant: bool):
     """``moe_experts`` past its checks (ids in range or -1, weights float32, 0 where dropped), on
     one device's arrays."""
     if backend == "reference" or _is_empty(hidden_states, experts):
@@ -386,7 +398,7 @@ def _moe_experts_on_device(hidden_states, weights, ids, experts: ExpertWeights, 
     num_tokens, hidden = math.prod(hidden_states.shape[:-1]), hidden_states.shape[-1]
     out = pipeline.moe_experts(
         hidden_states.reshape(num_tokens, hidden), weights.reshape(num_tokens, -1), ids.reshape(num_tokens, -1),
-        experts, activation, backend=backend, save_activations=save_activations,
+        experts, activation, backend=backend, save_activations=save_activations, batch_invariant=batch_invariant,
     )
     return out.reshape(hidden_states.shape)
 
@@ -401,7 +413,8 @@ def _is_empty(hidden_states, experts: ExpertWeights) -> bool:
 def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None, *,
               experts: ExpertWeights | None = None, routing: Routing | None = None, selection_bias=None,
               activation: str | Activation = "silu", backend: str = "auto", save_activations: bool = False,
-              expert_exchange: str = "all_gather", return_routing: bool = False, **keywords):
+              expert_exchange: str = "all_gather", batch_invariant: bool = False, return_routing: bool = False,
+              **keywords):
     """A whole Mixture-of-Experts layer: routing, dispatch, gated expert FFNs, weighted combine.
 
     The options come typed or flat, never both:
@@ -434,6 +447,10 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
       expert_exchange: how expert parallelism (weights split on E over a mesh) brings the pairs to
         their experts' devices: "all_gather" (default; every backend) or "all_to_all" (GPUs);
         ``jax_moe.sharding.EXPERT_EXCHANGES`` describes both. Ignored on one device.
+      batch_invariant: a token's output (and routing) is bitwise the same whatever else is in the
+        batch: the kernels take the tiles of the largest batches at every size, so each reduction
+        runs in one order (kernel backends only; the reference's XLA dots promise no such thing).
+        Small batches pay for it (see the benchmark guide).
       return_routing: also return the routed experts' routing, for auxiliary losses or logging
         (with a capacity, a dropped pair has id -1 and weight 0).
 
@@ -458,18 +475,21 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
     _check_logits_match(router_logits, hidden_states, experts.num_routed)
     _check_router_logits(router_logits, routing, selection_bias)
     backend = _resolve_backend(backend)
+    _check_batch_invariant(batch_invariant, backend)
+    kernel_options = dict(save_activations=bool(save_activations), batch_invariant=bool(batch_invariant))
     body = functools.partial(
-        _fused_moe_on_device, routing=routing, activation=activation, backend=backend,
-        save_activations=bool(save_activations),
+        _fused_moe_on_device, routing=routing, activation=activation, backend=backend, **kernel_options
     )
     _check_exchange(expert_exchange)
     experts = _frozen_weights(experts)
     layout = _layout(hidden_states, (router_logits, selection_bias), experts, backend=backend, exchange=expert_exchange)
     if layout is not None:
-        route_body = functools.partial(_route_on_device, routing=routing, backend=backend)
+        route_body = functools.partial(
+            _route_on_device, routing=routing, backend=backend, batch_invariant=bool(batch_invariant)
+        )
         out, weights, ids = sharding.fused_moe(
             layout, body, route_body, hidden_states, router_logits, selection_bias, experts, routing=routing,
-            activation=activation, backend=backend, save_activations=bool(save_activations),
+            activation=activation, backend=backend, **kernel_options,
         )
     else:
         out, weights, ids = body(hidden_states, router_logits, selection_bias, experts)
@@ -479,7 +499,7 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
 
 
 def _fused_moe_on_device(hidden_states, router_logits, selection_bias, experts: ExpertWeights, *, routing: Routing,
-                         activation: Activation, backend: str, save_activations: bool):
+                         activation: Activation, backend: str, save_activations: bool, batch_invariant: bool):
     """``fused_moe`` past its checks, on the arrays one device holds: (output, weights, ids)."""
     lead = hidden_states.shape[:-1]
     num_tokens, hidden = math.prod(lead), hidden_states.shape[-1]
@@ -489,7 +509,7 @@ def _fused_moe_on_device(hidden_states, router_logits, selection_bias, experts: 
     out, weights, ids = pipeline.fused_moe(
         hidden_states.reshape(num_tokens, hidden), router_logits.reshape(num_tokens, -1),
         selection_bias, experts, routing, activation, backend=backend,
-        save_activations=save_activations,
+        save_activations=save_activations, batch_invariant=batch_invariant,
     )
     return out.reshape(hidden_states.shape), *(a.reshape(*lead, routing.top_k) for a in (weights, ids))
 

@@ -75,15 +75,19 @@ def max_row_blocks(num_experts: int, num_pairs: int, block_m: int) -> int:
 
 
 @functools.cache
-def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dispatch_block_m: int | None):
+def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dispatch_block_m: int | None,
+                          batch_invariant: bool = False):
     """The routing launch as a differentiable op: ``route_kernel``, or with ``dispatch_block_m``
-    ``route_dispatch_kernel`` (three more outputs: the dispatch metadata for that row block)."""
+    ``route_dispatch_kernel`` (three more outputs: the dispatch metadata for that row block).
+    ``batch_invariant``: the token tile is the same for any number of tokens, and so is the
+    order of every row's reductions."""
 
     @jax.custom_vjp
     def route_op(logits, selection_bias):
         num_tokens, num_experts = logits.shape
         padded = experts_pad(num_experts)
-        block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded, triton.next_power_of_2(num_tokens)))
+        most_tokens = 64 if batch_invariant else triton.next_power_of_2(num_tokens)
+        block_t = max(1, min(64, ROUTE_TILE_ELEMENTS // padded, most_tokens))
         slots = routing.top_k + num_shared
         routing_shapes = (
             jax.ShapeDtypeStruct((num_tokens, slots), jnp.float32),
@@ -142,16 +146,16 @@ def _differentiable_route(routing: Routing, launch: Launch, num_shared: int, dis
 
 
 def top_k_routing(logits: jax.Array, selection_bias: jax.Array | None, *, routing: Routing, launch: Launch,
-                  num_shared: int = 0):
+                  num_shared: int = 0, batch_invariant: bool = False):
     """[T, E] logits -> ([T, top_k + num_shared] float32 weights, [T, top_k + num_shared] int32
     expert ids): the routed choices, then the ``num_shared`` shared experts (ids ``E + s``, weight
-    1) as ``experts`` takes them.
+    1) as ``experts`` takes them. ``batch_invariant``: see ``make_plan``.
 
     Differentiable with respect to the logits through the routed weights.
     """
     if selection_bias is not None:
         selection_bias = jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
-    return _differentiable_route(routing, launch, num_shared, None)(logits, selection_bias)
+    return _differentiable_route(routing, launch, num_shared, None, batch_invariant)(logits, selection_bias)
 
 
 def routes_and_dispatches(num_pairs: int) -> bool:
@@ -810,13 +814,17 @@ def _tile_config(backend: str, num_pairs: int, params: ExpertWeights, top_k: int
 
 def make_plan(backend: str, params: ExpertWeights, *, num_tokens: int, top_k: int, dtype,
               save_activations: bool, activation: Activation, partial_sum: bool = False,
-              num_pairs: int | None = None) -> Plan:
+              num_pairs: int | None = None, batch_invariant: bool = False) -> Plan:
     """The plan of one call of ``num_tokens`` tokens with ``top_k`` routed choices each (the
     shared experts come on top), or of ``num_pairs`` pairs of a layer of that ``top_k``;
-    ``partial_sum``: see ``Plan``. Raises ValueError where dispatch's int32 rows would overflow."""
+    ``partial_sum``: see ``Plan``. Raises ValueError where dispatch's int32 rows would overflow.
+
+    ``batch_invariant``: the tiles of the largest token counts for every call, so that a token's
+    reductions (over K tiles, and the combine) run in the same order whatever batch it is in;
+    otherwise the tiles follow the number of pairs."""
     if num_pairs is None:
         num_pairs = num_tokens * (top_k + params.num_shared)
-    config = _tile_config(backend, num_pairs, params, top_k, dtype)
+    config = _tile_config(backend, MAX_DISPATCH_ROWS if batch_invariant else num_pairs, params, top_k, dtype)
     scheme = _scheme(params)
     if scheme is not None and scheme.activations == "fp8" and scheme.granularity == "block":
         # An fp8 GEMM step applies one scale per operand: it must not straddle a scale block.
@@ -859,7 +867,7 @@ def _with_shared_experts(plan: Plan, x, weights, ids, params: ExpertWeights, dis
 
 
 def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing, activation: Activation, *,
-              backend: str, save_activations: bool):
+              backend: str, save_activations: bool, batch_invariant: bool = False):
     """The layer on a kernel backend: [T, H] ``x`` and [T, E] ``logits`` -> ([T, H] output,
     [T, top_k] routing weights, [T, top_k] expert ids).
 
@@ -867,31 +875,32 @@ def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing
     routing kernel appends the shared experts itself; it does so for any size when they are
     ungated. A gated shared expert (Qwen2-MoE) takes its weight from the activations, in XLA.
     With a capacity, the pairs past it are dropped in XLA between routing and dispatch.
+    ``batch_invariant`` (``make_plan``) routes in its own launch at every size.
     """
     num_tokens = x.shape[0]
     num_shared = params.num_shared
     plan = make_plan(
         backend, params, num_tokens=num_tokens, top_k=routing.top_k, dtype=x.dtype,
         save_activations=save_activations, activation=activation,
-        partial_sum=routing.capacity_factor is not None,
+        partial_sum=routing.capacity_factor is not None, batch_invariant=batch_invariant,
     )
+    route = functools.partial(top_k_routing, routing=routing, launch=plan.launch, batch_invariant=batch_invariant)
     if routing.capacity_factor is not None:
         # Dropped pairs (id -1) get no rows: each pair's row is summed in XLA (Plan.partial_sum).
-        weights, ids = top_k_routing(logits, selection_bias, routing=routing, launch=plan.launch, num_shared=0)
+        weights, ids = route(logits, selection_bias, num_shared=0)
         weights, ids = drop_over_capacity(weights, ids, routing, params.num_routed)
         out = _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=False)
         return out, weights, ids
     shared_in_routing = num_shared if params.shared_gate is None else 0
     dispatched = None
-    if shared_in_routing == num_shared and routes_and_dispatches(num_tokens * (routing.top_k + num_shared)):
+    one_launch = not batch_invariant and routes_and_dispatches(num_tokens * (routing.top_k + num_shared))
+    if shared_in_routing == num_shared and one_launch:
         weights, ids, dispatched = route_and_dispatch(
             logits, selection_bias, routing=routing, launch=plan.launch, num_shared=num_shared,
             block_m=plan.config.block_m,
         )
     else:
-        weights, ids = top_k_routing(
-            logits, selection_bias, routing=routing, launch=plan.launch, num_shared=shared_in_routing
-        )
+        weights, ids = route(logits, selection_bias, num_shared=shared_in_routing)
     out = _with_shared_experts(
         plan, x, weights, ids, params, dispatched, shared_in_routing=bool(shared_in_routing)
     )
@@ -900,18 +909,18 @@ def fused_moe(x, logits, selection_bias, params: ExpertWeights, routing: Routing
 
 def moe_experts(x, weights, ids, params: ExpertWeights, activation: Activation, *, backend: str,
                 save_activations: bool, shared_in_ids: bool = False, partial_sum: bool = False,
-                layer_top_k: int | None = None):
+                layer_top_k: int | None = None, batch_invariant: bool = False):
     """The experts on a kernel backend for routing made by the caller: [T, H] ``x``, [T, k]
     float32 ``weights`` and int32 ``ids`` in [0, E) -> [T, H].
 
     ``shared_in_ids``: ``weights`` and ``ids`` end with the shared experts' slots already;
     ``partial_sum``: one device's share of a sharded layer (``Plan``), where ids < 0 are absent
     pairs; ``layer_top_k``: the layer's routed choices per token where each of the T rows is one
-    pair (exchanged between devices), for the tile tables."""
+    pair (exchanged between devices), for the tile tables; ``batch_invariant``: see ``make_plan``."""
     top_k = ids.shape[1] - (params.num_shared if shared_in_ids else 0)
     plan = make_plan(
         backend, params, num_tokens=x.shape[0], top_k=layer_top_k or top_k, dtype=x.dtype,
         save_activations=save_activations, activation=activation, partial_sum=partial_sum,
-        num_pairs=None if layer_top_k is None else ids.size,
+        num_pairs=None if layer_top_k is None else ids.size, batch_invariant=batch_invariant,
     )
     return _with_shared_experts(plan, x, weights, ids, params, None, shared_in_routing=shared_in_ids)

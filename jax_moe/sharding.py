@@ -269,7 +269,7 @@ def route(layout: Layout | Deferred, body, router_logits, selection_bias):
 
 
 def moe_experts(layout: Layout | Deferred, body, hidden_states, weights, ids, experts: ExpertWeights, *,
-                activation: Activation, backend: str, save_activations: bool):
+                activation: Activation, backend: str, save_activations: bool, batch_invariant: bool = False):
     """``jax_moe.moe_experts`` past its checks (ids valid, weights float32) in ``layout``: with data
     parallelism alone ``body(hidden_states, weights, ids, experts)`` on each device's shards."""
     num_routed = experts.num_routed
@@ -280,7 +280,7 @@ def moe_experts(layout: Layout | Deferred, body, hidden_states, weights, ids, ex
             if layout.data_parallel_only:
                 return body(*args)
             return _sharded_experts(layout, *args, num_routed=num_routed, activation=activation, backend=backend,
-                                    save_activations=save_activations)
+                                    save_activations=save_activations, batch_invariant=batch_invariant)
 
         return per_device
 
@@ -290,7 +290,7 @@ def moe_experts(layout: Layout | Deferred, body, hidden_states, weights, ids, ex
 
 def fused_moe(layout: Layout | Deferred, body, route_body, hidden_states, router_logits, selection_bias,
               experts: ExpertWeights, *, routing: Routing, activation: Activation, backend: str,
-              save_activations: bool):
+              save_activations: bool, batch_invariant: bool = False):
     """``jax_moe.fused_moe`` past its checks in ``layout``: (output, weights, ids). With data
     parallelism alone each device runs ``body(hidden_states, router_logits, selection_bias,
     experts)`` on its shards; otherwise it routes its tokens with ``route_body(router_logits,
@@ -306,7 +306,7 @@ def fused_moe(layout: Layout | Deferred, body, route_body, hidden_states, router
             weights, ids = route_body(logits, bias)
             out = _sharded_experts(
                 layout, x, weights, ids, local, num_routed=num_routed, activation=activation, backend=backend,
-                save_activations=save_activations,
+                save_activations=save_activations, batch_invariant=batch_invariant,
                 capacity=routing.expert_capacity(math.prod(x.shape[:-1]), num_routed),
             )
             return out, weights, ids
@@ -485,7 +485,7 @@ def _partitioned(deferred: Deferred, per_device_of, arrays: dict, num_outputs: i
 
 def _sharded_experts(layout: Layout, hidden_states, weights, ids, params: ExpertWeights, *,
                      num_routed: int, activation: Activation, backend: str, save_activations: bool,
-                     capacity: int | None = None):
+                     batch_invariant: bool = False, capacity: int | None = None):
     """One device's part of an expert- or tensor-parallel layer: [..., H] local tokens with their
     [..., k] routing (id -1: a dropped pair), ``params`` the device's shards of the weights,
     ``num_routed`` the global E, ``capacity`` the routing's expert capacity (``Routing``) if any.
@@ -517,7 +517,7 @@ def _sharded_experts(layout: Layout, hidden_states, weights, ids, params: Expert
             return _reference_partial(x, weights, ids, params, activation)
         return pipeline.moe_experts(
             x, weights, ids, params, activation, backend=backend, save_activations=save_activations,
-            shared_in_ids=True, partial_sum=True, layer_top_k=layer_top_k,
+            shared_in_ids=True, partial_sum=True, layer_top_k=layer_top_k, batch_invariant=batch_invariant,
         )
 
     exchanged = _exchanged(layout)

@@ -289,3 +289,19 @@ def test_auto_mesh_layer_across_gpus(key):
     assert numpy_moe.rel_error(out, np.asarray(want, np.float64)) <= 1e-2
     for grad, want_grad in zip(grads, want_grads):
         assert numpy_moe.rel_error(grad, np.asarray(want_grad.astype(jnp.float32), np.float64)) <= 1e-2
+
+
+@pytest.mark.parametrize("shape", [arg_specs.MIXTRAL_8X7B, arg_specs.QWEN3_30B_A3B], ids=lambda s: s.name)
+def test_batch_invariant_tokens_keep_their_bits_in_any_batch(key, shape):
+    """With ``batch_invariant=True`` the first tokens of a 2048-token batch come out bitwise as
+    they do alone or in smaller batches, across every tile bucket of the tables."""
+    inputs = arg_specs.random_inputs(shape, 2048, "bfloat16", key)
+    x, logits, *weights = inputs.as_args()
+    layer = jax.jit(lambda *a: jax_moe.fused_moe(*a, **shape.static_options(), backend="triton", batch_invariant=True))
+    whole = np.asarray(layer(x, logits, *weights).astype(jnp.float32))
+    for tokens in (1, 8, 64, 512):
+        part = np.asarray(layer(x[:tokens], logits[:tokens], *weights).astype(jnp.float32))
+        np.testing.assert_array_equal(part, whole[:tokens])
+    reference = jax_moe.fused_moe(x[:NUMPY_TOKENS], logits[:NUMPY_TOKENS], *weights, **shape.static_options(),
+                                  backend="reference")
+    assert numpy_moe.rel_error(whole[:NUMPY_TOKENS], np.asarray(reference.astype(jnp.float32), np.float64)) <= 1e-2

@@ -155,6 +155,49 @@ def test_capacity_drops_pairs_in_a_fixed_order(key, capacity_factor):
     assert numpy_moe.rel_error(experts_out, np.asarray(out, np.float64)) <= 1e-5
 
 
+def _tiles_that_follow_the_batch(monkeypatch):
+    """Tile tables as a GPU's: narrower K steps below 64 pairs, so the order of a token's
+    reductions follows the batch it is in."""
+    select = pipeline._tile_config
+
+    def by_batch(backend, num_pairs, *args):
+        config = select(backend, num_pairs, *args)
+        if num_pairs > 64:
+            return config
+        narrow = dataclasses.replace(config.gate_up, block_k=8)
+        return dataclasses.replace(config, gate_up=narrow, down=dataclasses.replace(config.down, block_k=8))
+
+    monkeypatch.setattr(pipeline, "_tile_config", by_batch)
+
+
+def test_batch_invariant_outputs_do_not_depend_on_the_batch(key, monkeypatch):
+    _tiles_that_follow_the_batch(monkeypatch)
+    inputs = arg_specs.random_inputs(_shape(8, 2), 96, "float32", key)
+    x, logits, *weights = inputs.as_args()
+
+    def layer(tokens, batch_invariant):
+        return jax.jit(lambda *a: jax_moe.fused_moe(
+            *a, top_k=2, backend="interpret", batch_invariant=batch_invariant, return_routing=True
+        ))(x[:tokens], logits[:tokens], *weights)
+
+    whole, whole_weights, _ = layer(96, True)
+    assert numpy_moe.rel_error(whole, numpy_moe.fused_moe(x, logits, *weights, top_k=2)) <= 1e-5
+    for tokens in (1, 3, 20):
+        out, routing_weights, _ = layer(tokens, True)
+        np.testing.assert_array_equal(out, whole[:tokens])
+        np.testing.assert_array_equal(routing_weights, whole_weights[:tokens])
+    # The yardstick: without the option the same tokens come out in other bits here.
+    assert not np.array_equal(layer(20, False)[0], layer(96, False)[0][:20])
+
+
+def test_batch_invariant_needs_a_kernel_backend(key):
+    inputs = arg_specs.random_inputs(_shape(8, 2), 4, "float32", key)
+    with pytest.raises(ValueError, match="batch_invariant=True needs a kernel backend"):
+        jax_moe.fused_moe(*inputs.as_args(), top_k=2, backend="reference", batch_invariant=True)
+    with pytest.raises(TypeError, match="batch_invariant must be a bool; got str"):
+        jax_moe.route(inputs.router_logits, top_k=2, backend="interpret", batch_invariant="yes")
+
+
 def test_out_of_range_ids_under_jit_poison_their_token(key):
     shape = _shape(3, 2)
     inputs = arg_specs.random_inputs(shape, 3, "float32", key)

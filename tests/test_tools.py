@@ -249,7 +249,8 @@ def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark
     # The routings share one program per route and T; the parity reference runs on all tokens
     # here (the dense route's own program); decode sizes get jax_moe's program of several layers.
     assert {(route, t) for _, route, t in programs} == {
-        (route, t) for route in ("reference", "jax_moe", "dense_einsum", "ragged_dot") for t in (1, 8, 32)
+        (route, t) for route in ("reference", "jax_moe", "jax_moe_batch_invariant", "dense_einsum", "ragged_dot")
+        for t in (1, 8, 32)
     } | {("jax_moe in graph", 1), ("jax_moe in graph", 8)}
     compiled = moe_bench.compile_programs(programs, threads=2)
     assert compiled[("tiny", "reference", 8)] is compiled[("tiny", "dense_einsum", 8)]
@@ -257,7 +258,7 @@ def test_forward_benchmark_checks_and_times_every_route_it_can_compile(benchmark
     assert {(r["T"], r["routing"]) for r in rows} == {(1, "uniform"), (8, "uniform"), (32, "uniform"), (8, "zipf1.2")}
     for row in rows:
         assert row["floor_us"] > 0
-        if row["route"] in ("jax_moe", "dense_einsum", "ragged_dot"):
+        if row["route"] in ("jax_moe", "jax_moe_batch_invariant", "dense_einsum", "ragged_dot"):
             assert row["rel_err"] <= 1e-2 and row["time_us"] > 0, row
         in_graph = row["route"] == "jax_moe" and row["T"] <= moe_bench.IN_GRAPH_MAX_TOKENS
         assert ("in_graph_us" in row) == in_graph, row
