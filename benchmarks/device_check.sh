@@ -32,7 +32,7 @@ pytest() {
   if [ -n "${PYTEST_WORKERS:-}" ]; then
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider -m gpu -rfE -n "$PYTEST_WORKERS" "$@"
   else
-    python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 "$@"
+    python3 -m pytest -q -p no:cacheprovider -m gpu -rfE -n 0 --durations=5 "$@"
   fi
 }
 for stage in "$@"; do
