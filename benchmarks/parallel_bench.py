@@ -88,10 +88,12 @@ def _collectives(layout: sharding.Layout, mesh, specs: dict, top_k: int):
             peers = layout.size(layout.expert)
             rows = jnp.repeat(x, top_k, axis=0)
             sizes = jnp.full((peers,), rows.shape[0] // peers, jnp.int32)
-            offsets = jnp.arange(peers, dtype=jnp.int32) * sizes[0]
+            offsets = jnp.arange(peers, dtype=jnp.int32) * sizes[0]  # where each peer's rows lie here
+            # Each receiver keeps the senders' rows in rank order: this device's land at its rank's place.
+            places = jnp.full((peers,), jax.lax.axis_index(layout.expert) * sizes[0], jnp.int32)
             for _ in range(2):  # there and back
                 rows = jax.lax.ragged_all_to_all(
-                    rows, jnp.zeros_like(rows), offsets, sizes, offsets, sizes, axis_name=layout.expert
+                    rows, jnp.zeros_like(rows), offsets, sizes, places, sizes, axis_name=layout.expert
                 )
             x = rows[: x.shape[0]]
         elif layout.gathered:

@@ -2,6 +2,6 @@
 and ``flax_layers.checkpoints``, which loads Hugging Face MoE blocks into them."""
 
 from flax_layers import checkpoints, linen
-from flax_layers.nnx_moe import FusedMoE, QuantizedWeight
+from flax_layers.nnx_moe import FusedMoE, QuantizedWeight, RoutingStats
 
-__all__ = ["FusedMoE", "QuantizedWeight", "checkpoints", "linen"]
+__all__ = ["FusedMoE", "QuantizedWeight", "RoutingStats", "checkpoints", "linen"]

@@ -44,7 +44,8 @@ class FusedMoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer on jax-moe's fused kernels (linen).
 
     Same arguments and semantics as ``flax_layers.FusedMoE``; auxiliary losses are sown into the
-    ``intermediates`` collection (``apply(..., mutable=["intermediates"])``) and the selection
+    ``intermediates`` collection (``apply(..., mutable=["intermediates"])``), the count of dropped
+    pairs (with an expert capacity) into ``routing_stats``, and the selection
     bias lives in the ``routing`` collection, not in ``params``. Sharded as the NNX layer is, from
     the context mesh and the logical axis rules, with the parameters placed by
     ``nn.logical_to_mesh_sharding``; the sizes are checked against the mesh at each call. With
@@ -152,9 +153,11 @@ class FusedMoE(nn.Module):
         shared_gate = None
         if self.use_shared_expert_gate:
             shared_gate = param("shared_gate", self.shared_gate_init, (h,), (self.embed_axis,))
-        y, aux = moe_math.moe_forward(
+        y, aux, stats = moe_math.moe_forward(
             x, router_kernel, router_bias, selection_bias, experts, shared_gate, self.options
         )
         for name, value in aux.items():
             self.sow("intermediates", name, value)
+        for name, value in stats.items():
+            self.sow("routing_stats", name, value)
         return y

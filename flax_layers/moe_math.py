@@ -53,6 +53,8 @@ def layer_options(routing, activation, dtype, backend, load_balancing_loss_weigh
         raise TypeError(f"routing must be a jax_moe.Routing (e.g. jax_moe.Routing(top_k=2)); got {type(routing).__name__}")
     if backend not in jax_moe.BACKENDS:
         raise ValueError(f"backend must be one of {jax_moe.BACKENDS}; got {backend!r}")
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool; got {type(batch_invariant).__name__}")
     if expert_exchange not in EXPERT_EXCHANGES:
         raise ValueError(f"expert_exchange must be one of {EXPERT_EXCHANGES}; got {expert_exchange!r}")
     for name, weight in (("load_balancing_loss_weight", load_balancing_loss_weight),
@@ -161,8 +163,9 @@ _FUSED_MOE_NAMES = dict(
 
 
 def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, shared_gate, options: LayerOptions):
-    """The layer from raw parameters: ([..., H] output, {name: value} of the weighted auxiliary
-    losses and, with an expert capacity, the number of pairs it dropped).
+    """The layer from raw parameters: ([..., H] output, {aux loss name: weighted value},
+    {statistic name: value}), the statistics being, with an expert capacity, the number of pairs
+    it dropped (``DROPPED_PAIRS``): a count to log, never a loss.
 
     ``experts`` maps the names of ``EXPERT_PARAMS`` that the layer has to their arrays. The router
     runs in float32 (routing decisions are sensitive to rounding); the experts run in
@@ -202,6 +205,7 @@ def moe_forward(x, router_kernel, router_bias, selection_bias, experts: dict, sh
         )
     if options.router_z_loss_weight:
         aux[ROUTER_Z_LOSS] = options.router_z_loss_weight * router_z_loss(logits)
+    stats = {}
     if options.routing.capacity_factor is not None:
-        aux[DROPPED_PAIRS] = jnp.sum(ids < 0)
-    return y, aux
+        stats[DROPPED_PAIRS] = jnp.sum(ids < 0)
+    return y, aux, stats

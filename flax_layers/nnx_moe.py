@@ -19,6 +19,11 @@ class SelectionBias(nnx.Variable):
     or a checkpoint, not by the optimizer."""
 
 
+class RoutingStats(nnx.Variable):
+    """Counts the layer sows about its routing (``dropped_pairs`` with an expert capacity): to log,
+    apart from the ``nnx.Intermediate`` auxiliary losses that a training loop adds to its loss."""
+
+
 class QuantizedWeight(nnx.Variable):
     """A quantized expert weight (a ``jax_moe.QuantizedArray``). Not a ``Param``: quantized weights
     are frozen, so ``nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))`` and optimizers over
@@ -50,10 +55,10 @@ class FusedMoE(nnx.Module):
     parallel. A size its mesh axes don't divide raises ``ValueError`` here, naming it.
 
     Auxiliary losses, weighted and sown as ``nnx.Intermediate`` when their weight is non-zero:
-    ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE); with an expert
-    capacity (``Routing.capacity_factor``), ``dropped_pairs``, the number of (token, expert) pairs
-    it dropped. Collect them with ``nnx.capture(model, nnx.Intermediate)``, which returns them
-    beside the output.
+    ``load_balancing_loss`` (Switch Transformer) and ``router_z_loss`` (ST-MoE). Collect them with
+    ``nnx.capture(model, nnx.Intermediate)``, which returns them beside the output. With an expert
+    capacity (``Routing.capacity_factor``) the layer also sows ``dropped_pairs``, the number of
+    (token, expert) pairs it dropped, as a ``RoutingStats`` variable (not a loss).
 
     Example::
 
@@ -208,7 +213,7 @@ class FusedMoE(nnx.Module):
         experts = {
             name: getattr(self, name).get_value() for name in moe_math.EXPERT_PARAMS if hasattr(self, name)
         }
-        y, aux = moe_math.moe_forward(
+        y, aux, stats = moe_math.moe_forward(
             x,
             self.gate.kernel[...],
             self.gate.bias[...] if self.gate.bias is not None else None,
@@ -219,4 +224,6 @@ class FusedMoE(nnx.Module):
         )
         for name, value in aux.items():
             self.sow(nnx.Intermediate, name, value)
+        for name, value in stats.items():
+            self.sow(RoutingStats, name, value)
         return y

@@ -219,13 +219,26 @@ def _check_router_logits(router_logits, routing: Routing, selection_bias) -> Non
             )
 
 
-def _check_batch_invariant(batch_invariant, backend: str) -> None:
+def _check_batch_invariant(batch_invariant, backend: str, routing: Routing | None = None,
+                           experts: ExpertWeights | None = None) -> None:
     if not isinstance(batch_invariant, (bool, np.bool_)):
         raise TypeError(f"batch_invariant must be a bool; got {type(batch_invariant).__name__}")
-    if batch_invariant and backend == "reference":
+    if not batch_invariant:
+        return
+    if backend == "reference":
         raise ValueError(
             'batch_invariant=True needs a kernel backend ("triton" or "interpret"); the reference '
             "backend's XLA dots may reduce in an order that depends on the batch"
+        )
+    if routing is not None and routing.capacity_factor is not None:
+        raise ValueError(
+            "batch_invariant=True can't take a routing with a capacity_factor: which pairs an "
+            "expert's capacity drops depends on the other tokens of the batch"
+        )
+    if experts is not None and experts.shared_gate is not None:
+        raise ValueError(
+            "batch_invariant=True can't take a shared_gate: the gate's product with the tokens "
+            "runs in XLA, whose reduction order may follow the batch"
         )
 
 
@@ -325,7 +338,7 @@ def route(router_logits, routing: Routing | None = None, *, selection_bias=None,
     _, routing = gather("route", routing=routing, keywords=routing_keywords, takes_experts=False)
     _check_router_logits(router_logits, routing, selection_bias)
     backend = _resolve_backend(backend)
-    _check_batch_invariant(batch_invariant, backend)
+    _check_batch_invariant(batch_invariant, backend, routing)
     body = functools.partial(_route_on_device, routing=routing, backend=backend, batch_invariant=batch_invariant)
     layout = sharding.layout_of(router_logits, (selection_bias,), backend=backend)
     if layout is not None:
@@ -374,7 +387,7 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
     dropped = ids == -1
     weights = jnp.where(valid, weights.astype(jnp.float32), jnp.where(dropped, 0.0, jnp.nan))
     ids = jnp.where(valid | dropped, ids, 0).astype(jnp.int32)
-    _check_batch_invariant(batch_invariant, backend)
+    _check_batch_invariant(batch_invariant, backend, experts=experts)
     kernel_options = dict(save_activations=bool(save_activations), batch_invariant=bool(batch_invariant))
     body = functools.partial(_moe_experts_on_device, activation=activation, backend=backend, **kernel_options)
     _check_exchange(expert_exchange)
@@ -449,8 +462,9 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
         ``jax_moe.sharding.EXPERT_EXCHANGES`` describes both. Ignored on one device.
       batch_invariant: a token's output (and routing) is bitwise the same whatever else is in the
         batch: the kernels take the tiles of the largest batches at every size, so each reduction
-        runs in one order (kernel backends only; the reference's XLA dots promise no such thing).
-        Small batches pay for it (see the benchmark guide).
+        runs in one order. Kernel backends only (the reference's XLA dots promise no such thing),
+        without a capacity (its drops follow the batch) or a shared gate (an XLA product). Small
+        batches pay for it (see the benchmark guide).
       return_routing: also return the routed experts' routing, for auxiliary losses or logging
         (with a capacity, a dropped pair has id -1 and weight 0).
 
@@ -475,7 +489,7 @@ def fused_moe(hidden_states, router_logits, w_gate=None, w_up=None, w_down=None,
     _check_logits_match(router_logits, hidden_states, experts.num_routed)
     _check_router_logits(router_logits, routing, selection_bias)
     backend = _resolve_backend(backend)
-    _check_batch_invariant(batch_invariant, backend)
+    _check_batch_invariant(batch_invariant, backend, routing, experts)
     kernel_options = dict(save_activations=bool(save_activations), batch_invariant=bool(batch_invariant))
     body = functools.partial(
         _fused_moe_on_device, routing=routing, activation=activation, backend=backend, **kernel_options

@@ -285,6 +285,8 @@ def quantize(w, scheme: Quantization) -> QuantizedArray:
 def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
     """The float ``[E, K, N]`` weights a ``QuantizedArray`` stands for, in ``dtype`` (computed in
     float32, then rounded once). A dequantized copy: the reference backend's, for tests and export."""
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"dequantize takes a jax_moe.QuantizedArray; got {type(q).__name__}")
     scheme = q.scheme
     k_dim, n_dim = q.shape[-2:]
     if scheme.format == "int4":

@@ -381,6 +381,8 @@ def test_quantize_takes_a_scheme_and_float_expert_weights(args):
         jax_moe.quantize(args["w_gate"], "fp8")
     with pytest.raises(ValueError, match=r"quantize takes float \[E, K, N\] weights; got float32 shape \[16, 24\]"):
         jax_moe.quantize(args["w_gate"][0], jax_moe.Quantization("fp8"))
+    with pytest.raises(TypeError, match="dequantize takes a jax_moe.QuantizedArray; got ArrayImpl"):
+        jax_moe.dequantize(args["w_gate"])
 
 
 def test_quantized_weights_on_several_devices_are_refused(args):

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jax_moe
 from jax_moe import Routing
-from flax_layers import FusedMoE
+from flax_layers import FusedMoE, RoutingStats
 from flax_layers import linen as moe_linen
 
 import numpy_moe
@@ -136,10 +136,12 @@ def test_capacity_drops_are_counted(key):
     twin = moe_linen.FusedMoE(H, F, E, routing, backend="reference")
     x = jax.random.normal(key, (20, H))
     _, aux = nnx.capture(layer, nnx.Intermediate)(x)
+    assert not aux  # a count, not a loss: training loops sum the intermediates into theirs
+    _, stats = nnx.capture(layer, RoutingStats)(x)
     _, ids = numpy_moe.drop_over_capacity(*numpy_moe.softmax_top_k(_logits(layer, x), K, True), E, 0.5)
-    assert aux["dropped_pairs"][0] == (ids < 0).sum() > 0
-    _, state = twin.apply(_linen_params(layer), x, mutable=["intermediates"])
-    assert state["intermediates"]["dropped_pairs"][0] == aux["dropped_pairs"][0]
+    assert stats["dropped_pairs"][0] == (ids < 0).sum() > 0
+    _, state = twin.apply(_linen_params(layer), x, mutable=["routing_stats"])
+    assert state["routing_stats"]["dropped_pairs"][0] == stats["dropped_pairs"][0]
 
 
 @pytest.mark.parametrize("backend", ["interpret", "reference"])

@@ -196,6 +196,14 @@ def test_batch_invariant_needs_a_kernel_backend(key):
         jax_moe.fused_moe(*inputs.as_args(), top_k=2, backend="reference", batch_invariant=True)
     with pytest.raises(TypeError, match="batch_invariant must be a bool; got str"):
         jax_moe.route(inputs.router_logits, top_k=2, backend="interpret", batch_invariant="yes")
+    with pytest.raises(ValueError, match="can't take a routing with a capacity_factor"):
+        jax_moe.fused_moe(*inputs.as_args(), top_k=2, capacity_factor=1.0, backend="interpret", batch_invariant=True)
+    shared = arg_specs.random_inputs(
+        arg_specs.MoeShape("gated", 8, Routing(2), HIDDEN, INTERMEDIATE, shared_intermediate=INTERMEDIATE,
+                           shared_gate=True), 4, "float32", key,
+    )
+    with pytest.raises(ValueError, match="can't take a shared_gate"):
+        jax_moe.fused_moe(*shared.as_args(), **shared.extras, top_k=2, backend="interpret", batch_invariant=True)
 
 
 def test_out_of_range_ids_under_jit_poison_their_token(key):
