@@ -426,23 +426,55 @@ def test_empty_batch_on_an_expert_mesh(backend):
     assert out.shape == (0, 16)
 
 
-def _ragged_all_to_all_from_all_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                       axis_name):
-    """``jax.lax.ragged_all_to_all`` as its documentation specifies it, built from
-    ``all_gather`` (XLA:CPU has no ragged all-to-all): every receiver takes, from every sender,
+def _ragged_rows(operand, output, input_offsets, send_sizes, output_offsets, *, axis_name):
+    """``jax.lax.ragged_all_to_all`` as its documentation specifies it, built from ``all_gather``
+    (XLA:CPU has no ragged all-to-all): every receiver takes, from every sender,
     ``send_sizes[receiver]`` rows at ``input_offsets[receiver]`` and writes them at
-    ``output_offsets[receiver]``."""
+    ``output_offsets[receiver]``. Also returns which rows of ``output`` were written."""
     operands = jax.lax.all_gather(operand, axis_name)
     starts, sizes, places = (jax.lax.all_gather(a, axis_name) for a in (input_offsets, send_sizes, output_offsets))
     receiver = jax.lax.axis_index(axis_name)
     rows = jnp.arange(output.shape[0])
-    result = output
+    result, written = output, jnp.zeros(output.shape[0], bool)
     for sender in range(operands.shape[0]):
         place, size, start = places[sender, receiver], sizes[sender, receiver], starts[sender, receiver]
         taken = (rows >= place) & (rows < place + size)
         source = jnp.clip(start + rows - place, 0, operand.shape[0] - 1)
         result = jnp.where(taken.reshape(-1, *[1] * (output.ndim - 1)), operands[sender][source], result)
-    return result
+        written = written | taken
+    return result, written
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ragged_all_to_all_stand_in(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name):
+    return _ragged_rows(operand, output, input_offsets, send_sizes, output_offsets, axis_name=axis_name)[0]
+
+
+def _stand_in_forward(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name):
+    result, written = _ragged_rows(operand, output, input_offsets, send_sizes, output_offsets, axis_name=axis_name)
+    return result, (operand, input_offsets, send_sizes, output_offsets, recv_sizes, written)
+
+
+def _stand_in_backward(axis_name, residuals, cotangent):
+    """JAX's transpose of ragged_all_to_all: the cotangent's rows go back to their senders, the
+    offsets' roles swapped (each side's offsets learnt from the other by an all-to-all)."""
+    operand, input_offsets, send_sizes, output_offsets, recv_sizes, written = residuals
+    places_here = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    starts_there = jax.lax.all_to_all(input_offsets, axis_name, 0, 0, tiled=True)
+    operand_cotangent, _ = _ragged_rows(
+        cotangent, jnp.zeros_like(operand), places_here, recv_sizes, starts_there, axis_name=axis_name
+    )
+    output_cotangent = jnp.where(written.reshape(-1, *[1] * (cotangent.ndim - 1)), 0, cotangent)
+    return operand_cotangent, output_cotangent, None, None, None, None
+
+
+_ragged_all_to_all_stand_in.defvjp(_stand_in_forward, _stand_in_backward)
+
+
+def _ragged_all_to_all_from_all_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                       axis_name):
+    return _ragged_all_to_all_stand_in(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                       axis_name)
 
 
 @pytest.fixture
