@@ -369,9 +369,10 @@ def moe_experts(hidden_states, weights, ids, w_gate=None, w_up=None, w_down=None
     ``weights`` and ``ids`` are [..., k] (float and integer). An id of -1 is a dropped pair (as
     ``route`` returns with a capacity): it contributes nothing and its weight gets no gradient.
     Other concrete ids outside [0, E) raise ``ValueError``; under ``jax.jit`` they can't be
-    checked, and the tokens holding them come out NaN rather than silently wrong. The experts come as ``experts=jax_moe.ExpertWeights(...)`` or
-    as ``w_gate, w_up, w_down`` with the optional arrays as keywords (``gate_bias=...``); the
-    other arguments are those of ``fused_moe``. Returns [..., H] in the dtype of
+    checked, and the tokens holding them come out NaN rather than silently wrong. The experts
+    come as ``experts=jax_moe.ExpertWeights(...)`` or as ``w_gate, w_up, w_down`` with the
+    optional arrays as keywords (``gate_bias=...``); the other arguments are those of
+    ``fused_moe``. Returns [..., H] in the dtype of
     ``hidden_states``. Differentiable with respect to everything but ``ids``.
     """
     experts, _ = gather(
