@@ -471,15 +471,10 @@ def _stand_in_backward(axis_name, residuals, cotangent):
 _ragged_all_to_all_stand_in.defvjp(_stand_in_forward, _stand_in_backward)
 
 
-def _ragged_all_to_all_from_all_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                       axis_name):
-    return _ragged_all_to_all_stand_in(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                       axis_name)
-
-
 @pytest.fixture
 def ragged_all_to_all_on_cpu(monkeypatch):
-    monkeypatch.setattr(sharding, "_ragged_all_to_all", _ragged_all_to_all_from_all_gather)
+    monkeypatch.setattr(sharding, "_ragged_all_to_all", lambda *args, axis_name: _ragged_all_to_all_stand_in(
+        *args, axis_name))
     monkeypatch.setattr(sharding, "ragged_all_to_all_available", lambda: True)
 
 
