@@ -1,6 +1,7 @@
 """The host's cost per Triton launch, and what it does to jax_moe at decode sizes.
 
     python benchmarks/launch_cost.py                              # jax_moe's default: no line info
+    python benchmarks/launch_cost.py --parts layers               # the decode layers only
     TRITON_DISABLE_LINE_INFO=0 python benchmarks/launch_cost.py   # Triton's default: line info
 
 Each ``jax_triton.triton_call`` carries the kernel's zlib-compressed proto (PTX and TTIR inside)
@@ -24,6 +25,7 @@ shown is in benchmarks/README.md ("Host launch cost").
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -96,17 +98,22 @@ def _operand_bytes(fn, *args) -> list[int]:
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=("chains", "layers"), default=("chains", "layers"),
+                        help="the chained tiny launches, the decode layers, or both (the default)")
+    parts = parser.parse_args().parts
     print(json.dumps({
         "TRITON_DISABLE_LINE_INFO": os.environ.get("TRITON_DISABLE_LINE_INFO", "unset (jax_moe sets 1)"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
     }))
     x = jnp.ones((128,), jnp.float32)
-    for name, fn in [("xla", _xla_chain)] + [(f"pad={pad}", _triton_chain(pad)) for pad in PADS]:
+    chains = [("xla", _xla_chain)] + [(f"pad={pad}", _triton_chain(pad)) for pad in PADS]
+    for name, fn in chains if "chains" in parts else ():
         compiled = jax.jit(fn).lower(x).compile()
         us = timing.median_call_us(compiled, [(x,), (x + 1,)])
         row = {"chain": name, "launches": LAUNCHES, "per_launch_us": round(us / LAUNCHES, 2)}
         print(json.dumps(row | {"captured": "%d/%d" % captured_launches(compiled)}), flush=True)
-    for model, num_tokens in DECODE_CASES:
+    for model, num_tokens in DECODE_CASES if "layers" in parts else ():
         shape = next(m for m in arg_specs.MODELS if m.name == model)
         weights = moe_bench._model_weights(shape)
         layer = routes.fused(shape)

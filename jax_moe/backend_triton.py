@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import re
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -118,21 +117,31 @@ def launch(
 
 def kernel_protos(lowered: jax.stages.Lowered) -> list[bytes]:
     """The operand of each jax-triton launch of a lowered program, decompressed: the kernel's
-    serialized proto (PTX and TTIR inside), as XLA receives it. The legacy custom call carries it
-    as its ``backend_config``, the FFI one (jax-triton >= 0.4) as its ``opaque`` attribute.
-
-    The program text prints the compressed bytes escaped the way MLIR prints string attributes:
-    a backslash as two, quotes and non-printable bytes as a backslash and two hex digits.
-    """
-    if not callable(getattr(lowered, "as_text", None)):
+    serialized proto (PTX and TTIR inside), as XLA receives it. The legacy custom call
+    (``triton_kernel_call``) carries it as its ``backend_config`` string, the FFI one
+    (``triton_kernel_call_ffi``, jax-triton >= 0.4) as the ``opaque`` entry of its
+    ``mhlo.backend_config`` dictionary."""
+    if not callable(getattr(lowered, "compiler_ir", None)):
         raise TypeError(f"lowered: expected a jax.stages.Lowered (jax.jit(f).lower(...)), got {type(lowered).__name__}")
-    escaped = re.findall(
-        r'@triton_kernel_call(?:_ffi)?\(.*?(?:backend_config = |opaque = )"((?:[^"\\]|\\\\|\\[0-9A-Fa-f]{2})*)"',
-        lowered.as_text(),
-    )
-    return [zlib.decompress(_unescape_mlir_string(text)) for text in escaped]
+    from jaxlib.mlir import ir
 
+    def operations(op):
+        yield op
+        for region in op.regions:
+            for block in region:
+                for inner in block:
+                    yield from operations(inner.operation)
 
-def _unescape_mlir_string(text: str) -> bytes:
-    byte = lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1], 16)])
-    return re.sub(rb"\\(\\|[0-9A-Fa-f]{2})", byte, text.encode("ascii"))
+    protos = []
+    for op in operations(lowered.compiler_ir("stablehlo").operation):
+        if op.name != "stablehlo.custom_call":
+            continue
+        target = ir.StringAttr(op.attributes["call_target_name"]).value
+        if target == "triton_kernel_call":
+            payload = op.attributes["backend_config"]
+        elif target == "triton_kernel_call_ffi":
+            payload = ir.DictAttr(op.attributes["mhlo.backend_config"])["opaque"]
+        else:
+            continue
+        protos.append(zlib.decompress(ir.StringAttr(payload).value_bytes))
+    return protos

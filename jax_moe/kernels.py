@@ -509,15 +509,21 @@ def _scale_offsets(w_rows, w_cols, N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
 
 
 @triton.jit
-def _quantized_values(values_ptr, w_rows, w_cols, mask, N: tl.constexpr, W_FORMAT: tl.constexpr,
-                      HAS_ZEROS: tl.constexpr):
-    """The stored values of elements ``(w_rows, w_cols)`` of a quantized [K, N] weight, decoded
-    but not scaled: fp8 as float8e4nv, the others as fp32 (int4 two's complement without zero
-    points, unsigned with them; mxfp4 e2m1). 4-bit values sit two per byte along K, row ``2j`` in
-    byte ``j``'s low nibble."""
+def _quantized_values(values_ptr, row_start, col_start, K: tl.constexpr, N: tl.constexpr, TILE_K: tl.constexpr,
+                      TILE_N: tl.constexpr, W_FORMAT: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """The stored values of the [TILE_K, TILE_N] tile at ``(row_start, col_start)`` of a quantized
+    [K, N] weight, decoded but not scaled: fp8 as float8e4nv, the others as fp32 (int4 two's
+    complement without zero points, unsigned with them; mxfp4 e2m1); 0 past the weight's edge.
+    4-bit values sit two per byte along K, row ``2j`` in byte ``j``'s low nibble: each byte is
+    loaded once and its nibbles interleaved into rows."""
+    cols = col_start + tl.arange(0, TILE_N)
     if (W_FORMAT == "int4") or (W_FORMAT == "mxfp4"):
-        byte = tl.load(values_ptr + (w_rows // 2) * N + w_cols, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((w_rows % 2) * 4).to(tl.int32)) & 0xF
+        tl.static_assert(TILE_K % 2 == 0, "4-bit tiles hold whole bytes")
+        byte_rows = row_start // 2 + tl.arange(0, TILE_K // 2)
+        mask = (byte_rows < K // 2)[:, None] & (cols < N)[None, :]
+        byte = tl.load(values_ptr + byte_rows[:, None] * N + cols[None, :], mask=mask, other=0).to(tl.int32)
+        pairs = tl.join(byte & 0xF, (byte >> 4) & 0xF)  # [TILE_K // 2, TILE_N, 2]
+        code = tl.reshape(tl.permute(pairs, (0, 2, 1)), (TILE_K, TILE_N))
         if W_FORMAT == "int4":
             if HAS_ZEROS:
                 values = code.to(tl.float32)
@@ -531,7 +537,9 @@ def _quantized_values(values_ptr, w_rows, w_cols, mask, N: tl.constexpr, W_FORMA
             magnitude = tl.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * power)
             values = tl.where(code >= 8, -magnitude, magnitude)
     else:
-        raw = tl.load(values_ptr + w_rows * N + w_cols, mask=mask, other=0)
+        rows = row_start + tl.arange(0, TILE_K)
+        mask = (rows < K)[:, None] & (cols < N)[None, :]
+        raw = tl.load(values_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0)
         if W_FORMAT == "fp8":
             values = raw.to(tl.float8e4nv, bitcast=True)
         else:
@@ -540,32 +548,58 @@ def _quantized_values(values_ptr, w_rows, w_cols, mask, N: tl.constexpr, W_FORMA
 
 
 @triton.jit
-def _scales_at(scales_ptr, offsets, mask, W_FORMAT: tl.constexpr):
-    """fp32 scales at ``offsets``: e8m0 bytes (mxfp4) are the exponent bits of ``2 ** (s - 127)``."""
-    scales = tl.load(scales_ptr + offsets, mask=mask, other=0)
-    if W_FORMAT == "mxfp4":
-        scales = (scales.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    return scales
+def _tile_blocks(block_ptr, row_start, col_start, K: tl.constexpr, N: tl.constexpr, TILE_K: tl.constexpr,
+                 TILE_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr):
+    """The per-block entries (scales or zero points, row-major ``[cdiv(K, SCALE_BLOCK_K),
+    cdiv(N, SCALE_BLOCK_N)]``) of the [TILE_K, TILE_N] tile at ``(row_start, col_start)``,
+    broadcast to the tile. Each entry is loaded once: the tile covers ``TILE_K / SCALE_BLOCK_K``
+    (at least 1) blocks along K and ``TILE_N / SCALE_BLOCK_N`` along N (tiles start at multiples
+    of their size; the sizes are powers of two or span the weight)."""
+    block_rows: tl.constexpr = TILE_K // SCALE_BLOCK_K if SCALE_BLOCK_K < TILE_K else 1
+    block_cols: tl.constexpr = TILE_N // SCALE_BLOCK_N if SCALE_BLOCK_N < TILE_N else 1
+    rows = row_start // SCALE_BLOCK_K + tl.arange(0, block_rows)
+    cols = col_start // SCALE_BLOCK_N + tl.arange(0, block_cols)
+    num_rows: tl.constexpr = (K + SCALE_BLOCK_K - 1) // SCALE_BLOCK_K
+    num_cols: tl.constexpr = (N + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N
+    mask = (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
+    blocks = tl.load(block_ptr + rows[:, None] * num_cols + cols[None, :], mask=mask, other=0)
+    spread = tl.broadcast_to(
+        tl.reshape(blocks, (block_rows, 1, block_cols, 1)),
+        (block_rows, TILE_K // block_rows, block_cols, TILE_N // block_cols),
+    )
+    return tl.reshape(spread, (TILE_K, TILE_N))
 
 
 @triton.jit
 def _dequantized_tile(
-    values_ptr, scales_ptr, zeros_ptr, w_rows, w_cols, mask, N: tl.constexpr, W_FORMAT: tl.constexpr,
+    values_ptr, scales_ptr, zeros_ptr, row_start, col_start, K: tl.constexpr, N: tl.constexpr,
+    TILE_K: tl.constexpr, TILE_N: tl.constexpr, TRANSPOSE: tl.constexpr, W_FORMAT: tl.constexpr,
     SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """Elements ``(w_rows, w_cols)`` of one expert's quantized [K, N] weight, dequantized in
-    registers to ``DTYPE`` (the activations'): ``(value - zero) * scale`` in fp32, rounded once.
-    Masked-off elements are 0."""
+    """The [TILE_K, TILE_N] tile at ``(row_start, col_start)`` of one expert's quantized [K, N]
+    weight, dequantized in registers to ``DTYPE`` (the activations'): ``(value - zero) * scale``
+    in fp32, rounded once; 0 past the weight's edge. With ``TRANSPOSE``, its [TILE_N, TILE_K]
+    transpose. Scales (fp32, or e8m0 bytes for mxfp4: the exponent bits of ``2 ** (s - 127)``)
+    and zero points come one per block (``_tile_blocks``)."""
     values = _quantized_values(
-        values_ptr=values_ptr, w_rows=w_rows, w_cols=w_cols, mask=mask, N=N, W_FORMAT=W_FORMAT,
-        HAS_ZEROS=HAS_ZEROS,
+        values_ptr=values_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K, TILE_N=TILE_N,
+        W_FORMAT=W_FORMAT, HAS_ZEROS=HAS_ZEROS,
     ).to(tl.float32)
-    offsets = _scale_offsets(
-        w_rows=w_rows, w_cols=w_cols, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N
-    )
     if HAS_ZEROS:
-        values -= tl.load(zeros_ptr + offsets, mask=mask, other=0.0)
-    return (values * _scales_at(scales_ptr=scales_ptr, offsets=offsets, mask=mask, W_FORMAT=W_FORMAT)).to(DTYPE)
+        values -= _tile_blocks(
+            block_ptr=zeros_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K, TILE_N=TILE_N,
+            SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+        ).to(tl.float32)
+    scales = _tile_blocks(
+        block_ptr=scales_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K, TILE_N=TILE_N,
+        SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+    )
+    if W_FORMAT == "mxfp4":
+        scales = (scales.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    out = (values * scales).to(DTYPE)
+    if TRANSPOSE:
+        out = tl.trans(out)
+    return out
 
 
 @triton.jit
@@ -688,17 +722,17 @@ def _gathered_dual_gemm(
         else:
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
             if W_FORMAT != "none":
-                w_rows = (k_start + ks)[:, None]
-                w_mask = k_ok[:, None] & col_ok[None, :]
                 w1 = _dequantized_tile(
-                    values_ptr=w1_ptr, scales_ptr=w1_scales_ptr, zeros_ptr=w1_zeros_ptr, w_rows=w_rows,
-                    w_cols=cols[None, :], mask=w_mask, N=N, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
-                    SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=x.dtype,
+                    values_ptr=w1_ptr, scales_ptr=w1_scales_ptr, zeros_ptr=w1_zeros_ptr, row_start=k_start,
+                    col_start=col_start, K=K, N=N, TILE_K=BLOCK_K, TILE_N=BLOCK_N, TRANSPOSE=False,
+                    W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+                    DTYPE=x.dtype,
                 )
                 w2 = _dequantized_tile(
-                    values_ptr=w2_ptr, scales_ptr=w2_scales_ptr, zeros_ptr=w2_zeros_ptr, w_rows=w_rows,
-                    w_cols=cols[None, :], mask=w_mask, N=N, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
-                    SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=x.dtype,
+                    values_ptr=w2_ptr, scales_ptr=w2_scales_ptr, zeros_ptr=w2_zeros_ptr, row_start=k_start,
+                    col_start=col_start, K=K, N=N, TILE_K=BLOCK_K, TILE_N=BLOCK_N, TRANSPOSE=False,
+                    W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS,
+                    DTYPE=x.dtype,
                 )
             elif USE_TMA:
                 w1 = w1_tiles.load([k_start, col_start])
@@ -752,19 +786,20 @@ def _gathered_gemm(
         else:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if W_FORMAT != "none":
-                # The stored [rows, columns] of element (k, n): (k, n), or (n, k) transposed.
-                k_index = (k_start + ks)[:, None]
+                # A transposed weight is stored [N, K]: its tile at (col_start, k_start), transposed.
                 if B_TRANSPOSED:
                     b = _dequantized_tile(
-                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, w_rows=cols[None, :],
-                        w_cols=k_index, mask=b_mask, N=K, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
-                        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
+                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, row_start=col_start,
+                        col_start=k_start, K=N, N=K, TILE_K=BLOCK_N, TILE_N=BLOCK_K, TRANSPOSE=True,
+                        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+                        HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
                     )
                 else:
                     b = _dequantized_tile(
-                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, w_rows=k_index,
-                        w_cols=cols[None, :], mask=b_mask, N=N, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
-                        SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
+                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, row_start=k_start,
+                        col_start=col_start, K=K, N=N, TILE_K=BLOCK_K, TILE_N=BLOCK_N, TRANSPOSE=False,
+                        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+                        HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
                     )
             elif USE_TMA:
                 b = b_tiles.load([k_start, col_start])

@@ -327,6 +327,9 @@ def activations_through_fp8(x, block: int | None):
     dots multiply exact fp8 products by the scales in fp32). Its gradient is the identity
     (straight-through): activation quantization is transparent to training."""
     values, scales = fake_quantize_activations(x, block)
+    # With excess precision allowed (XLA:GPU's default) XLA drops a float-to-float convert pair,
+    # fp8 round trip included; the barrier keeps the rounding.
+    values = jax.lax.optimization_barrier(values)
     k_dim = x.shape[-1]
     block = k_dim if block is None else block
     per_element = jnp.repeat(scales, block, axis=-1)[..., :k_dim]

@@ -95,30 +95,28 @@ def test_kernels_compile_without_line_info_unless_the_user_says(fake_jax_triton,
     assert os.environ["TRITON_DISABLE_LINE_INFO"] == expected
 
 
-def _mlir_escaped(data: bytes) -> str:
-    """``data`` as MLIR prints a string attribute (llvm::printEscapedString)."""
-    return "".join(
-        "\\\\" if b == 0x5C else chr(b) if 0x20 <= b < 0x7F and b != 0x22 else f"\\{b:02X}" for b in data
-    )
+def _launch(target: str, payload: bytes):
+    """A custom call as jax-triton lowers a launch: the legacy one (0.3.x) with the compressed
+    proto as its backend_config, the FFI one (0.4.x) with it as the ``opaque`` attribute."""
+    if target == "triton_kernel_call":
+        return lambda x: jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct(x.shape, x.dtype), custom_call_api_version=2, legacy_backend_config=payload
+        )(x)
+    return lambda x: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, opaque=payload)
 
 
-LEGACY_CALL = (
-    '%{i} = stablehlo.custom_call @triton_kernel_call(%a) {{api_version = 2 : i32, backend_config = '
-    '"{payload}", has_side_effect = false}} : (tensor<4xf32>) -> tensor<4xf32>'
-)
-FFI_CALL = (
-    '%{i} = stablehlo.custom_call @triton_kernel_call_ffi(%a) {{api_version = 4 : i32, backend_config = '
-    '{{opaque = "{payload}"}}, has_side_effect = false}} : (tensor<4xf32>) -> tensor<4xf32>'
-)
-
-
-@pytest.mark.parametrize("call", [LEGACY_CALL, FFI_CALL], ids=["legacy", "ffi"])
-def test_kernel_protos_reads_every_triton_call_back(call):
+@pytest.mark.parametrize("target", ["triton_kernel_call", "triton_kernel_call_ffi"])
+def test_kernel_protos_reads_every_triton_call_back(target):
     rng = np.random.default_rng(0)
-    protos = [rng.bytes(3000) + b'\\"ptx"', b"", rng.bytes(10)]
-    text = "\n".join(call.format(i=i, payload=_mlir_escaped(zlib.compress(p))) for i, p in enumerate(protos))
-    text += '\n%9 = stablehlo.custom_call @other_target(%a) {backend_config = "x"}'
-    lowered = type("Lowered", (), {"as_text": lambda self: text})()
+    # Bytes MLIR escapes when it prints: quotes, backslashes, non-printable ones.
+    protos = [rng.bytes(3000) + b'\\"ptx"\n', b"", rng.bytes(10)]
+
+    def program(x):
+        for proto in protos:
+            x = _launch(target, zlib.compress(proto))(x)
+        return _launch("other_target", b"x")(x)
+
+    lowered = jax.jit(program).lower(np.ones(4, np.float32))
     assert backend_triton.kernel_protos(lowered) == protos
 
 

@@ -4,7 +4,8 @@ On the GPU (tests marked ``gpu``; skipped without one): every scheme against the
 backend, which is the quantized layer's specification (dequantize to the activation dtype, then
 the same math; w8a8 with the activations through fp8), forward and the activation and router
 gradients. Outputs are poisoned as in ``test_gpu``: a NaN-filled buffer of the output's size is
-freed right before the kernels run. Anywhere: the quantized kernels compile for Hopper."""
+freed right before the kernels run. Anywhere: the quantized kernels compile for Hopper and fit its
+shared memory."""
 
 import functools
 
@@ -54,6 +55,15 @@ def test_triton_matches_the_quantized_reference(name, num_tokens):
     error = numpy_moe.rel_error(out, ref)
     print(f"{name} T={num_tokens}: {error:.2e} vs the quantized reference, "
           f"{numpy_moe.rel_error(out, unquantized):.2e} vs the bf16 layer on the unquantized weights")
+    if scheme.activations == "fp8":
+        # Rounding the gated activation to e4m3 (steps of 6%) turns a last-bit difference of a
+        # bf16 intermediate into a whole step, and XLA:GPU keeps some of the reference's
+        # intermediates in fp32: the float64 spec, which rounds where the kernels do, is the measure.
+        dequantized = [numpy_quant.dequantize(q) for q in quantized]
+        block = scheme.block_size if scheme.granularity == "block" else None
+        spec = numpy_quant.w8a8_fused_moe(x, logits, *dequantized, top_k=TOP_K, block=block)
+        error = numpy_moe.rel_error(out, spec)
+        print(f"{name} T={num_tokens}: {error:.2e} vs the float64 w8a8 spec")
     assert error <= 1e-2
 
 
@@ -74,14 +84,18 @@ def test_triton_gradients_match_the_reference(name):
         assert numpy_moe.rel_error(got, np.asarray(ref, np.float64)) <= tolerance
 
 
-@pytest.mark.parametrize("name", ["fp8-block-w8a8", "int4-group64-zp", "mxfp4"])
-def test_quantized_kernels_compile_for_hopper(benchmark_module, name):
+# Shared memory one block may use on sm_90 (227 KiB); a kernel asking for more fails at launch.
+HOPPER_SHARED_MEMORY = 232448
+
+
+@pytest.mark.parametrize("num_tokens", [1, 77, 1024])  # one per bucket of the fallback tiles
+@pytest.mark.parametrize("name", ["fp8-block-w8a8", "int8-group32-zp", "int4-group64-zp", "mxfp4"])
+def test_quantized_kernels_fit_hopper(benchmark_module, name, num_tokens):
     """Every GEMM launch of a quantized training step (forward and the activation gradients),
-    compiled for sm_90 with Hopper's tiles by Triton's bundled ptxas: no GPU needed, nothing runs
-    (kernel_resources' recording launcher)."""
+    compiled for sm_90 with Hopper's tiles by Triton's bundled ptxas, asks for no more shared
+    memory than a block has: no GPU needed, nothing runs (kernel_resources' recording launcher)."""
     resources = benchmark_module("kernel_resources")
     records = []
-    num_tokens = 77
     config = tile_configs.select(num_tokens * TOP_K, 2, "cuda-sm90")
     plan = pipeline.Plan(config=config, dot_precision="tf32", launch=resources.recording_launcher(records))
     scheme = numpy_quant.SCHEMES[name]
@@ -98,4 +112,6 @@ def test_quantized_kernels_compile_for_hopper(benchmark_module, name):
         "gate_up_kernel", "expert_gemm_combine_kernel", "gate_up_backward_kernel", "expert_gemm_combine_kernel",
     ]
     for record in gemms:
-        assert resources.compile_record(record, 90).asm["cubin"]
+        compiled = resources.compile_record(record, 90)
+        assert compiled.asm["cubin"]
+        assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (record.kernel.__name__, compiled.metadata.shared)
