@@ -10,7 +10,9 @@ hardware floor measured in the same run,
                    layer FLOPs (2 * T * (k + S) * 3 * H * F) / bf16 GEMM rate),
 
 averaged over the input sets the timing cycles through (each selects its own experts), and
-floor_fraction = floor / time.
+floor_fraction = floor / time. The quantized routes (``routes.QUANTIZED_ROUTES``, timed when
+named in ``--routes``) count their experts' bytes as stored: values, scales and zero points;
+their rows add ``speedup_vs_bf16``, jax_moe's time over theirs.
 
 Writes benchmarks/results/<gpu>.json, .md and .png; ``--quick`` writes <gpu>-quick.* instead (a
 subset of the grid never replaces the full one), and ``--tag NAME`` appends ``-NAME``.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -61,8 +64,8 @@ PARITY_TOKENS = 64
 # for a model that has them: the full grid times that comparison at the quick grid's T only.
 SHARED_COMPARISON_TOKENS = QUICK_TOKENS
 FLOOR_METHOD = (
-    "mean over the input sets of max((bytes of the experts the set selects, shared ones included) / read_bw, "
-    "FLOPs / gemm_rate)"
+    "mean over the input sets of max((bytes of the experts the set selects, shared ones included, as the route "
+    "stores them) / read_bw, FLOPs / gemm_rate)"
 )
 # A model's forward is one jitted program over all its layers: at decode sizes a layer alone in a
 # program pays the host's cost per call (which can exceed the GPU's time), layers in one program
@@ -76,18 +79,19 @@ IN_GRAPH_METHOD = (
 )
 COLUMNS = [
     "model", "T", "routing", "route", "time_us", "floor_us", "floor_fraction", "rel_err", "speedup_vs_best_other",
-    "in_graph_us", "in_graph_floor_fraction",
+    "in_graph_us", "in_graph_floor_fraction", "speedup_vs_bf16",
 ]
 
 
-def floor_us(shape, num_tokens, ids_per_set, read_bw, gemm_rate) -> float:
-    """The floor of a case whose time is the mean over input sets with these expert ids."""
+def floor_us(shape, num_tokens, ids_per_set, read_bw, gemm_rate, route: str = "jax_moe") -> float:
+    """The floor of a case whose time is the mean over input sets with these expert ids, for a
+    route whose experts take ``routes.expert_bytes`` each."""
     activation_bytes = 2 * num_tokens * shape.hidden * 2
     flops = 2 * num_tokens * shape.slots * 3 * shape.hidden * shape.intermediate
     floors = []
     for ids in ids_per_set:
         experts = len(np.unique(np.asarray(ids))) + shape.num_shared
-        weight_bytes = experts * 3 * shape.hidden * shape.intermediate * 2
+        weight_bytes = experts * routes.expert_bytes(shape, route)
         floors.append(max((weight_bytes + activation_bytes) / read_bw, flops / gemm_rate) * 1e6)
     return float(np.mean(floors))
 
@@ -151,15 +155,22 @@ def _costs_every_expert_s(shape, route, num_tokens, gemm_rate) -> float:
 
 
 def _selected_routes(available: dict, selected) -> dict:
-    """The routes to time: all available, or those named in ``selected``."""
-    return {name: fn for name, fn in available.items() if selected is None or name in selected}
+    """The routes to time: those named in ``selected``, or all available but the quantized ones."""
+    if selected is None:
+        return {name: fn for name, fn in available.items() if name not in routes.QUANTIZED_ROUTES}
+    return {name: fn for name, fn in available.items() if name in selected}
+
+
+def _route_sets(sets: list[tuple], weights: tuple) -> list[tuple]:
+    """``sets`` with ``weights`` (``routes.route_weights``' tuple) in place of their own."""
+    return [(s[0], s[1], *weights) for s in sets]
 
 
 def model_programs(shape, token_counts, skewed_counts, gemm_rate, selected=None) -> dict:
     """``{(model, route, T): (layer, abstract arguments)}``: one program per route and T (the
     routings differ only in the logits' values), plus the parity reference. Built from shapes
     alone: nothing is allocated."""
-    available = routes.available(shape)
+    available = routes.available(shape, quantized=True)
     layers = _selected_routes(available, selected)
     inputs, parity = jax.eval_shape(lambda: _inputs(shape, _model_weights(shape), _cases(token_counts, skewed_counts)))
     programs = {}
@@ -172,7 +183,11 @@ def model_programs(shape, token_counts, skewed_counts, gemm_rate, selected=None)
                 continue
             if name == "jax_moe+dense_shared" and num_tokens not in SHARED_COMPARISON_TOKENS:
                 continue
-            programs[(shape.name, name, num_tokens)] = (fn, sets[0])
+            args = sets[0]
+            if name in routes.QUANTIZED_ROUTES:
+                quantized = jax.eval_shape(functools.partial(routes.route_weights, name), *args[2:])
+                args = _route_sets([args], quantized)[0]
+            programs[(shape.name, name, num_tokens)] = (fn, args)
         if num_tokens <= IN_GRAPH_MAX_TOKENS and "jax_moe" in layers:
             layered = jax.eval_shape(lambda: _in_graph_inputs(shape, _model_weights(shape), *case))
             programs[(shape.name, "jax_moe in graph", num_tokens)] = (_stacked_layers(layers["jax_moe"]), layered[0])
@@ -200,20 +215,29 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled, 
     """Checks and times every route of one model whose program ``compiled`` holds."""
     start = time.perf_counter()
     weights = _model_weights(shape)
-    layers = _selected_routes(routes.available(shape), selected)
+    layers = _selected_routes(routes.available(shape, quantized=True), selected)
     inputs, parity_inputs = _inputs(shape, weights, _cases(token_counts, skewed_counts))
+    # Each quantized route's weights, made once: the timed calls only read them.
+    quantized = {
+        name: jax.jit(functools.partial(routes.route_weights, name))(
+            weights.w_gate, weights.w_up, weights.w_down, weights.extras
+        )
+        for name in layers if name in routes.QUANTIZED_ROUTES
+    }
     rows = []
     for case, sets in inputs.items():
         num_tokens, routing = case
-        floor = floor_us(shape, num_tokens, _expert_ids_per_set(shape, weights, sets), read_bw, gemm_rate)
+        ids = _expert_ids_per_set(shape, weights, sets)
         parity_args = parity_inputs[case]
         ref_out = compiled[(shape.name, "reference", parity_args[0].shape[0])](*parity_args)
         case_rows = []
         for name in layers:
+            floor = floor_us(shape, num_tokens, ids, read_bw, gemm_rate, name)
             row = {
                 "model": shape.name, "T": num_tokens, "routing": ROUTING_LABELS[routing], "route": name,
                 "floor_us": floor,
             }
+            route_sets = _route_sets(sets, quantized[name]) if name in quantized else sets
             executable = compiled.get((shape.name, name, num_tokens))
             if executable is None and name == "jax_moe+dense_shared":
                 row["skipped"] = f"timed at T in {SHARED_COMPARISON_TOKENS} only"
@@ -224,8 +248,8 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled, 
                 row["skipped"] = _skip_reason(executable)
             else:
                 try:
-                    row["rel_err"] = common.rel_error(executable(*sets[0])[:PARITY_TOKENS], ref_out)
-                    row["time_us"] = common.time_route(executable, sets)
+                    row["rel_err"] = common.rel_error(executable(*route_sets[0])[:PARITY_TOKENS], ref_out)
+                    row["time_us"] = common.time_route(executable, route_sets)
                     row["floor_fraction"] = floor / row["time_us"]
                 except Exception as e:
                     row["skipped"] = _skip_reason(e)
@@ -234,10 +258,19 @@ def run_model(shape, token_counts, skewed_counts, read_bw, gemm_rate, compiled, 
             ours = next(r for r in case_rows if r["route"] == "jax_moe")
             _time_in_graph(ours, shape, weights, case, compiled, read_bw, gemm_rate)
         common.add_speedup(case_rows)
+        _add_speedup_vs_bf16(case_rows)
         common.print_table(case_rows, COLUMNS)
         rows += case_rows
     print(f"{shape.name}: checked and timed {len(inputs)} cases in {time.perf_counter() - start:.0f} s")
     return rows
+
+
+def _add_speedup_vs_bf16(case_rows: list[dict]) -> None:
+    """Each timed quantized route's row of one case gets jax_moe's (bf16) time over its own."""
+    bf16 = next((r for r in case_rows if r["route"] == "jax_moe" and "time_us" in r), None)
+    for row in case_rows:
+        if bf16 and row["route"] in routes.QUANTIZED_ROUTES and "time_us" in row:
+            row["speedup_vs_bf16"] = bf16["time_us"] / row["time_us"]
 
 
 def _time_in_graph(row, shape, weights, case, compiled, read_bw, gemm_rate) -> None:
@@ -276,15 +309,15 @@ def refloor(path: pathlib.Path) -> None:
     if unknown:
         raise ValueError(f"--refloor: {path} has rows of models or routings this script does not know: {sorted(unknown)}")
     draw = jax.jit(_drawn_expert_ids, static_argnums=(0, 1, 2))
-    floors = {}
+    ids = {}
     for row in rows:
         case = (row["model"], row["T"], row["routing"])
-        if case not in floors:
-            shape = shapes[row["model"]]
-            floors[case] = floor_us(shape, row["T"], draw(shape, row["T"], routings[row["routing"]]), read_bw, gemm_rate)
-        row["floor_us"] = floors[case]
+        shape = shapes[row["model"]]
+        if case not in ids:
+            ids[case] = draw(shape, row["T"], routings[row["routing"]])
+        row["floor_us"] = floor_us(shape, row["T"], ids[case], read_bw, gemm_rate, row["route"])
         if "time_us" in row:
-            row["floor_fraction"] = floors[case] / row["time_us"]
+            row["floor_fraction"] = row["floor_us"] / row["time_us"]
     head["floor"] = FLOOR_METHOD
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head["floor_recomputed"] = f"{now}: python benchmarks/moe_bench.py --refloor {path.name}"

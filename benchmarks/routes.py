@@ -16,6 +16,17 @@ import jax.numpy as jnp
 
 import jax_moe
 from jax_moe import arg_specs, layer_math, reference
+from jax_moe.quantization import Quantization
+
+# jax_moe on expert weights (routed and shared alike) quantized once, before any call is timed:
+# the families' serving formats. Timed only when named (``moe_bench.py --routes``).
+QUANTIZED_ROUTES = {
+    "jax_moe_fp8": Quantization("fp8"),  # per output column, bf16 activations
+    "jax_moe_fp8_w8a8": Quantization("fp8", "block", activations="fp8"),  # DeepSeek-V3's checkpoints
+    "jax_moe_int4": Quantization("int4", "group", group_size=64, zero_point=True),  # AWQ-style; 64 divides every K
+    "jax_moe_mxfp4": Quantization("mxfp4"),  # gpt-oss's checkpoints
+}
+SHARED_WEIGHT_NAMES = ("shared_w_gate", "shared_w_up", "shared_w_down")
 
 
 def fused(shape: arg_specs.MoeShape, **layer_options):
@@ -24,6 +35,29 @@ def fused(shape: arg_specs.MoeShape, **layer_options):
     return lambda x, logits, wg, wu, wd, extras: jax_moe.fused_moe(
         x, logits, wg, wu, wd, **extras, **options, backend="triton"
     )
+
+
+def route_weights(name: str, w_gate, w_up, w_down, extras: dict) -> tuple:
+    """``(w_gate, w_up, w_down, extras)`` as route ``name`` takes them: quantized with its scheme
+    (the shared experts' too) for a quantized route, as given for the others."""
+    scheme = QUANTIZED_ROUTES.get(name)
+    if scheme is None:
+        return w_gate, w_up, w_down, extras
+    quantize = functools.partial(jax_moe.quantize, scheme=scheme)
+    extras = {key: quantize(value) if key in SHARED_WEIGHT_NAMES else value for key, value in extras.items()}
+    return quantize(w_gate), quantize(w_up), quantize(w_down), extras
+
+
+def expert_bytes(shape: arg_specs.MoeShape, name: str) -> int:
+    """Bytes of one expert's three matrices as route ``name`` reads them: bf16, or the quantized
+    values with their scales and zero points."""
+    matrices = [(shape.hidden, shape.intermediate)] * 2 + [(shape.intermediate, shape.hidden)]
+    scheme = QUANTIZED_ROUTES.get(name)
+    if scheme is None:
+        return sum(k * n for k, n in matrices) * 2
+    one_expert = [jax.ShapeDtypeStruct((1, k, n), jnp.bfloat16) for k, n in matrices]
+    stored = jax.eval_shape(lambda ws: [jax_moe.quantize(w, scheme) for w in ws], one_expert)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(stored))
 
 
 def fused_then_dense_shared(shape: arg_specs.MoeShape):
@@ -106,14 +140,17 @@ def sorted_ragged(shape: arg_specs.MoeShape, ragged_dot, *, products_in_input_dt
     return moe
 
 
-def available(shape: arg_specs.MoeShape) -> dict:
-    """Route name -> layer function, for every route this machine can run."""
+def available(shape: arg_specs.MoeShape, quantized: bool = False) -> dict:
+    """Route name -> layer function, for every route this machine can run; with ``quantized``
+    the quantized routes too (forward only: they take ``route_weights``' weights)."""
     routes = {
         "jax_moe": fused(shape),
         "jax_moe_batch_invariant": fused(shape, batch_invariant=True),
         "dense_einsum": dense_einsum(shape),
         "ragged_dot": sorted_ragged(shape, jax.lax.ragged_dot),
     }
+    if quantized:
+        routes |= {name: fused(shape) for name in QUANTIZED_ROUTES}
     if shape.num_shared:
         routes["jax_moe+dense_shared"] = fused_then_dense_shared(shape)
     try:

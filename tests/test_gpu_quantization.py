@@ -84,6 +84,18 @@ def test_triton_gradients_match_the_reference(name):
         assert numpy_moe.rel_error(got, np.asarray(ref, np.float64)) <= tolerance
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block-w8a8", "int4-group64-zp", "mxfp4"])
+def test_the_layer_keeps_no_copy_of_a_weight_in_device_memory(name):
+    """The compiled layer's temporary buffers hold less than one weight matrix's stored values:
+    neither a dequantized copy nor a copy of the stored bytes ever sits in device memory."""
+    scheme = numpy_quant.SCHEMES[name]
+    x, logits, _, quantized = _layer(77, scheme)
+    compiled = _layer_fn("triton").lower(x, logits, *quantized).compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    assert temp_bytes < min(q.values.nbytes for q in quantized), temp_bytes
+
+
 # Shared memory one block may use on sm_90 (227 KiB); a kernel asking for more fails at launch.
 HOPPER_SHARED_MEMORY = 232448
 
