@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_moe
-from jax_moe import arg_specs, layer_math, reference
-from jax_moe.quantization import Quantization
+from jax_moe import Quantization, arg_specs, layer_math, reference
 
 # jax_moe on expert weights (routed and shared alike) quantized once, before any call is timed:
 # the families' serving formats. Timed only when named (``moe_bench.py --routes``).
@@ -48,6 +47,7 @@ def route_weights(name: str, w_gate, w_up, w_down, extras: dict) -> tuple:
     return quantize(w_gate), quantize(w_up), quantize(w_down), extras
 
 
+@functools.cache
 def expert_bytes(shape: arg_specs.MoeShape, name: str) -> int:
     """Bytes of one expert's three matrices as route ``name`` reads them: bf16, or the quantized
     values with their scales and zero points."""

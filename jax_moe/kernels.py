@@ -522,8 +522,8 @@ def _quantized_values(values_ptr, row_start, col_start, K: tl.constexpr, N: tl.c
         byte_rows = row_start // 2 + tl.arange(0, TILE_K // 2)
         mask = (byte_rows < K // 2)[:, None] & (cols < N)[None, :]
         byte = tl.load(values_ptr + byte_rows[:, None] * N + cols[None, :], mask=mask, other=0).to(tl.int32)
-        pairs = tl.join(byte & 0xF, (byte >> 4) & 0xF)  # [TILE_K // 2, TILE_N, 2]
-        code = tl.reshape(tl.permute(pairs, (0, 2, 1)), (TILE_K, TILE_N))
+        nibbles = tl.join(byte & 0xF, (byte >> 4) & 0xF)  # [TILE_K // 2, TILE_N, 2]
+        code = tl.reshape(tl.permute(nibbles, (0, 2, 1)), (TILE_K, TILE_N))
         if W_FORMAT == "int4":
             if HAS_ZEROS:
                 values = code.to(tl.float32)
@@ -548,21 +548,24 @@ def _quantized_values(values_ptr, row_start, col_start, K: tl.constexpr, N: tl.c
 
 
 @triton.jit
-def _tile_blocks(block_ptr, row_start, col_start, K: tl.constexpr, N: tl.constexpr, TILE_K: tl.constexpr,
-                 TILE_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, SCALE_BLOCK_N: tl.constexpr):
+def _broadcast_block_entries(entries_ptr, row_start, col_start, K: tl.constexpr, N: tl.constexpr,
+                             TILE_K: tl.constexpr, TILE_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
+                             SCALE_BLOCK_N: tl.constexpr):
     """The per-block entries (scales or zero points, row-major ``[cdiv(K, SCALE_BLOCK_K),
     cdiv(N, SCALE_BLOCK_N)]``) of the [TILE_K, TILE_N] tile at ``(row_start, col_start)``,
     broadcast to the tile. Each entry is loaded once: the tile covers ``TILE_K / SCALE_BLOCK_K``
     (at least 1) blocks along K and ``TILE_N / SCALE_BLOCK_N`` along N (tiles start at multiples
     of their size; the sizes are powers of two or span the weight)."""
+    tl.static_assert((TILE_K % SCALE_BLOCK_K == 0) or (SCALE_BLOCK_K % TILE_K == 0), "tiles and blocks nest along K")
+    tl.static_assert((TILE_N % SCALE_BLOCK_N == 0) or (SCALE_BLOCK_N % TILE_N == 0), "tiles and blocks nest along N")
     block_rows: tl.constexpr = TILE_K // SCALE_BLOCK_K if SCALE_BLOCK_K < TILE_K else 1
     block_cols: tl.constexpr = TILE_N // SCALE_BLOCK_N if SCALE_BLOCK_N < TILE_N else 1
     rows = row_start // SCALE_BLOCK_K + tl.arange(0, block_rows)
     cols = col_start // SCALE_BLOCK_N + tl.arange(0, block_cols)
-    num_rows: tl.constexpr = (K + SCALE_BLOCK_K - 1) // SCALE_BLOCK_K
-    num_cols: tl.constexpr = (N + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N
-    mask = (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
-    blocks = tl.load(block_ptr + rows[:, None] * num_cols + cols[None, :], mask=mask, other=0)
+    scale_rows: tl.constexpr = (K + SCALE_BLOCK_K - 1) // SCALE_BLOCK_K
+    scale_cols: tl.constexpr = (N + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N
+    mask = (rows < scale_rows)[:, None] & (cols < scale_cols)[None, :]
+    blocks = tl.load(entries_ptr + rows[:, None] * scale_cols + cols[None, :], mask=mask, other=0)
     spread = tl.broadcast_to(
         tl.reshape(blocks, (block_rows, 1, block_cols, 1)),
         (block_rows, TILE_K // block_rows, block_cols, TILE_N // block_cols),
@@ -580,19 +583,23 @@ def _dequantized_tile(
     weight, dequantized in registers to ``DTYPE`` (the activations'): ``(value - zero) * scale``
     in fp32, rounded once; 0 past the weight's edge. With ``TRANSPOSE``, its [TILE_N, TILE_K]
     transpose. Scales (fp32, or e8m0 bytes for mxfp4: the exponent bits of ``2 ** (s - 127)``)
-    and zero points come one per block (``_tile_blocks``)."""
+    and zero points come one per block (``_broadcast_block_entries``)."""
     values = _quantized_values(
         values_ptr=values_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K, TILE_N=TILE_N,
         W_FORMAT=W_FORMAT, HAS_ZEROS=HAS_ZEROS,
     ).to(tl.float32)
     if HAS_ZEROS:
-        values -= _tile_blocks(
-            block_ptr=zeros_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K, TILE_N=TILE_N,
-            SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+        zeros = _broadcast_block_entries(
+            entries_ptr=zeros_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K,
+            TILE_N=TILE_N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
         ).to(tl.float32)
-    scales = _tile_blocks(
-        block_ptr=scales_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K, TILE_N=TILE_N,
-        SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
+        # A block spanning the weight's edge lends its zero point to the elements past it too.
+        rows = row_start + tl.arange(0, TILE_K)
+        cols = col_start + tl.arange(0, TILE_N)
+        values = tl.where((rows < K)[:, None] & (cols < N)[None, :], values - zeros, 0.0)
+    scales = _broadcast_block_entries(
+        entries_ptr=scales_ptr, row_start=row_start, col_start=col_start, K=K, N=N, TILE_K=TILE_K,
+        TILE_N=TILE_N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
     )
     if W_FORMAT == "mxfp4":
         scales = (scales.to(tl.int32) << 23).to(tl.float32, bitcast=True)
@@ -616,7 +623,7 @@ def _fp8_scaled_dot(
     w_offsets = _scale_offsets(
         w_rows=k_start, w_cols=cols, N=N, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N
     )
-    w_scales = tl.load(w_scales_ptr + w_offsets)
+    w_scales = tl.load(w_scales_ptr + w_offsets, mask=cols < N, other=0.0)
     return acc + tl.dot(a, w, out_dtype=tl.float32) * a_scales[:, None] * w_scales[None, :]
 
 

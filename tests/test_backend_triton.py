@@ -108,7 +108,7 @@ def _launch(target: str, payload: bytes):
 @pytest.mark.parametrize("target", ["triton_kernel_call", "triton_kernel_call_ffi"])
 def test_kernel_protos_reads_every_triton_call_back(target):
     rng = np.random.default_rng(0)
-    # Bytes MLIR escapes when it prints: quotes, backslashes, non-printable ones.
+    # Quotes, backslashes and non-printable bytes, which the program's text would escape.
     protos = [rng.bytes(3000) + b'\\"ptx"\n', b"", rng.bytes(10)]
 
     def program(x):

@@ -56,7 +56,7 @@ def test_triton_matches_the_quantized_reference(name, num_tokens):
     print(f"{name} T={num_tokens}: {error:.2e} vs the quantized reference, "
           f"{numpy_moe.rel_error(out, unquantized):.2e} vs the bf16 layer on the unquantized weights")
     if scheme.activations == "fp8":
-        # Rounding the gated activation to e4m3 (steps of 6%) turns a last-bit difference of a
+        # Rounding the gated activation to e4m3 (steps of 6-12%) turns a last-bit difference of a
         # bf16 intermediate into a whole step, and XLA:GPU keeps some of the reference's
         # intermediates in fp32: the float64 spec, which rounds where the kernels do, is the measure.
         dequantized = [numpy_quant.dequantize(q) for q in quantized]
@@ -64,6 +64,8 @@ def test_triton_matches_the_quantized_reference(name, num_tokens):
         spec = numpy_quant.w8a8_fused_moe(x, logits, *dequantized, top_k=TOP_K, block=block)
         error = numpy_moe.rel_error(out, spec)
         print(f"{name} T={num_tokens}: {error:.2e} vs the float64 w8a8 spec")
+        # The reference rounds activations to fp8 too (a reference that skips it is 4.3e-2 off).
+        assert numpy_moe.rel_error(ref, spec) <= 3e-2
     assert error <= 1e-2
 
 
@@ -101,7 +103,7 @@ HOPPER_SHARED_MEMORY = 232448
 
 
 @pytest.mark.parametrize("num_tokens", [1, 77, 1024])  # one per bucket of the fallback tiles
-@pytest.mark.parametrize("name", ["fp8-block-w8a8", "int8-group32-zp", "int4-group64-zp", "mxfp4"])
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block-w8a8", "int8-group32-zp", "int4-group64-zp", "mxfp4"])
 def test_quantized_kernels_fit_hopper(benchmark_module, name, num_tokens):
     """Every GEMM launch of a quantized training step (forward and the activation gradients),
     compiled for sm_90 with Hopper's tiles by Triton's bundled ptxas, asks for no more shared
