@@ -794,20 +794,14 @@ def _gathered_gemm(
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if W_FORMAT != "none":
                 # A transposed weight is stored [N, K]: its tile at (col_start, k_start), transposed.
-                if B_TRANSPOSED:
-                    b = _dequantized_tile(
-                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, row_start=col_start,
-                        col_start=k_start, K=N, N=K, TILE_K=BLOCK_N, TILE_N=BLOCK_K, TRANSPOSE=True,
-                        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
-                        HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
-                    )
-                else:
-                    b = _dequantized_tile(
-                        values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr, row_start=k_start,
-                        col_start=col_start, K=K, N=N, TILE_K=BLOCK_K, TILE_N=BLOCK_N, TRANSPOSE=False,
-                        W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K, SCALE_BLOCK_N=SCALE_BLOCK_N,
-                        HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
-                    )
+                b = _dequantized_tile(
+                    values_ptr=b_ptr, scales_ptr=b_scales_ptr, zeros_ptr=b_zeros_ptr,
+                    row_start=col_start if B_TRANSPOSED else k_start, col_start=k_start if B_TRANSPOSED else col_start,
+                    K=N if B_TRANSPOSED else K, N=K if B_TRANSPOSED else N,
+                    TILE_K=BLOCK_N if B_TRANSPOSED else BLOCK_K, TILE_N=BLOCK_K if B_TRANSPOSED else BLOCK_N,
+                    TRANSPOSE=B_TRANSPOSED, W_FORMAT=W_FORMAT, SCALE_BLOCK_K=SCALE_BLOCK_K,
+                    SCALE_BLOCK_N=SCALE_BLOCK_N, HAS_ZEROS=HAS_ZEROS, DTYPE=a.dtype,
+                )
             elif USE_TMA:
                 b = b_tiles.load([k_start, col_start])
             else:
